@@ -1,0 +1,5 @@
+"""`python -m zmon` = the `zmon` command."""
+
+from zmon.cli import run
+
+run()

@@ -1,0 +1,184 @@
+"""Composition root: wires providers → sampler → snapshot store → collectors → HTTP server."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterable
+from types import FrameType
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from zmon.collectors.base import Collector, ExpositionErrors, Guarded
+from zmon.collectors.self_metrics import SelfCollector
+from zmon.config import Config, parse_listen
+from zmon.providers.base import SourceUnavailable
+from zmon.sampling import Sampler, SnapshotStore, SourceSpec
+from zmon.server import App, Server
+
+log = logging.getLogger(__name__)
+
+
+class Monitor:
+    """One zmon instance: a store, a sampler, a registry of zmon's own and (optionally) an HTTP server.
+
+    Everything that acts on data (workload, policy, attach) plugs in through `add_source`,
+    `add_collector`, `http.add_route` and `sampler.add_listener`. Scrapes only read the store.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        mode: str,
+        registry: CollectorRegistry | None = None,
+        store: SnapshotStore | None = None,
+        serve_http: bool = True,
+    ) -> None:
+        self.cfg = cfg
+        self.mode = mode
+        self.store = store or SnapshotStore()
+        self.sampler = Sampler(
+            self.store,
+            misfire_grace_seconds=cfg.sampling.misfire_grace_seconds,
+            max_backoff_seconds=cfg.sampling.max_backoff_seconds,
+        )
+        self.registry = registry or CollectorRegistry(auto_describe=False)
+        self.errors = ExpositionErrors()
+        self._closers: list[Callable[[], None]] = []
+        self._collectors: list[Guarded] = []
+        self.add_collector("self", SelfCollector(self.store, self.errors, mode))
+        self.http = App(self.registry, self.store.ready, cfg.server.auth.token)
+        self.server: Server | None = None
+        self._serve_http = serve_http
+        self._stopped = threading.Event()
+
+    def add_collector(self, name: str, collector: Collector) -> None:
+        guarded = Guarded(name, collector, self.errors)
+        self._collectors.append(guarded)
+        self.registry.register(guarded)  # type: ignore[arg-type]
+
+    def add_source(
+        self,
+        name: str,
+        sample: Callable[[], Any],
+        interval_seconds: float,
+        close: Callable[[], None] | None = None,
+    ) -> None:
+        self.sampler.add(SourceSpec(name, sample, interval_seconds))
+        if close is not None:
+            self._closers.append(close)
+
+    def mark_unavailable(self, name: str, reason: str) -> None:
+        """A source that cannot exist here: logged once, exported as zmon_collector_available 0."""
+        log.warning("%s unavailable: %s — continuing without it", name, reason)
+        self.store.register(name, available=False, reason=reason)
+
+    def start(self) -> None:
+        self.sampler.start()
+        if self._serve_http:
+            host, port = parse_listen(self.cfg.server.listen)
+            self.server = Server(self.http, host, port)
+            self.server.start()
+            log.info("serving /metrics on http://%s:%d", self.server.host, self.server.port)
+
+    def stop(self) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        if self.server is not None:
+            self.server.shutdown()
+        self.sampler.shutdown()
+        for close in reversed(self._closers):
+            try:
+                close()
+            except Exception:
+                log.exception("closing a source failed")
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._stopped.wait(timeout)
+
+    def install_signal_handlers(self, on_stop: Callable[[], None] | None = None) -> None:
+        def handler(signum: int, frame: FrameType | None) -> None:
+            log.info("signal %s: stopping", signal.Signals(signum).name)
+            if on_stop is not None:
+                on_stop()
+            threading.Thread(target=self.stop, name="zmon-stop", daemon=True).start()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+
+def add_host_sources(
+    mon: Monitor, *, watched_pid: int | None, psutil_module: Any | None = None
+) -> None:
+    """CPU/memory, disk, network and the watched process (psutil)."""
+    from zmon.collectors.host import DiskCollector, HostCollector, NetworkCollector, ProcessCollector
+    from zmon.providers.host import DiskProvider, HostProvider, NetworkProvider, ProcessProvider
+
+    s = mon.cfg.sampling
+    if s.host.enabled:
+        host = HostProvider(psutil_module, per_cpu=s.host.per_cpu)
+        mon.add_source("host", host.sample, s.host.interval_seconds)
+        mon.add_collector("host", HostCollector(mon.store))
+    if s.disk.enabled:
+        disk = DiskProvider(psutil_module, exclude_devices=s.disk.exclude_devices, paths=s.disk.paths)
+        mon.add_source("disk", disk.sample, s.disk.interval_seconds)
+        mon.add_collector("disk", DiskCollector(mon.store))
+    if s.network.enabled:
+        net = NetworkProvider(psutil_module, exclude_interfaces=s.network.exclude_interfaces)
+        mon.add_source("network", net.sample, s.network.interval_seconds)
+        mon.add_collector("network", NetworkCollector(mon.store))
+    if s.process.enabled and watched_pid is not None:
+        proc = ProcessProvider(watched_pid, psutil_module)
+        mon.add_source("process", proc.sample, s.process.interval_seconds)
+        mon.add_collector("process", ProcessCollector(mon.store))
+
+
+def add_nvml_sources(mon: Monitor, *, watched_pid: int | None, nvml: Any | None = None) -> None:
+    """Per-GPU NVML fields on the fast job, PCIe throughput on its own slow job (each call blocks ~20 ms)."""
+    from zmon.collectors.nvml import NvmlCollector
+    from zmon.providers.nvml import NvmlProvider
+
+    s = mon.cfg.sampling.nvml
+    if not s.enabled:
+        return
+    try:
+        prov = NvmlProvider(nvml, processes=s.processes, watched_pid=watched_pid)
+    except SourceUnavailable as e:
+        mon.mark_unavailable("nvml", str(e))
+        return
+    mon.add_source("nvml", prov.sample, s.interval_seconds, close=prov.close)
+    if s.slow_interval_seconds > 0:
+        mon.add_source("nvml_slow", prov.sample_slow, s.slow_interval_seconds)
+    mon.add_collector("nvml", NvmlCollector(mon.store))
+
+
+def build_watch(
+    cfg: Config,
+    *,
+    nvml: Any | None = None,
+    psutil_module: Any | None = None,
+    registry: CollectorRegistry | None = None,
+    serve_http: bool = True,
+) -> Monitor:
+    """`zmon watch`: NVML + host counters from outside the workload. Never imports torch."""
+    mon = Monitor(cfg, mode="watch", registry=registry, serve_http=serve_http)
+    pid = cfg.sampling.process.pid
+    add_nvml_sources(mon, watched_pid=pid, nvml=nvml)
+    add_host_sources(mon, watched_pid=pid, psutil_module=psutil_module)
+    return mon
+
+
+def own_pid() -> int:
+    return os.getpid()
+
+
+def iter_problems(cfg: Config) -> Iterable[str]:
+    """Checks that need the filesystem (kept out of validation so check-config works anywhere)."""
+    for p in cfg.sampling.disk.paths:
+        if not p.expanduser().exists():
+            yield f"sampling.disk.paths: {p} does not exist (its free space will be reported as down)"

@@ -1,0 +1,1 @@
+"""Pipeline instrumentation: stage timers (CUDA events / monotonic clock) and per-generation records."""

@@ -1,0 +1,51 @@
+"""The record of one generation, shared by the stage timer (producer) and metrics/JSONL/profiling (consumers)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Stage = Literal["text_encode", "vae_encode", "denoise_step", "vae_decode", "postprocess"]
+STAGES: tuple[Stage, ...] = ("text_encode", "vae_encode", "denoise_step", "vae_decode", "postprocess")
+Status = Literal["ok", "oom", "error"]
+
+
+@dataclass(frozen=True)
+class StageTiming:
+    """One timed span inside a generation. Offsets are seconds from the generation's start."""
+
+    stage: Stage
+    seconds: float
+    start_offset_seconds: float
+    index: int = 0  # step number for denoise_step, call number otherwise
+
+
+@dataclass(frozen=True)
+class GenerationRecord:
+    """Everything measured about one pipeline call; timings resolved after the call (no sync inside it)."""
+
+    started_at: float  # unix seconds
+    total_seconds: float
+    stages: tuple[StageTiming, ...]
+    status: Status = "ok"
+    steps: int = 0  # denoise steps actually run
+    width: int | None = None
+    height: int | None = None
+    batch_size: int = 1  # images produced by the call
+    prompt_chars: int | None = None
+    guidance_scale: float | None = None
+    cfg_active: bool | None = None
+    device: str = "cpu"
+    timing_method: Literal["cuda_event", "monotonic"] = "monotonic"
+    peak_allocated_bytes: int | None = None  # CUDA only
+    peak_reserved_bytes: int | None = None  # CUDA only
+    prompt_cache_hit: bool | None = None
+    error: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def stage_seconds(self, stage: Stage) -> float:
+        """Total seconds spent in a stage (sum over its spans, e.g. all denoise steps)."""
+        return sum(s.seconds for s in self.stages if s.stage == stage)
+
+    def step_seconds(self) -> list[float]:
+        return [s.seconds for s in sorted(self.stages, key=lambda s: s.index) if s.stage == "denoise_step"]
