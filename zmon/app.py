@@ -59,7 +59,7 @@ class Monitor:
     def add_collector(self, name: str, collector: Collector) -> None:
         guarded = Guarded(name, collector, self.errors)
         self._collectors.append(guarded)
-        self.registry.register(guarded)  # type: ignore[arg-type]
+        self.registry.register(guarded)
 
     def add_source(
         self,

@@ -90,8 +90,9 @@ class HostConfig(_Section):
 class DiskConfig(_Section):
     enabled: bool = True
     interval_seconds: float = Field(1.0, gt=0)
-    # Regular expression over device names to skip (loop, ram, partitions-of-dm are noise).
-    exclude_devices: str = r"^(loop|ram|sr|fd)\d*"
+    # Regular expression over device names to skip: virtual devices, and partitions (their I/O is already
+    # counted on the whole disk, so summing over devices would count it twice).
+    exclude_devices: str = r"^(loop|ram|zram|sr|fd)\d*$|^(sd[a-z]+|vd[a-z]+|xvd[a-z]+)\d+$|^nvme\d+n\d+p\d+$"
     # Filesystems whose free space is reported (the model directory's filesystem belongs here).
     paths: list[Path] = Field(default_factory=list)
 

@@ -105,7 +105,7 @@ class App:
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "/")
         if path == "/metrics":
-            return self._metrics(environ, start_response)  # type: ignore[no-any-return]
+            return self._metrics(environ, start_response)  # type: ignore[no-any-return,unused-ignore]
         try:
             resp = self._dispatch(environ, path)
         except HTTPError as e:

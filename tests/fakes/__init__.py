@@ -1,1 +1,4 @@
-"""Fakes for what cannot exist on a CI machine: NVML, CUDA. Everything else in the tests is real."""
+"""Fakes: NVML and CUDA (which cannot exist on a CI machine), and a deterministic psutil for golden files.
+
+Real psutil, real Prometheus/Alertmanager and the real tiny pipeline are used everywhere else.
+"""

@@ -1,0 +1,511 @@
+"""A fake pynvml: GPUs with deterministic readings, unsupported fields, lost GPUs, no library."""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any, TypeVar
+
+# Only for its error classes and constants, so the provider's except-clauses work exactly as with the real
+# module (NVMLError(code) returns the NVMLError_<Name> subclass).
+import pynvml
+
+GIB = 1024**3
+MIB = 1024**2
+
+XID = pynvml.nvmlEventTypeXidCriticalError
+# Unversioned pynvml wrappers that turn a missing C symbol into NVMLLibraryMismatchError.
+_MISMATCH_WRAPPED = {"nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses"}
+
+
+def nvml_error(code: int) -> pynvml.NVMLError:
+    """The exception real pynvml raises for an NVML return code."""
+    return pynvml.NVMLError(code)
+
+
+@dataclass
+class FakeGpu:
+    """One GPU's readings in NVML's own units (MHz, mW, mJ, percent, KB/s). Mutable: tests change them."""
+
+    name: str
+    uuid: str
+    pci_bus_id: str
+    memory_total: int = 80 * GIB
+    memory_used: int = 0  # what nvidia-smi calls used (v2: without the driver's reserve)
+    memory_reserved: int = 512 * MIB
+    utilization_gpu: int = 0  # percent
+    utilization_memory: int = 0  # percent
+    power_mw: int = 70_000
+    power_limit_mw: int = 700_000
+    energy_mj: int = 1_000_000
+    temperature_c: int = 30
+    sm_clock_mhz: int = 345
+    mem_clock_mhz: int = 2619
+    max_sm_clock_mhz: int = 1980
+    clock_reasons: int = pynvml.nvmlClocksEventReasonGpuIdle
+    fan_percent: int = 30
+    pstate: int = 0
+    # (memory error type, counter type) -> count
+    ecc: dict[tuple[int, int], int] = field(default_factory=dict)
+    # page retirement cause -> page addresses
+    retired_pages: dict[int, list[int]] = field(default_factory=dict)
+    remapped_rows: tuple[int, int, int, int] = (0, 0, 0, 0)  # correctable, uncorrectable, pending, failure
+    compute_processes: list[tuple[int, int | None]] = field(default_factory=list)  # (pid, used bytes)
+    graphics_processes: list[tuple[int, int | None]] = field(default_factory=list)
+    pcie_tx_kbs: int = 0
+    pcie_rx_kbs: int = 0
+    supported_events: int = (
+        XID | pynvml.nvmlEventTypeSingleBitEccError | pynvml.nvmlEventTypeDoubleBitEccError
+    )
+    unsupported: set[str] = field(default_factory=set)  # NVML functions that raise NotSupported here
+    errors: dict[str, int] = field(default_factory=dict)  # function ("*" = any) -> NVML error code it raises
+    lost: bool = False  # the switch: every call on this GPU raises GpuIsLost
+    generation: int = 0  # bumped on loss: handles taken before it are stale
+    xid_queue: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class FakeHandle:
+    position: int
+    generation: int
+
+
+@dataclass
+class FakeEventSet:
+    registrations: list[FakeHandle] = field(default_factory=list)
+    freed: bool = False
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _api(fn: F) -> F:
+    """Common behaviour of every fake NVML function: call counting, init state, missing functions."""
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    def wrapper(self: FakeNvml, *args: Any, **kwargs: Any) -> Any:
+        self.calls[name] += 1
+        if name in self.missing_functions:
+            if name in _MISMATCH_WRAPPED:
+                raise pynvml.NVMLLibraryMismatchError(f"{name}: unversioned function not in this NVML")
+            raise nvml_error(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
+        if name != "nvmlInit" and self._init_count == 0:
+            raise nvml_error(pynvml.NVML_ERROR_UNINITIALIZED)
+        if self.driver_gone and name != "nvmlShutdown":
+            raise nvml_error(pynvml.NVML_ERROR_DRIVER_NOT_LOADED)
+        return fn(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+class FakeNvml:
+    """Module-like stand-in for pynvml over a list of FakeGpu.
+
+    Functions zmon calls are methods with pynvml's names and signatures; constants and error classes are
+    pynvml's own (through __getattr__); any other pynvml function does not exist here.
+    """
+
+    def __init__(
+        self,
+        gpus: Iterable[FakeGpu],
+        *,
+        library_present: bool = True,
+        driver_version: str = "580.95.05",
+        nvml_version: str = "13.580.95.05",
+        cuda_driver_version: int = 13000,
+        missing_functions: Iterable[str] = (),
+    ) -> None:
+        self.gpus = list(gpus)
+        self.library_present = library_present
+        self.driver_version = driver_version
+        self.nvml_version = nvml_version
+        self.cuda_driver_version = cuda_driver_version
+        self.missing_functions = set(missing_functions)
+        self.driver_gone = False  # the switch: every call raises DriverNotLoaded
+        self.calls: Counter[str] = Counter()
+        self.event_sets: list[FakeEventSet] = []
+        self._init_count = 0
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(pynvml, name)
+        if callable(value) and not isinstance(value, type):
+            raise AttributeError(f"fake NVML has no function {name}")
+        return value
+
+    # -- switches for tests ---------------------------------------------------------------------------
+
+    def lose(self, index: int) -> None:
+        """The GPU falls off the bus: calls raise GpuIsLost and its handles go stale."""
+        self.gpus[index].lost = True
+        self.gpus[index].generation += 1
+
+    def restore(self, index: int) -> None:
+        """The GPU is back (after a reset): a fresh handle works again."""
+        self.gpus[index].lost = False
+
+    def inject_xid(self, index: int, code: int) -> None:
+        self.gpus[index].xid_queue.append(code)
+
+    @property
+    def initialized(self) -> bool:
+        return self._init_count > 0
+
+    @property
+    def live_event_sets(self) -> int:
+        return sum(not s.freed for s in self.event_sets)
+
+    # -- helpers --------------------------------------------------------------------------------------
+
+    def _gpu(self, handle: FakeHandle, function: str) -> FakeGpu:
+        gpu = self.gpus[handle.position]
+        if gpu.lost or handle.generation != gpu.generation:
+            raise nvml_error(pynvml.NVML_ERROR_GPU_IS_LOST)
+        code = gpu.errors.get(function, gpu.errors.get("*"))
+        if code is not None:
+            raise nvml_error(code)
+        if function in gpu.unsupported:
+            raise nvml_error(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        return gpu
+
+    def _handle(self, position: int) -> FakeHandle:
+        gpu = self.gpus[position]
+        if gpu.lost:
+            raise nvml_error(pynvml.NVML_ERROR_GPU_IS_LOST)
+        return FakeHandle(position, gpu.generation)
+
+    # -- library and system ---------------------------------------------------------------------------
+
+    @_api
+    def nvmlInit(self) -> None:
+        if not self.library_present:
+            raise nvml_error(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+        self._init_count += 1
+
+    @_api
+    def nvmlShutdown(self) -> None:
+        self._init_count -= 1
+
+    @_api
+    def nvmlSystemGetDriverVersion(self) -> str:
+        return self.driver_version
+
+    @_api
+    def nvmlSystemGetNVMLVersion(self) -> str:
+        return self.nvml_version
+
+    @_api
+    def nvmlSystemGetCudaDriverVersion(self) -> int:
+        return self.cuda_driver_version
+
+    @_api
+    def nvmlSystemGetCudaDriverVersion_v2(self) -> int:
+        return self.cuda_driver_version
+
+    # -- handles and identity -------------------------------------------------------------------------
+
+    @_api
+    def nvmlDeviceGetCount(self) -> int:
+        return len(self.gpus)
+
+    @_api
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> FakeHandle:
+        if not 0 <= index < len(self.gpus):
+            raise nvml_error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        return self._handle(index)
+
+    @_api
+    def nvmlDeviceGetHandleByUUID(self, uuid: str) -> FakeHandle:
+        for position, gpu in enumerate(self.gpus):
+            if gpu.uuid == uuid:
+                return self._handle(position)
+        raise nvml_error(pynvml.NVML_ERROR_NOT_FOUND)
+
+    @_api
+    def nvmlDeviceGetUUID(self, handle: FakeHandle) -> str:
+        return self._gpu(handle, "nvmlDeviceGetUUID").uuid
+
+    @_api
+    def nvmlDeviceGetName(self, handle: FakeHandle) -> str:
+        return self._gpu(handle, "nvmlDeviceGetName").name
+
+    @_api
+    def nvmlDeviceGetPciInfo(self, handle: FakeHandle) -> SimpleNamespace:
+        gpu = self._gpu(handle, "nvmlDeviceGetPciInfo")
+        # Real pynvml returns the ctypes struct: char arrays come back as bytes.
+        return SimpleNamespace(busId=gpu.pci_bus_id.encode(), busIdLegacy=gpu.pci_bus_id[4:].encode())
+
+    # -- fast readings --------------------------------------------------------------------------------
+
+    @_api
+    def nvmlDeviceGetUtilizationRates(self, handle: FakeHandle) -> SimpleNamespace:
+        gpu = self._gpu(handle, "nvmlDeviceGetUtilizationRates")
+        return SimpleNamespace(gpu=gpu.utilization_gpu, memory=gpu.utilization_memory)
+
+    @_api
+    def nvmlDeviceGetMemoryInfo(self, handle: FakeHandle, version: int | None = None) -> SimpleNamespace:
+        if version and "nvmlDeviceGetMemoryInfo_v2" in self.missing_functions:
+            raise nvml_error(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)  # what real pynvml does on old drivers
+        gpu = self._gpu(handle, "nvmlDeviceGetMemoryInfo")
+        if version:  # v2: `used` leaves the driver's reserve out, as nvidia-smi does
+            free = gpu.memory_total - gpu.memory_used - gpu.memory_reserved
+            return SimpleNamespace(
+                version=version,
+                total=gpu.memory_total,
+                reserved=gpu.memory_reserved,
+                free=free,
+                used=gpu.memory_used,
+            )
+        used = gpu.memory_used + gpu.memory_reserved
+        return SimpleNamespace(total=gpu.memory_total, free=gpu.memory_total - used, used=used)
+
+    @_api
+    def nvmlDeviceGetPowerUsage(self, handle: FakeHandle) -> int:
+        return self._gpu(handle, "nvmlDeviceGetPowerUsage").power_mw
+
+    @_api
+    def nvmlDeviceGetEnforcedPowerLimit(self, handle: FakeHandle) -> int:
+        return self._gpu(handle, "nvmlDeviceGetEnforcedPowerLimit").power_limit_mw
+
+    @_api
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle: FakeHandle) -> int:
+        return self._gpu(handle, "nvmlDeviceGetTotalEnergyConsumption").energy_mj
+
+    @_api
+    def nvmlDeviceGetTemperature(self, handle: FakeHandle, sensor: int) -> int:
+        gpu = self._gpu(handle, "nvmlDeviceGetTemperature")
+        if sensor != pynvml.NVML_TEMPERATURE_GPU:
+            raise nvml_error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        return gpu.temperature_c
+
+    @_api
+    def nvmlDeviceGetClockInfo(self, handle: FakeHandle, clock_type: int) -> int:
+        gpu = self._gpu(handle, "nvmlDeviceGetClockInfo")
+        clocks = {pynvml.NVML_CLOCK_SM: gpu.sm_clock_mhz, pynvml.NVML_CLOCK_MEM: gpu.mem_clock_mhz}
+        if clock_type not in clocks:
+            raise nvml_error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        return clocks[clock_type]
+
+    @_api
+    def nvmlDeviceGetMaxClockInfo(self, handle: FakeHandle, clock_type: int) -> int:
+        gpu = self._gpu(handle, "nvmlDeviceGetMaxClockInfo")
+        if clock_type != pynvml.NVML_CLOCK_SM:
+            raise nvml_error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        return gpu.max_sm_clock_mhz
+
+    @_api
+    def nvmlDeviceGetCurrentClocksEventReasons(self, handle: FakeHandle) -> int:
+        return self._gpu(handle, "nvmlDeviceGetCurrentClocksEventReasons").clock_reasons
+
+    @_api
+    def nvmlDeviceGetCurrentClocksThrottleReasons(self, handle: FakeHandle) -> int:
+        return self._gpu(handle, "nvmlDeviceGetCurrentClocksThrottleReasons").clock_reasons
+
+    @_api
+    def nvmlDeviceGetFanSpeed(self, handle: FakeHandle) -> int:
+        return self._gpu(handle, "nvmlDeviceGetFanSpeed").fan_percent
+
+    @_api
+    def nvmlDeviceGetPerformanceState(self, handle: FakeHandle) -> int:
+        return self._gpu(handle, "nvmlDeviceGetPerformanceState").pstate
+
+    @_api
+    def nvmlDeviceGetTotalEccErrors(self, handle: FakeHandle, error_type: int, counter_type: int) -> int:
+        gpu = self._gpu(handle, "nvmlDeviceGetTotalEccErrors")
+        return gpu.ecc.get((error_type, counter_type), 0)
+
+    @_api
+    def nvmlDeviceGetRetiredPages(self, handle: FakeHandle, cause: int) -> list[int]:
+        return list(self._gpu(handle, "nvmlDeviceGetRetiredPages").retired_pages.get(cause, []))
+
+    @_api
+    def nvmlDeviceGetRemappedRows(self, handle: FakeHandle) -> tuple[int, int, int, int]:
+        return self._gpu(handle, "nvmlDeviceGetRemappedRows").remapped_rows
+
+    def _processes(self, handle: FakeHandle, function: str, rows: str) -> list[SimpleNamespace]:
+        gpu = self._gpu(handle, function)
+        return [
+            # Real pynvml maps NVML_VALUE_NOT_AVAILABLE to None.
+            SimpleNamespace(
+                pid=pid, usedGpuMemory=used, gpuInstanceId=0xFFFFFFFF, computeInstanceId=0xFFFFFFFF
+            )
+            for pid, used in getattr(gpu, rows)
+        ]
+
+    @_api
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: FakeHandle) -> list[SimpleNamespace]:
+        return self._processes(handle, "nvmlDeviceGetComputeRunningProcesses", "compute_processes")
+
+    @_api
+    def nvmlDeviceGetComputeRunningProcesses_v2(self, handle: FakeHandle) -> list[SimpleNamespace]:
+        return self._processes(handle, "nvmlDeviceGetComputeRunningProcesses_v2", "compute_processes")
+
+    @_api
+    def nvmlDeviceGetGraphicsRunningProcesses(self, handle: FakeHandle) -> list[SimpleNamespace]:
+        return self._processes(handle, "nvmlDeviceGetGraphicsRunningProcesses", "graphics_processes")
+
+    @_api
+    def nvmlDeviceGetGraphicsRunningProcesses_v2(self, handle: FakeHandle) -> list[SimpleNamespace]:
+        return self._processes(handle, "nvmlDeviceGetGraphicsRunningProcesses_v2", "graphics_processes")
+
+    # -- Xid events -----------------------------------------------------------------------------------
+
+    @_api
+    def nvmlDeviceGetSupportedEventTypes(self, handle: FakeHandle) -> int:
+        return self._gpu(handle, "nvmlDeviceGetSupportedEventTypes").supported_events
+
+    @_api
+    def nvmlEventSetCreate(self) -> FakeEventSet:
+        event_set = FakeEventSet()
+        self.event_sets.append(event_set)
+        return event_set
+
+    @_api
+    def nvmlDeviceRegisterEvents(self, handle: FakeHandle, event_types: int, event_set: FakeEventSet) -> None:
+        gpu = self._gpu(handle, "nvmlDeviceRegisterEvents")
+        if event_types & ~gpu.supported_events:
+            raise nvml_error(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        event_set.registrations.append(handle)
+
+    @_api
+    def nvmlEventSetWait(self, event_set: FakeEventSet, timeout_ms: int) -> SimpleNamespace:
+        if event_set.freed:
+            raise nvml_error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        for handle in event_set.registrations:
+            gpu = self._gpu(handle, "nvmlEventSetWait")
+            if gpu.xid_queue:
+                code = gpu.xid_queue.pop(0)
+                return SimpleNamespace(
+                    device=handle, eventType=XID, eventData=code, gpuInstanceId=0, computeInstanceId=0
+                )
+        raise nvml_error(pynvml.NVML_ERROR_TIMEOUT)
+
+    @_api
+    def nvmlEventSetFree(self, event_set: FakeEventSet) -> None:
+        event_set.freed = True
+
+    # -- slow readings --------------------------------------------------------------------------------
+
+    @_api
+    def nvmlDeviceGetPcieThroughput(self, handle: FakeHandle, counter: int) -> int:
+        gpu = self._gpu(handle, "nvmlDeviceGetPcieThroughput")
+        return gpu.pcie_tx_kbs if counter == pynvml.NVML_PCIE_UTIL_TX_BYTES else gpu.pcie_rx_kbs
+
+
+# -- scenarios --------------------------------------------------------------------------------------------
+
+WORKLOAD_PID = 4242  # the generation service zmon watches
+OTHER_PID = 5151
+VANISHED_PID = 999_999  # listed by NVML, gone from the process table, memory unknown
+
+_ECC = {
+    (pynvml.NVML_MEMORY_ERROR_TYPE_CORRECTED, pynvml.NVML_VOLATILE_ECC): 2,
+    (pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, pynvml.NVML_VOLATILE_ECC): 0,
+    (pynvml.NVML_MEMORY_ERROR_TYPE_CORRECTED, pynvml.NVML_AGGREGATE_ECC): 17,
+    (pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, pynvml.NVML_AGGREGATE_ECC): 1,
+}
+_HOPPER_UNSUPPORTED = {"nvmlDeviceGetFanSpeed", "nvmlDeviceGetRetiredPages"}  # SXM: no fan; rows are remapped
+
+
+def h100(i: int, **overrides: Any) -> FakeGpu:
+    """A busy H100 SXM with every field but fan and retired pages (Hopper remaps rows instead)."""
+    values: dict[str, Any] = dict(
+        name="NVIDIA H100 80GB HBM3",
+        uuid=f"GPU-{i:08x}-1111-2222-3333-444455556666",
+        pci_bus_id=f"00000000:{0x18 + 0x11 * i:02X}:00.0",
+        memory_total=80 * GIB,
+        memory_used=32 * GIB + i * GIB,
+        utilization_gpu=87 - i,
+        utilization_memory=41,
+        power_mw=612_345 - 1000 * i,
+        power_limit_mw=700_000,
+        energy_mj=123_456_789 + i,
+        temperature_c=64 + i,
+        sm_clock_mhz=1980,
+        mem_clock_mhz=2619,
+        max_sm_clock_mhz=1980,
+        clock_reasons=pynvml.nvmlClocksEventReasonSwPowerCap,
+        pstate=0,
+        ecc=dict(_ECC),
+        remapped_rows=(3, 0, 0, 0),
+        compute_processes=[(WORKLOAD_PID + i, 31 * GIB), (OTHER_PID + i, 1 * GIB)],
+        pcie_tx_kbs=1_200_000,
+        pcie_rx_kbs=3_400_000,
+        unsupported=set(_HOPPER_UNSUPPORTED),
+    )
+    values.update(overrides)
+    return FakeGpu(**values)
+
+
+def make_mixed(**nvml_kwargs: Any) -> FakeNvml:
+    """2 H100 + 1 older card, the main scenario.
+
+    GPU 0: everything (but fan, retired pages); the workload (pid 4242) listed as compute and graphics, plus
+    another process. GPU 1: utilization not supported (as in MIG mode), idle, a vanished process with unknown
+    memory. GPU 2: an older card without power readings, ECC, row remapping or Xid events, but with a fan
+    and retired pages.
+    """
+    gpu0 = h100(
+        0,
+        compute_processes=[(WORKLOAD_PID, 31 * GIB), (OTHER_PID, 1 * GIB)],
+        graphics_processes=[(WORKLOAD_PID, 31 * GIB)],
+    )
+    gpu1 = h100(
+        1,
+        memory_used=0,
+        power_mw=98_000,
+        temperature_c=35,
+        sm_clock_mhz=345,
+        clock_reasons=pynvml.nvmlClocksEventReasonGpuIdle,
+        ecc={},
+        remapped_rows=(0, 0, 0, 0),
+        compute_processes=[(VANISHED_PID, None)],
+        pcie_tx_kbs=0,
+        pcie_rx_kbs=12,
+        unsupported=_HOPPER_UNSUPPORTED | {"nvmlDeviceGetUtilizationRates"},
+    )
+    gpu2 = FakeGpu(
+        name="Quadro P2000",
+        uuid="GPU-99999999-8888-7777-6666-555544443333",
+        pci_bus_id="00000000:AF:00.0",
+        memory_total=5 * GIB,
+        memory_used=0,
+        memory_reserved=64 * MIB,
+        utilization_gpu=0,
+        utilization_memory=0,
+        temperature_c=41,
+        sm_clock_mhz=139,
+        mem_clock_mhz=405,
+        max_sm_clock_mhz=1721,
+        clock_reasons=pynvml.nvmlClocksEventReasonGpuIdle | pynvml.nvmlClocksEventReasonDisplayClockSetting,
+        fan_percent=35,
+        pstate=8,
+        retired_pages={
+            pynvml.NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS: [0x1000, 0x2000],
+            pynvml.NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR: [],
+        },
+        pcie_tx_kbs=5,
+        pcie_rx_kbs=7,
+        supported_events=0,
+        unsupported={
+            "nvmlDeviceGetPowerUsage",
+            "nvmlDeviceGetEnforcedPowerLimit",
+            "nvmlDeviceGetTotalEnergyConsumption",
+            "nvmlDeviceGetTotalEccErrors",
+            "nvmlDeviceGetRemappedRows",
+        },
+    )
+    return FakeNvml([gpu0, gpu1, gpu2], **nvml_kwargs)
+
+
+def make_fake(n_gpus: int = 8) -> FakeNvml:
+    """n busy H100s with every field (the benchmark host): each runs one workload process."""
+    return FakeNvml([h100(i) for i in range(n_gpus)])
+
+
+def make_absent() -> FakeNvml:
+    """No NVML library on this host: nvmlInit raises NVMLError_LibraryNotFound."""
+    return FakeNvml([], library_present=False)
