@@ -10,6 +10,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from zmon.profiling.config import ProfilingConfig
+
 DEFAULT_PORT = 8739  # outside the fully allocated 9100-9999 exporter range; used by no well-known exporter
 DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
 ENV_PREFIX = "ZMON_"
@@ -176,6 +178,7 @@ class Config(_Section):
     logging: LoggingConfig = LoggingConfig()
     model: ModelConfig = ModelConfig()
     workload: WorkloadConfig = WorkloadConfig()
+    profiling: ProfilingConfig = ProfilingConfig()
 
 
 def _format_errors(err: ValidationError) -> list[str]:
