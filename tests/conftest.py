@@ -31,3 +31,49 @@ def golden(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
         assert text == path.read_text(), f"output differs from {path} (pytest --update-golden to accept)"
 
     return check
+
+
+# --- the embedded tiny Z-Image (zmon.workload.tiny), built once per session --------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model.cache_dir holding the built tiny model: ModelConfig(cache_dir=...) finds it, no rebuild."""
+    from zmon.workload.tiny import TINY_MODEL_ID, ensure_builtin
+
+    cache = tmp_path_factory.mktemp("zmon-cache")
+    ensure_builtin(TINY_MODEL_ID, cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_cache_dir: Path) -> Path:
+    """The tiny Z-Image pipeline directory (model_index.json, safetensors), built once per session."""
+    from zmon.workload.tiny import TINY_DIRNAME
+
+    return tiny_cache_dir / "builtin" / TINY_DIRNAME
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
+    """A ZImagePipeline on CPU (float32, progress bar off) shared by the session: undo what you apply."""
+    from diffusers import ZImagePipeline
+
+    pipe = ZImagePipeline.from_pretrained(tiny_model_dir)  # float32, as saved
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def torch_single_thread():  # type: ignore[no-untyped-def]
+    """Run torch ops on one thread for the test (restored after).
+
+    The tiny model is too small to gain from intra-op threads, and on a shared 2-core machine OpenMP
+    barriers under contention make it ~20x slower (2.7 s instead of 0.14 s per image, measured).
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -75,7 +75,7 @@ def alertmanager(tmp_path: Path, config: str | None = None) -> Iterator[str]:
     d.mkdir(parents=True, exist_ok=True)
     (d / "alertmanager.yml").write_text(
         config
-        or "route:\n  receiver: null\n  group_wait: 0s\n  group_interval: 1s\n  repeat_interval: 1h\n"
+        or "route:\n  receiver: 'null'\n  group_wait: 0s\n  group_interval: 1s\n  repeat_interval: 1h\n"
         "receivers:\n  - name: 'null'\n"
     )
     port, cport = free_port(), free_port()

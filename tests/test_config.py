@@ -60,7 +60,9 @@ def test_env_override_errors_are_reported_with_path() -> None:
 
 def test_config_is_frozen() -> None:
     cfg = Config()
-    with pytest.raises(Exception):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
         cfg.server.listen = "0.0.0.0:1"  # type: ignore[misc]
 
 

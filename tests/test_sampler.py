@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -70,7 +71,7 @@ def test_backoff_is_capped() -> None:
     for _ in range(200):
         sampler.run_once("bad")
         clock.t += 0.25
-    gaps = [b - a for a, b in zip(calls, calls[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(calls)]
     assert max(gaps) <= 4.25 and len(calls) > 8
 
 
@@ -146,3 +147,25 @@ def test_self_metrics_and_broken_collector_isolated() -> None:
     assert reg.get_sample_value("zmon_collector_failures_total", {"collector": "bad"}) == 1.0
     assert reg.get_sample_value("zmon_exposition_errors_total", {"collector": "broken"}) >= 2.0
     assert 'zmon_build_info{mode="watch"' in text
+
+
+def test_source_found_unavailable_at_sample_time_stops_and_does_not_block_readiness() -> None:
+    from zmon.providers.base import SourceUnavailable
+
+    store = SnapshotStore()
+    sampler = Sampler(store)
+    calls = {"n": 0}
+
+    def no_cuda() -> None:
+        calls["n"] += 1
+        raise SourceUnavailable("CUDA is not available")
+
+    sampler.add(SourceSpec("allocator", no_cuda, 1.0))
+    sampler.add(SourceSpec("host", lambda: 1, 1.0))
+    assert not sampler.run_once("allocator")
+    sampler.run_once("allocator")
+    assert calls["n"] == 1
+    sampler.run_once("host")
+    assert store.ready()
+    st = store.get("allocator")
+    assert st is not None and not st.available and st.unavailable_reason == "CUDA is not available"

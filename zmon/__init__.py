@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "attach"]
+# Imported eagerly (it pulls in no torch): a lazy wrapper named like the submodule would be shadowed by
+# the module object as soon as anything imports zmon.attach.
+from zmon.attach import Handle, attach
 
-
-def attach(pipe: Any, config: Any = None, **kwargs: Any) -> Any:
-    """Instrument a diffusers pipeline in place and start monitoring; see zmon.attach.attach."""
-    from zmon.attach import attach as _attach
-
-    return _attach(pipe, config, **kwargs)
+__all__ = ["Handle", "__version__", "attach"]

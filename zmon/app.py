@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import Any
@@ -75,7 +76,7 @@ class Monitor:
     def mark_unavailable(self, name: str, reason: str) -> None:
         """A source that cannot exist here: logged once, exported as zmon_collector_available 0."""
         log.warning("%s unavailable: %s — continuing without it", name, reason)
-        self.store.register(name, available=False, reason=reason)
+        self.store.mark_unavailable(name, reason)
 
     def start(self) -> None:
         self.sampler.start()
@@ -182,3 +183,102 @@ def iter_problems(cfg: Config) -> Iterable[str]:
     for p in cfg.sampling.disk.paths:
         if not p.expanduser().exists():
             yield f"sampling.disk.paths: {p} does not exist (its free space will be reported as down)"
+
+
+class WorkloadFigures:
+    """Figures for policy rules that come from outside the allocator: NVML, host, the watched process and the
+    generations seen (fed as GenerationRecords). Read from the store at evaluation time, on the sampler thread."""
+
+    def __init__(self, store: SnapshotStore) -> None:
+        self.store = store
+        self._lock = threading.Lock()
+        self._last_seconds: float | None = None
+        self._finished = 0
+        self._seen = 0
+        self._proc_prev: tuple[float, float] | None = None  # (monotonic, cpu seconds)
+
+    def observe(self, record: Any) -> None:
+        with self._lock:
+            self._finished += 1
+            if record.status == "ok":
+                self._last_seconds = record.total_seconds
+
+    def __call__(self) -> dict[str, float | None]:
+        out: dict[str, float | None] = {}
+        nvml = self.store.latest("nvml")
+        gpus = [g for g in getattr(nvml, "gpus", ()) if g.up]
+        if gpus:
+            g = gpus[0]  # rules see the first GPU; per-GPU alerting belongs in Prometheus rules
+            out["gpu_utilization_ratio"] = g.utilization_gpu_ratio
+            if g.memory_used_bytes is not None and g.memory_total_bytes:
+                out["gpu_memory_used_ratio"] = g.memory_used_bytes / g.memory_total_bytes
+            out["gpu_temperature_celsius"] = g.temperature_celsius
+            out["gpu_power_watts"] = g.power_watts
+        host = self.store.latest("host")
+        if host is not None:
+            out["host_cpu_utilization_ratio"] = host.cpu_utilization_ratio
+            if host.memory_total_bytes:
+                out["host_memory_available_ratio"] = host.memory_available_bytes / host.memory_total_bytes
+        proc = self.store.latest("process")
+        if proc is not None and proc.exists and proc.cpu_user_seconds is not None and host and host.cpu_count:
+            now, cpu = time.monotonic(), proc.cpu_user_seconds + (proc.cpu_system_seconds or 0.0)
+            if self._proc_prev is not None and now > self._proc_prev[0]:
+                share = (cpu - self._proc_prev[1]) / (now - self._proc_prev[0]) / host.cpu_count
+                out["process_cpu_utilization_ratio"] = max(0.0, share)
+            self._proc_prev = (now, cpu)
+        with self._lock:
+            out["generation_seconds"] = self._last_seconds
+            out["generations_delta"] = float(self._finished - self._seen)
+            self._seen = self._finished
+        return {k: v for k, v in out.items() if v is not None}
+
+
+def add_allocator_source(mon: Monitor) -> None:
+    """The torch caching allocator of this process (CUDA only; without CUDA the first sample says so and the
+    source is dropped)."""
+    from zmon.collectors.allocator import AllocatorCollector
+    from zmon.providers.allocator import AllocatorProvider
+
+    s = mon.cfg.sampling.allocator
+    if not s.enabled:
+        return
+    try:
+        prov = AllocatorProvider()
+    except SourceUnavailable as e:
+        mon.mark_unavailable("allocator", str(e))
+        return
+    mon.add_source("allocator", prov.sample, s.interval_seconds)
+    mon.add_collector("allocator", AllocatorCollector(mon.store))
+
+
+def add_policy(mon: Monitor) -> tuple[Any, WorkloadFigures] | None:
+    """Policy rules evaluated after every allocator sample (after every host sample where there is no CUDA
+    allocator), with actions at safe points and alerts to Alertmanager. Returns (PolicyRunner,
+    WorkloadFigures); the caller registers the runner as a generation-boundary listener and feeds
+    GenerationRecords to the figures."""
+    from zmon.alerting import AlertmanagerClient
+    from zmon.collectors.policy import PolicyCollector
+    from zmon.policy import PolicyRunner
+    from zmon.providers.allocator import AllocatorSample
+
+    cfg = mon.cfg
+    if not cfg.policy.enabled:
+        return None
+    alerts = None
+    if cfg.alerting.alertmanager_urls:
+        host, port = parse_listen(cfg.server.listen)
+        alerts = AlertmanagerClient(cfg.alerting, generator_url=f"http://{host}:{port}/metrics")
+        mon._closers.append(lambda: alerts.close(timeout=5.0))
+    policy = PolicyRunner(cfg.policy, alerts=alerts)
+    figures = WorkloadFigures(mon.store)
+
+    def on_sample(name: str, ok: bool) -> None:
+        alloc = mon.store.get("allocator")
+        trigger = "allocator" if alloc is not None and alloc.available else "host"
+        if name == trigger and ok:
+            latest = mon.store.latest("allocator")
+            policy.observe(latest if isinstance(latest, AllocatorSample) else None, extra=figures())
+
+    mon.sampler.add_listener(on_sample)
+    mon.add_collector("policy", PolicyCollector(policy.state, alerts))
+    return policy, figures

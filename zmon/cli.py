@@ -52,6 +52,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zmon",
@@ -62,6 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("watch", help="watch a host from outside: NVML + host counters, served as /metrics")
     _add_common(w)
     w.add_argument("--pid", type=int, metavar="PID", help="process to watch as the workload")
+
+    r = sub.add_parser("run", help="load a pipeline, generate a workload and serve its per-stage metrics")
+    _add_common(r)
+    r.add_argument(
+        "--max-generations", type=_positive_int, metavar="N",
+        help="stop after N generations and exit 0 (default: workload.max_generations; unset = forever)",
+    )
+    r.add_argument(
+        "--linger", type=float, default=0.0, metavar="SECONDS",
+        help="after the last generation keep serving /metrics this long, so a final scrape sees the totals",
+    )
+
+    _add_profiling_parsers(sub)
 
     c = sub.add_parser("check-config", help="validate a configuration file; lists every error, exit 2 if any")
     c.add_argument("file", metavar="FILE")
@@ -98,6 +121,25 @@ def cmd_watch(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    extra: dict[str, Any] = {}
+    if args.max_generations is not None:
+        extra["workload"] = {"max_generations": args.max_generations}
+    cfg = _load(args, extra)
+    setup_logging(cfg)
+    from zmon.workload.spec import validate_workload  # torch-free: problems are reported before any load
+
+    problems = validate_workload(cfg)
+    if problems:
+        print(f"error: workload: {len(problems)} error(s)", file=sys.stderr)
+        for p in problems:
+            print(f"  - {p}", file=sys.stderr)
+        return EXIT_USAGE
+    from zmon.workload.runner import run_main  # imports torch / diffusers
+
+    return run_main(cfg, linger_seconds=max(0.0, args.linger))
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     from zmon.app import iter_problems
 
@@ -106,6 +148,110 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     print(f"{args.file}: OK")
+    return EXIT_OK
+
+
+# --- zmon profile / compare / diagnose ---------------------------------------------------------------------
+
+
+def _non_negative_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {n}")
+    return n
+
+
+def _add_profiling_parsers(sub: Any) -> None:
+    p = sub.add_parser(
+        "profile",
+        help="measure the configured pipeline (I/O, stages, GPU/CPU use, memory), diagnose, write reports",
+    )
+    p.add_argument("--config", "-c", metavar="FILE", help="YAML configuration (see config.example.yaml)")
+    p.add_argument("--runs", type=_positive_int, metavar="N", help="measured generations (profiling.runs)")
+    p.add_argument(
+        "--warmup", type=_non_negative_int, metavar="K", help="generations left out first (profiling.warmup)"
+    )
+    p.add_argument("--out", metavar="DIR", help="report directory (profiling.output_dir)")
+    p.add_argument(
+        "--trace", action="store_true",
+        help="then trace 2 generations with torch.profiler: DIR/trace.json (Chrome) and DIR/tb/ (TensorBoard)",
+    )
+    p.add_argument(
+        "--memory-snapshot", action="store_true",
+        help="then record 2 generations of CUDA allocator history: DIR/memory_snapshot.pickle (CUDA only)",
+    )
+
+    c = sub.add_parser("compare", help="compare two profile.json files: verdict change and figure deltas")
+    c.add_argument("before", metavar="BEFORE.json")
+    c.add_argument("after", metavar="AFTER.json")
+    c.add_argument("--changed-only", action="store_true", help="list only figures that changed")
+
+    d = sub.add_parser("diagnose", help="print the live verdict and active findings of a running zmon")
+    d.add_argument("--url", required=True, metavar="URL", help="the daemon's base URL, e.g. http://127.0.0.1:8739")
+    d.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="HTTP timeout (default 5)")
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    prof: dict[str, Any] = {}
+    if args.runs is not None:
+        prof["runs"] = args.runs
+    if args.warmup is not None:
+        prof["warmup"] = args.warmup
+    if args.out is not None:
+        prof["output_dir"] = args.out
+    cfg = _load(args, {"profiling": prof} if prof else None)
+    setup_logging(cfg)
+    from zmon.workload.spec import validate_workload  # torch-free: problems are reported before any load
+
+    problems = validate_workload(cfg)
+    out = cfg.profiling.output_dir.expanduser()
+    if out.exists() and not out.is_dir():
+        problems.append(f"profiling.output_dir (--out): {out} exists and is not a directory")
+    if problems:
+        print(f"error: {len(problems)} error(s)", file=sys.stderr)
+        for p in problems:
+            print(f"  - {p}", file=sys.stderr)
+        return EXIT_USAGE
+    from zmon.profiling.runner import profile_main  # imports torch / diffusers
+
+    return profile_main(cfg, out_dir=out, trace=args.trace, memory_snapshot=args.memory_snapshot)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from zmon.profiling.compare import compare_profiles, render_comparison
+    from zmon.profiling.report import load_profile
+
+    profiles = []
+    for path in (args.before, args.after):
+        try:
+            profiles.append(load_profile(path))
+        except OSError as e:
+            print(f"error: {path}: cannot read: {e.strerror or e}", file=sys.stderr)
+            return EXIT_USAGE
+        except (ValueError, KeyError, TypeError) as e:
+            print(f"error: {path}: not a zmon profile.json: {e}", file=sys.stderr)
+            return EXIT_USAGE
+    print(render_comparison(compare_profiles(profiles[0], profiles[1]), changed_only=args.changed_only), end="")
+    return EXIT_OK
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from zmon.profiling.live import DiagnosisUnavailable, diagnosis_url, fetch_diagnosis, render_live
+
+    try:
+        url = diagnosis_url(args.url)
+    except ValueError as e:
+        print(f"error: --url: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        doc = fetch_diagnosis(url, timeout=args.timeout)
+    except DiagnosisUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(render_live(doc), end="")
     return EXIT_OK
 
 
@@ -120,6 +266,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_check_config(args)
         if args.command == "watch":
             return cmd_watch(args)
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "profile":
+            return cmd_profile(args)
+        if args.command == "compare":
+            return cmd_compare(args)
+        if args.command == "diagnose":
+            return cmd_diagnose(args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -34,8 +34,9 @@ class FakeDevice:
     extra_stats: dict[str, Any] = field(default_factory=dict)
     drop_keys: set[str] = field(default_factory=set)  # keys an older torch would not report
 
-    def set(self, *, allocated: int | None = None, reserved: int | None = None, inactive_split: int | None = None
-            ) -> None:
+    def set(
+        self, *, allocated: int | None = None, reserved: int | None = None, inactive_split: int | None = None
+    ) -> None:
         """Change current values and keep the peaks consistent, as the real allocator does."""
         if allocated is not None:
             self.allocated = allocated
@@ -53,8 +54,9 @@ class FakeTorchCuda:
     mem_get_info, memory_allocated, memory_reserved, empty_cache (frees unallocated cache down to the
     device's `unreleasable` bytes), get_allocator_backend. Calls are counted in `calls`."""
 
-    def __init__(self, devices: int = 1, *, available: bool = True, initialized: bool = True,
-                 backend: str = "native") -> None:
+    def __init__(
+        self, devices: int = 1, *, available: bool = True, initialized: bool = True, backend: str = "native"
+    ) -> None:
         self.devices = [FakeDevice() for _ in range(devices)]
         self.available = available
         self.initialized = initialized

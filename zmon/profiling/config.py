@@ -36,6 +36,16 @@ class Thresholds(BaseModel):
     scaling_efficiency_low: float = Field(0.75, gt=0, le=1)  # multi-GPU speedup / GPU count
 
 
+class TraceConfig(BaseModel):
+    """The daemon's on-demand trace endpoint (POST /trace, authenticated); off unless enabled."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = False
+    directory: Path = Path("zmon-traces")  # where trace-<time>.json files are written
+    max_generations: int = Field(20, gt=0)  # the most generations one request may capture
+
+
 class ProfilingConfig(BaseModel):
     """`zmon profile` defaults; mounted as `Config.profiling`."""
 
@@ -51,3 +61,4 @@ class ProfilingConfig(BaseModel):
     output_dir: Path = Path("zmon-profile")
     formats: tuple[ReportFormat, ...] = ("json", "md", "html")
     thresholds: Thresholds = Thresholds()
+    trace: TraceConfig = TraceConfig()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import threading
@@ -11,9 +12,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
+from zmon.providers.base import SourceUnavailable
 from zmon.sampling.store import SnapshotStore
 
 log = logging.getLogger(__name__)
@@ -80,6 +83,11 @@ class Sampler:
         t0 = time.perf_counter()
         try:
             data = spec.sample()
+        except SourceUnavailable as e:  # cannot exist here (e.g. no CUDA): stop sampling it, say so once
+            log.warning("%s unavailable: %s — continuing without it", name, e)
+            self.store.mark_unavailable(name, str(e))
+            self._unschedule(name)
+            return False
         except Exception as e:  # a failing source is reported, never fatal
             dur = time.perf_counter() - t0
             self.store.fail(name, f"{type(e).__name__}: {e}", dur)
@@ -103,6 +111,13 @@ class Sampler:
             except Exception:
                 log.exception("sample listener failed")
         return ok
+
+    def _unschedule(self, name: str) -> None:
+        with self._lock:
+            self._retry_at[name] = float("inf")
+        if self._scheduler is not None:
+            with contextlib.suppress(JobLookupError):  # already removed
+                self._scheduler.remove_job(name)
 
     def _schedule(self, spec: SourceSpec) -> None:
         assert self._scheduler is not None

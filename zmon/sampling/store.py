@@ -44,6 +44,13 @@ class SnapshotStore:
         with self._lock:
             self._status.setdefault(name, SourceStatus(name, available=available, unavailable_reason=reason))
 
+    def mark_unavailable(self, name: str, reason: str) -> None:
+        """The source turned out not to exist here: it no longer counts for readiness or success."""
+        with self._lock:
+            old = self._status.get(name, SourceStatus(name))
+            self._status[name] = replace(old, available=False, unavailable_reason=reason)
+            self._changed.notify_all()
+
     def put(self, name: str, data: Any, duration_seconds: float) -> None:
         with self._lock:
             old = self._status.get(name, SourceStatus(name))

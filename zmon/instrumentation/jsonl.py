@@ -1,0 +1,156 @@
+"""Per-generation JSONL log, size-rotated; one os.write per line; failures are counted, never raised."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from zmon.instrumentation.records import GenerationRecord
+
+log = logging.getLogger(__name__)
+
+# Spans summed per stage; the denoise total is the sum of its steps.
+_STAGE_KEYS = (
+    ("text_encode", "text_encode"),
+    ("vae_encode", "vae_encode"),
+    ("denoise", "denoise_step"),
+    ("vae_decode", "vae_decode"),
+    ("postprocess", "postprocess"),
+)
+
+
+def record_to_dict(record: GenerationRecord, *, model: str) -> dict[str, Any]:
+    """The JSONL fields of one generation. Prompt length only: prompt text never leaves the process."""
+    present = {s.stage for s in record.stages}
+    stages: dict[str, float | None] = {
+        key: (record.stage_seconds(stage) if stage in present else None)
+        for key, stage in _STAGE_KEYS
+    }
+    ts = dt.datetime.fromtimestamp(record.started_at, tz=dt.timezone.utc)
+    return {
+        "timestamp": ts.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "unix": round(record.started_at, 6),
+        "status": record.status,
+        "error": _error_kind(record.error),
+        "model": model,
+        "device": record.device,
+        "total_seconds": record.total_seconds,
+        "stage_seconds": stages,
+        "step_seconds": record.step_seconds(),
+        "steps": record.steps,
+        "width": record.width,
+        "height": record.height,
+        "batch_size": record.batch_size,
+        "prompt_chars": record.prompt_chars,
+        "guidance_scale": record.guidance_scale,
+        "cfg": record.cfg_active,
+        "peak_allocated_bytes": record.peak_allocated_bytes,
+        "peak_reserved_bytes": record.peak_reserved_bytes,
+        "prompt_cache_hit": record.prompt_cache_hit,
+        "timing_method": record.timing_method,
+    }
+
+
+def _error_kind(error: str | None) -> str | None:
+    """The exception type only: a message may quote user input (the prompt), which must not be logged."""
+    if not error:
+        return None
+    head = error.split(":", 1)[0].strip()
+    return head if head.replace(".", "").replace("_", "").isalnum() else "error"
+
+
+class JsonlLog:
+    """Appends one JSON line per generation to `path`, rotating to path.1 … path.N past `max_bytes`.
+
+    The file is opened with O_APPEND and each line goes out in a single os.write, so concurrent writers
+    (threads, or processes sharing the file) never interleave inside a line. A failing write (disk full,
+    permission, missing directory, path is a directory) is counted in `failures` and logged once per
+    streak of failures; it never reaches the generation. The file is reopened on the next write.
+    """
+
+    def __init__(self, path: str | Path, max_bytes: int = 50 * 1024 * 1024, backups: int = 5) -> None:
+        if max_bytes <= 0:
+            raise ValueError(f"max_bytes must be > 0, got {max_bytes}")
+        if backups < 0:
+            raise ValueError(f"backups must be >= 0, got {backups}")
+        self.path = Path(path).expanduser()
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self.failures = 0
+        self.lines_written = 0
+        self._fd: int | None = None
+        self._failing = False
+        self._lock = threading.Lock()
+
+    def write(self, record: GenerationRecord, *, model: str) -> bool:
+        """Append one record; True on success. Never raises."""
+        try:
+            line = (json.dumps(record_to_dict(record, model=model), separators=(",", ":")) + "\n").encode()
+        except Exception as e:  # a bad record is a bug, but not one that may break the generation
+            return self._failed(f"cannot serialise record: {e}")
+        return self.write_line(line)
+
+    def write_line(self, line: bytes) -> bool:
+        with self._lock:
+            try:
+                fd = self._open()
+                if self._should_rotate(fd, len(line)):
+                    self._rotate()
+                    fd = self._open()
+                n = os.write(fd, line)
+                if n != len(line):
+                    raise OSError(f"short write: {n} of {len(line)} bytes (disk full?)")
+            except OSError as e:
+                self._close_fd()
+                return self._failed(f"{e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
+            self.lines_written += 1
+            if self._failing:
+                self._failing = False
+                log.info("JSONL log %s writable again after %d failed write(s)", self.path, self.failures)
+            return True
+
+    def _failed(self, reason: str) -> bool:
+        self.failures += 1
+        if not self._failing:
+            self._failing = True
+            log.warning(
+                "cannot write JSONL log %s (%s); counting failures until it recovers", self.path, reason
+            )
+        return False
+
+    def _open(self) -> int:
+        if self._fd is None:
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+            self._fd = os.open(self.path, flags, 0o644)
+        return self._fd
+
+    def _should_rotate(self, fd: int, incoming: int) -> bool:
+        size = os.fstat(fd).st_size  # fstat, not a counter: another process may append to the same file
+        return size > 0 and size + incoming > self.max_bytes
+
+    def _rotate(self) -> None:
+        self._close_fd()
+        if self.backups == 0:
+            os.truncate(self.path, 0)
+            return
+        for i in range(self.backups - 1, 0, -1):
+            src = self.path.with_name(f"{self.path.name}.{i}")
+            if src.exists():
+                os.replace(src, self.path.with_name(f"{self.path.name}.{i + 1}"))
+        os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._close_fd()
