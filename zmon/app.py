@@ -18,7 +18,7 @@ from zmon.collectors.self_metrics import SelfCollector
 from zmon.config import Config, parse_listen
 from zmon.providers.base import SourceUnavailable
 from zmon.sampling import Sampler, SnapshotStore, SourceSpec
-from zmon.server import App, Server
+from zmon.server import App, HTTPError, Request, Response, Server
 
 log = logging.getLogger(__name__)
 
@@ -281,4 +281,15 @@ def add_policy(mon: Monitor) -> tuple[Any, WorkloadFigures] | None:
 
     mon.sampler.add_listener(on_sample)
     mon.add_collector("policy", PolicyCollector(policy.state, alerts))
+
+    def request_action(req: Request) -> Response:
+        body = req.json()
+        action = body.get("action") if isinstance(body, dict) else None
+        if action not in ("empty_cache", "gc_collect"):
+            raise HTTPError(400, 'expected JSON {"action": "empty_cache" | "gc_collect"}')
+        policy.gate.submit(action, "requested over HTTP")
+        policy.idle_tick()  # runs now if no generation is in progress, else at the end of the current one
+        return Response(202, {"queued": action, "pending": list(policy.gate.pending())})
+
+    mon.http.add_route("/actions", request_action, methods=("POST",), auth=True)
     return policy, figures
