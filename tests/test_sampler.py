@@ -169,3 +169,31 @@ def test_source_found_unavailable_at_sample_time_stops_and_does_not_block_readin
     assert store.ready()
     st = store.get("allocator")
     assert st is not None and not st.available and st.unavailable_reason == "CUDA is not available"
+
+
+def test_source_unavailable_while_shutting_down_does_not_deadlock() -> None:
+    """A worker that finds its source unavailable while the scheduler shuts down must not block shutdown."""
+    import threading
+
+    from zmon.providers.base import SourceUnavailable
+
+    store = SnapshotStore()
+    sampler = Sampler(store)
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_unavailable() -> None:
+        entered.set()
+        release.wait(5)
+        raise SourceUnavailable("no CUDA")
+
+    sampler.add(SourceSpec("allocator", slow_unavailable, 0.1))
+    sampler.start()
+    assert entered.wait(5)
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (sampler.shutdown(), done.set()), daemon=True)
+    t.start()
+    time.sleep(0.2)  # shutdown() now holds APScheduler's locks and waits for the worker
+    release.set()
+    assert done.wait(10), "shutdown deadlocked"
+    st = store.get("allocator")
+    assert st is not None and not st.available

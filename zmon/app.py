@@ -71,7 +71,16 @@ class Monitor:
     ) -> None:
         self.sampler.add(SourceSpec(name, sample, interval_seconds))
         if close is not None:
-            self._closers.append(close)
+            self.add_closer(close)
+
+    def add_closer(self, close: Callable[[], None]) -> None:
+        """Called (in reverse order of registration) when the monitor stops."""
+        self._closers.append(close)
+
+    @property
+    def serving(self) -> bool:
+        """True once /metrics is bound (always True for a monitor that serves no HTTP)."""
+        return self.server is not None or not self._serve_http
 
     def mark_unavailable(self, name: str, reason: str) -> None:
         """A source that cannot exist here: logged once, exported as zmon_collector_available 0."""
@@ -268,7 +277,7 @@ def add_policy(mon: Monitor) -> tuple[Any, WorkloadFigures] | None:
     if cfg.alerting.alertmanager_urls:
         host, port = parse_listen(cfg.server.listen)
         alerts = AlertmanagerClient(cfg.alerting, generator_url=f"http://{host}:{port}/metrics")
-        mon._closers.append(lambda: alerts.close(timeout=5.0))
+        mon.add_closer(lambda: alerts.close(timeout=5.0))
     policy = PolicyRunner(cfg.policy, alerts=alerts)
     figures = WorkloadFigures(mon.store)
 

@@ -332,7 +332,7 @@ def add_in_process_sources(mon: Monitor) -> InProcess:
     add_nvml_sources(mon, watched_pid=pid)
     add_allocator_source(mon)
     wiring = add_policy(mon)
-    return InProcess(policy=wiring[0] if wiring else None, figures=wiring[1] if wiring else None)
+    return InProcess(mon, policy=wiring[0] if wiring else None, figures=wiring[1] if wiring else None)
 
 
 @dataclass(frozen=True)
@@ -340,15 +340,24 @@ class InProcess:
     """What runs beside the instrumented pipeline: the policy (a boundary listener: safe points are the gaps
     between generations) and the figures it reads (fed every GenerationRecord)."""
 
+    monitor: Monitor
     policy: Any = None  # zmon.policy.PolicyRunner
     figures: WorkloadFigures | None = None
 
 
 def connect_in_process(inst: Instrumentation, parts: InProcess) -> None:
+    """Feed the pipeline's generations to the policy, live diagnosis (GET /diagnosis, zmon_bottleneck*) and,
+    when enabled, the on-demand trace endpoint (POST /trace)."""
+    from zmon.profiling.live import install_live_diagnosis
+    from zmon.profiling.trace import install_trace_endpoint
+
     if parts.policy is not None:
         inst.boundaries.add(parts.policy)
     if parts.figures is not None:
         inst.record_listeners.append(parts.figures.observe)
+    cfg = parts.monitor.cfg
+    install_live_diagnosis(parts.monitor, cfg.profiling.thresholds, instrumentation=inst)
+    install_trace_endpoint(parts.monitor, cfg.profiling.trace, instrumentation=inst)
 
 
 def _distilled(pipe: Any, model_id: str) -> bool:

@@ -107,8 +107,10 @@ def cmd_watch(args: argparse.Namespace) -> int:
     cfg = _load(args, extra)
     setup_logging(cfg)
     from zmon.app import build_watch
+    from zmon.systemd import attach_systemd
 
     mon = build_watch(cfg)
+    attach_systemd(mon)  # READY / WATCHDOG under systemd Type=notify; a no-op elsewhere
     mon.install_signal_handlers()
     try:
         mon.start()

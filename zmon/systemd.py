@@ -171,7 +171,7 @@ class SystemdHandle:
 
     def _serving(self) -> bool:
         """/metrics is bound (Monitor.start binds it just after starting the sampler), or none is served."""
-        return self.monitor.server is not None or not getattr(self.monitor, "_serve_http", False)
+        return bool(self.monitor.serving)
 
     def _maybe_ready(self) -> None:
         """READY=1, once: every enabled source has a good sample and /metrics accepts connections."""

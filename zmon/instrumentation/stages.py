@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import logging
@@ -505,6 +506,15 @@ class StageTimingHandle:
                 log.exception("stage timing on_record callback failed")
 
     # -- removal ---------------------------------------------------------------------------------------
+
+    @property
+    def nvtx(self) -> bool:
+        """Whether stage ranges (record_function / NVTX "zmon/<stage>") are emitted; a trace turns them on."""
+        return self._config.nvtx
+
+    @nvtx.setter
+    def nvtx(self, on: bool) -> None:
+        self._config = dataclasses.replace(self._config, nvtx=on)
 
     def remove(self) -> None:
         """Restore the pipeline's class, every patched method and hook; idempotent."""

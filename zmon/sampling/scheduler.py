@@ -13,6 +13,7 @@ from typing import Any
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.base import JobLookupError
+from apscheduler.schedulers import SchedulerNotRunningError
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
@@ -114,10 +115,12 @@ class Sampler:
 
     def _unschedule(self, name: str) -> None:
         with self._lock:
-            self._retry_at[name] = float("inf")
-        if self._scheduler is not None:
-            with contextlib.suppress(JobLookupError):  # already removed
-                self._scheduler.remove_job(name)
+            self._retry_at[name] = float("inf")  # from now on the job is a no-op even if it fires again
+        sched = self._scheduler
+        if sched is not None:
+            # Not on this (worker) thread: APScheduler's shutdown() holds its job-store lock while it waits for
+            # the workers, so a worker calling remove_job() during shutdown would deadlock.
+            threading.Thread(target=_remove_job, args=(sched, name), name="zmon-unschedule", daemon=True).start()
 
     def _schedule(self, spec: SourceSpec) -> None:
         assert self._scheduler is not None
@@ -150,3 +153,8 @@ class Sampler:
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=True)
             self._scheduler = None
+
+
+def _remove_job(scheduler: BackgroundScheduler, name: str) -> None:
+    with contextlib.suppress(JobLookupError, SchedulerNotRunningError):
+        scheduler.remove_job(name)
