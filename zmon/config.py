@@ -166,6 +166,20 @@ class JsonlConfig(_Section):
     backups: int = Field(5, ge=0)
 
 
+class OomConfig(_Section):
+    """What `zmon run` does when a generation raises CUDA out of memory (owned by zmon.workload.oom)."""
+
+    # Release the allocator's cache (empty_cache, counted as a remediation action) and run the generation
+    # again, once; false: count it and go on with the next generation.
+    retry: bool = True
+    # Record the allocator's history (torch.cuda.memory._record_memory_history, Python stacks) and dump a
+    # snapshot oom-<unix>-<generation>.pickle here at each OOM (view at https://pytorch.org/memory_viz).
+    # Recording costs CPU time on every allocation; null = off. CUDA only.
+    memory_snapshot_dir: Path | None = None
+    max_snapshots: int = Field(5, gt=0)  # at most this many oom-*.pickle files in the directory
+    max_entries: int = Field(100_000, gt=0)  # allocation events kept in the recorded history
+
+
 class WorkloadConfig(_Section):
     """What `zmon run` generates (owned by zmon.workload)."""
 
@@ -182,6 +196,7 @@ class WorkloadConfig(_Section):
     output_dir: Path | None = None
     prompt_cache: PromptCacheConfig = PromptCacheConfig()
     jsonl: JsonlConfig = JsonlConfig()
+    oom: OomConfig = OomConfig()
 
 
 class Config(_Section):

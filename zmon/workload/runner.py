@@ -23,6 +23,7 @@ from zmon.attach import (
 )
 from zmon.collectors.generation import GenerationMetrics
 from zmon.config import Config
+from zmon.workload.oom import OomHandler
 from zmon.workload.spec import (
     WorkloadError,
     WorkloadSpec,
@@ -45,8 +46,10 @@ class RunResult:
 
     generations: int = 0
     ok: int = 0
-    oom: int = 0
+    oom: int = 0  # generations that ended out of GPU memory (after their retry, if any)
     errors: int = 0
+    oom_retries: int = 0  # generations run again after an out-of-memory error (workload.oom.retry)
+    oom_recovered: int = 0  # of those, the ones whose retry succeeded
     images: int = 0
     seconds: float = 0.0
     stopped_early: bool = False  # by a signal / stop event
@@ -58,7 +61,12 @@ class RunResult:
 
 
 class RunSession:
-    """A loaded, instrumented pipeline and the monitor around it; `run()` generates the workload."""
+    """A loaded, instrumented pipeline and the monitor around it; `run()` generates the workload.
+
+    `policy` is the PolicyRunner watching this process (None when policy is off); `oom` decides what an
+    out-of-memory generation leads to (build_run passes one built from `workload.oom`; None: it is only
+    counted and the run goes on).
+    """
 
     def __init__(
         self,
@@ -67,6 +75,9 @@ class RunSession:
         spec: WorkloadSpec,
         loaded: Any,
         instrumentation: Instrumentation,
+        *,
+        policy: Any = None,
+        oom: OomHandler | None = None,
     ) -> None:
         self.monitor = monitor
         self.metrics = metrics
@@ -74,6 +85,8 @@ class RunSession:
         self.loaded = loaded  # zmon.workload.loading.LoadedPipeline
         self.pipe = loaded.pipe
         self.instrumentation = instrumentation
+        self.policy = policy  # zmon.policy.PolicyRunner
+        self.oom = oom
         instrumentation.owner = self
         self._closed = False
         self._init_images: list[Any] = []
@@ -97,6 +110,8 @@ class RunSession:
             self._init_images = [_load_image(p) for p in spec.init_images]
         if spec.output_dir is not None:
             spec.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.oom is not None:
+            self.oom.start()  # the pipeline is loaded: CUDA, if used, is initialised
         result = RunResult()
         started = time.monotonic()
         log.info(
@@ -111,8 +126,11 @@ class RunSession:
                 delay = started + i / spec.rate_per_second - time.monotonic()
                 if delay > 0 and stop.wait(delay):
                     break
-            status = self._generate_one(i)
+            status, retried = self._generate_one(i)
             result.generations += 1
+            if retried:
+                result.oom_retries += 1
+                result.oom_recovered += int(status == "ok")
             if status == "ok":
                 result.ok += 1
                 result.images += spec.batch_size
@@ -129,13 +147,25 @@ class RunSession:
         result.stopped_early = stop.is_set()
         result.seconds = time.monotonic() - started
         log.info(
-            "%d generation(s) in %.1fs: %d ok, %d oom, %d error(s), %d image(s)",
+            "%d generation(s) in %.1fs: %d ok, %d oom, %d error(s), %d image(s)%s",
             result.generations, result.seconds, result.ok, result.oom, result.errors, result.images,
+            f"; {result.oom_recovered} of {result.oom_retries} OOM retries succeeded" if result.oom_retries else "",
         )
         return result
 
-    def _generate_one(self, i: int) -> str:
-        """One pipeline call; returns its status. OOM and errors are logged and counted, never raised."""
+    def _generate_one(self, i: int) -> tuple[str, bool]:
+        """One generation: a pipeline call, and after an out-of-memory error the OomHandler's recovery and at
+        most one retry. Returns (final status, whether it was retried); never raises."""
+        attempt = 0
+        while True:
+            status = self._call(i, attempt)
+            # Out of the except block: the failed call's traceback, and the tensors its frames held, are gone.
+            if status != "oom" or self.oom is None or not self.oom.recover(i, attempt):
+                return status, attempt > 0
+            attempt += 1
+
+    def _kwargs(self, i: int) -> dict[str, Any]:
+        """The pipeline arguments of generation i; a fresh generator each time, so a retry repeats the image."""
         import torch
 
         spec = self.spec
@@ -154,11 +184,20 @@ class RunSession:
         if spec.img2img:
             kwargs["image"] = self._init_images[i % len(self._init_images)]
             kwargs["strength"] = spec.strength
+        return kwargs
+
+    def _call(self, i: int, attempt: int) -> str:
+        """One pipeline call; returns its status. OOM and errors are logged, never raised."""
+        import torch
+
+        kwargs = self._kwargs(i)
         try:
             out = self.pipe(**kwargs)
         except torch.OutOfMemoryError:
-            log.warning("generation %d: out of GPU memory at %dx%d (batch %d); continuing",
-                        i, width, height, spec.batch_size)
+            log.warning("generation %d%s: out of GPU memory at %dx%d (batch %d)", i, " (retry)" if attempt else "",
+                        kwargs["width"], kwargs["height"], self.spec.batch_size)
+            if self.oom is not None:
+                self.oom.snapshot(i, attempt)  # while the failed call's tensors are still referenced
             return "oom"
         except Exception as e:
             if i < BROKEN_SETUP_GENERATIONS:
@@ -166,7 +205,7 @@ class RunSession:
             else:
                 log.warning("generation %d failed: %s: %s", i, type(e).__name__, e)
             return "error"
-        if spec.output_dir is not None:
+        if self.spec.output_dir is not None:
             self._save(i, out)
         return "ok"
 
@@ -184,6 +223,8 @@ class RunSession:
         if self._closed:
             return
         self._closed = True
+        if self.oom is not None:
+            self.oom.stop()
         self.instrumentation.remove()
         self.monitor.stop()
 
@@ -244,7 +285,13 @@ def build_run(
     except BaseException:
         mon.stop()
         raise
-    return RunSession(mon, metrics, spec, loaded, inst)
+    policy = in_process.policy
+    oom = OomHandler(
+        cfg.workload.oom,
+        remediator=policy.remediator if policy is not None else None,
+        state=policy.state if policy is not None else None,
+    )
+    return RunSession(mon, metrics, spec, loaded, inst, policy=policy, oom=oom)
 
 
 def run_main(cfg: Config, *, linger_seconds: float = 0.0) -> int:
