@@ -42,7 +42,7 @@ head -c 3000 "$OUT/cli-tiny.md" || true
 
 # 2. full size, in process: eager profile + trace + memory snapshot, overhead A/B, compiled profile
 RC=0
-timeout 460 "$PY" -m benchmarks.gpu_profile --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_profile.log" || RC=$?
+timeout 380 "$PY" -m benchmarks.gpu_profile --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_profile.log" || RC=$?
 
 # Large traces may exceed what comes back: keep a compressed copy next to the original.
 if [ -f "$OUT/profile-eager/trace.json" ]; then gzip -kf "$OUT/profile-eager/trace.json"; fi
