@@ -600,22 +600,8 @@ class WorkloadCaller:
         """One generation; returns its wall seconds. Failures are logged (the record says how it ended)."""
         import torch
 
-        spec = self.spec
-        prompt, (width, height) = spec.item(i)
-        kwargs: dict[str, Any] = {
-            "prompt": prompt,
-            "width": width,
-            "height": height,
-            "num_inference_steps": spec.steps,
-            "guidance_scale": spec.guidance_scale,
-            "num_images_per_prompt": spec.batch_size,
-        }
-        seed = spec.seed_for(i)
-        if seed is not None:
-            kwargs["generator"] = torch.Generator("cpu").manual_seed(seed)
-        if self._images:
-            kwargs["image"] = self._images[i % len(self._images)]
-            kwargs["strength"] = spec.strength
+        kwargs = self.spec.pipeline_kwargs(i, self._images)
+        width, height = kwargs["width"], kwargs["height"]
         t0 = time.perf_counter()
         try:
             self.pipe(**kwargs)

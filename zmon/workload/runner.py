@@ -165,26 +165,7 @@ class RunSession:
             attempt += 1
 
     def _kwargs(self, i: int) -> dict[str, Any]:
-        """The pipeline arguments of generation i; a fresh generator each time, so a retry repeats the image."""
-        import torch
-
-        spec = self.spec
-        prompt, (width, height) = spec.item(i)
-        kwargs: dict[str, Any] = {
-            "prompt": prompt,
-            "width": width,
-            "height": height,
-            "num_inference_steps": spec.steps,
-            "guidance_scale": spec.guidance_scale,
-            "num_images_per_prompt": spec.batch_size,
-        }
-        seed = spec.seed_for(i)
-        if seed is not None:
-            kwargs["generator"] = torch.Generator("cpu").manual_seed(seed)
-        if spec.img2img:
-            kwargs["image"] = self._init_images[i % len(self._init_images)]
-            kwargs["strength"] = spec.strength
-        return kwargs
+        return self.spec.pipeline_kwargs(i, self._init_images)
 
     def _call(self, i: int, attempt: int) -> str:
         """One pipeline call; returns its status. OOM and errors are logged, never raised."""

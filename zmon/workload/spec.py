@@ -102,6 +102,27 @@ class WorkloadSpec:
             return None
         return self.seed if self.seed_fixed else self.seed + i
 
+    def pipeline_kwargs(self, i: int, init_images: Sequence[Any] = ()) -> dict[str, Any]:
+        """The pipeline arguments of generation i; a fresh generator each call, so a retry repeats the image."""
+        import torch
+
+        prompt, (width, height) = self.item(i)
+        kwargs: dict[str, Any] = {
+            "prompt": prompt,
+            "width": width,
+            "height": height,
+            "num_inference_steps": self.steps,
+            "guidance_scale": self.guidance_scale,
+            "num_images_per_prompt": self.batch_size,
+        }
+        seed = self.seed_for(i)
+        if seed is not None:
+            kwargs["generator"] = torch.Generator("cpu").manual_seed(seed)
+        if self.img2img and init_images:
+            kwargs["image"] = init_images[i % len(init_images)]
+            kwargs["strength"] = self.strength
+        return kwargs
+
 
 def static_pipeline_class(cfg: Config) -> str | None:
     """The pipeline class name known without importing diffusers: the override, the embedded model, a known
