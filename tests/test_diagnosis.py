@@ -509,6 +509,19 @@ def test_io_throttling_finding() -> None:
     )
 
 
+def test_small_checkpoint_throughput_is_shown_not_judged() -> None:
+    """3 MB in 0.2 s is 15 MB/s of fixed overhead, not a slow disk (the embedded model measured this)."""
+    io = IoFacts(model_dir="/m", checkpoint_load_seconds=0.2, checkpoint_bytes=3_000_000, cache_state="warm")
+    facts = healthy_facts(make_records(), io=io, env=gpu_env(compiled=True))
+    f = finding(diagnose(facts), "io_throttling")
+    assert not f.active
+    shown = [e for e in f.evidence if e.figure.startswith("checkpoint read throughput")]
+    assert shown and shown[0].holds is None and "not judged" in shown[0].figure
+    big = IoFacts(model_dir="/m", checkpoint_load_seconds=40.0, checkpoint_bytes=2 * GB, cache_state="warm")
+    assert finding(diagnose(healthy_facts(make_records(), io=big, env=gpu_env(compiled=True))),
+                   "io_throttling").active
+
+
 def test_first_generation_slowdown_under_compile_is_not_io() -> None:
     facts = healthy_facts(make_records(scale=lambda i: 30.0 if i == 0 else 1.0), env=gpu_env(compiled=True))
     f = finding(diagnose(facts), "io_throttling")

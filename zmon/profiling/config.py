@@ -24,6 +24,7 @@ class Thresholds(BaseModel):
     step_cv_high: float = Field(0.15, ge=0)  # within-generation CV of step times above this → kernel issue
     run_cv_high: float = Field(0.10, ge=0)  # run-to-run CV above this → I/O or caching
     read_throughput_low: float = Field(500e6, gt=0)  # bytes/s; model reads slower than this → I/O-bound
+    min_checkpoint_bytes: float = Field(1e9, ge=0)  # smaller checkpoints: read throughput shown, not judged
     checkpoint_load_high: float = Field(10.0, gt=0)  # seconds; loading longer than this → I/O-bound
     first_gen_slowdown_high: float = Field(3.0, gt=1)  # first generation / steady-state median
     text_encode_share_high: float = Field(0.25, ge=0, le=1)  # share of a generation (CPU-bound hint)
