@@ -78,7 +78,19 @@ def main() -> None:
         body = generate_latest(mon.registry)
         ts.append((time.perf_counter() - t0) * 1e3)
     lines = body.decode().count("\n")
-    print(f"\nexposition (in process, {lines} lines): p50 {pct(ts, 0.5):.3f} ms  p99 {pct(ts, 0.99):.3f} ms")
+    print(f"\nexposition, prometheus_client ({lines} lines): p50 {pct(ts, 0.5):.3f} ms  p99 {pct(ts, 0.99):.3f} ms")
+    from prometheus_client.exposition import choose_encoder
+
+    encoder, ctype = choose_encoder("")
+    mon.render_cache.render(encoder, ctype)  # a scraper asked for this format once
+    cached = []
+    for _ in range(args.scrapes):
+        for name in mon.sampler.sources:  # fresh samples before every scrape (the worst case at 1 s sampling)
+            mon.sampler.run_once(name)
+        t0 = time.perf_counter()
+        mon.render_cache.render(encoder, ctype)
+        cached.append((time.perf_counter() - t0) * 1e3)
+    print(f"exposition, zmon render cache: p50 {pct(cached, 0.5):.3f} ms  p99 {pct(cached, 0.99):.3f} ms")
     mon.stop()
 
     port = 20000 + os.getpid() % 20000
@@ -112,7 +124,8 @@ def main() -> None:
     print("|---|---|---|")
     print(f"| scrape over HTTP p50 | {pct(http, 0.5):.2f} ms | |")
     print(f"| scrape over HTTP p99 | {pct(http, 0.99):.2f} ms | <= 5 ms |")
-    print(f"| exposition in process p99 | {pct(ts, 0.99):.2f} ms | |")
+    print(f"| exposition in process p99 (prometheus_client / zmon cache) | {pct(ts, 0.99):.2f} / "
+          f"{pct(cached, 0.99):.2f} ms | |")
     print(f"| RSS (max over {args.seconds:.0f} s, idle) | {max(rss) / 2**20:.1f} MiB | <= 60 MB |")
     print(f"| CPU (idle, no scrapes) | {cpu * 100:.2f}% of a core | <= 1% |")
     for k, v in rows:

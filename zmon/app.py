@@ -7,7 +7,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from types import FrameType
 from typing import Any
 
@@ -18,7 +18,7 @@ from zmon.collectors.self_metrics import SelfCollector
 from zmon.config import Config, parse_listen
 from zmon.providers.base import SourceUnavailable
 from zmon.sampling import Sampler, SnapshotStore, SourceSpec
-from zmon.server import App, HTTPError, Request, Response, Server
+from zmon.server import App, HTTPError, RenderCache, Request, Response, Server
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +52,24 @@ class Monitor:
         self._closers: list[Callable[[], None]] = []
         self._collectors: list[Guarded] = []
         self.add_collector("self", SelfCollector(self.store, self.errors, mode))
-        self.http = App(self.registry, self.store.ready, cfg.server.auth.token)
+        self.render_cache = RenderCache(lambda: self._collectors)
+        self.sampler.add_listener(lambda source, ok: self.render_cache.warm(source) if ok else None)
+        self.http = App(self.registry, self.store.ready, cfg.server.auth.token, cache=self.render_cache)
         self.server: Server | None = None
         self._serve_http = serve_http
         self._stopped = threading.Event()
 
-    def add_collector(self, name: str, collector: Collector) -> None:
-        guarded = Guarded(name, collector, self.errors)
+    def add_collector(self, name: str, collector: Collector, sources: Sequence[str] = ()) -> None:
+        """Register a collector. `sources`: the store sources it reads, when its output depends on nothing
+        else — its rendered text is then reused until one of them has a new sample."""
+        key = None
+        if sources:
+            store = self.store
+
+            def key() -> Hashable:
+                return tuple(getattr(store.get(s), "taken_at", None) for s in sources)
+
+        guarded = Guarded(name, collector, self.errors, cache_key=key, sources=sources)
         self._collectors.append(guarded)
         self.registry.register(guarded)
 
@@ -133,19 +144,19 @@ def add_host_sources(
     if s.host.enabled:
         host = HostProvider(psutil_module, per_cpu=s.host.per_cpu)
         mon.add_source("host", host.sample, s.host.interval_seconds)
-        mon.add_collector("host", HostCollector(mon.store))
+        mon.add_collector("host", HostCollector(mon.store), sources=("host",))
     if s.disk.enabled:
         disk = DiskProvider(psutil_module, exclude_devices=s.disk.exclude_devices, paths=s.disk.paths)
         mon.add_source("disk", disk.sample, s.disk.interval_seconds)
-        mon.add_collector("disk", DiskCollector(mon.store))
+        mon.add_collector("disk", DiskCollector(mon.store), sources=("disk",))
     if s.network.enabled:
         net = NetworkProvider(psutil_module, exclude_interfaces=s.network.exclude_interfaces)
         mon.add_source("network", net.sample, s.network.interval_seconds)
-        mon.add_collector("network", NetworkCollector(mon.store))
+        mon.add_collector("network", NetworkCollector(mon.store), sources=("network",))
     if s.process.enabled and watched_pid is not None:
         proc = ProcessProvider(watched_pid, psutil_module)
         mon.add_source("process", proc.sample, s.process.interval_seconds)
-        mon.add_collector("process", ProcessCollector(mon.store))
+        mon.add_collector("process", ProcessCollector(mon.store), sources=("process",))
 
 
 def add_nvml_sources(mon: Monitor, *, watched_pid: int | None, nvml: Any | None = None) -> None:
@@ -164,7 +175,7 @@ def add_nvml_sources(mon: Monitor, *, watched_pid: int | None, nvml: Any | None 
     mon.add_source("nvml", prov.sample, s.interval_seconds, close=prov.close)
     if s.slow_interval_seconds > 0:
         mon.add_source("nvml_slow", prov.sample_slow, s.slow_interval_seconds)
-    mon.add_collector("nvml", NvmlCollector(mon.store))
+    mon.add_collector("nvml", NvmlCollector(mon.store), sources=("nvml", "nvml_slow"))
 
 
 def build_watch(
@@ -257,7 +268,7 @@ def add_allocator_source(mon: Monitor) -> None:
         mon.mark_unavailable("allocator", str(e))
         return
     mon.add_source("allocator", prov.sample, s.interval_seconds)
-    mon.add_collector("allocator", AllocatorCollector(mon.store))
+    mon.add_collector("allocator", AllocatorCollector(mon.store), sources=("allocator",))
 
 
 def add_policy(mon: Monitor) -> tuple[Any, WorkloadFigures] | None:

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import gzip
 import hmac
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
-from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client.exposition import ThreadingWSGIServer, choose_encoder, gzip_accepted
 
 log = logging.getLogger(__name__)
 
@@ -66,17 +67,80 @@ class Route:
     auth: bool
 
 
+class RenderCache:
+    """/metrics text rendered per collector, kept until one of the snapshots the collector reads changes.
+
+    Formatting is most of a scrape's cost (prometheus_client spends ~4 µs a sample). Collectors that declare
+    their sources are re-rendered on the sampler thread right after a new sample (`warm`), in each format a
+    scraper has asked for, so a scrape only concatenates bytes and renders the few self-metrics. The bytes are
+    exactly what prometheus_client's encoder produces for the whole registry (OpenMetrics' `# EOF` once).
+    """
+
+    EOF = b"# EOF\n"
+
+    def __init__(self, collectors: Callable[[], Sequence[Any]]) -> None:
+        self._collectors = collectors
+        self._lock = threading.Lock()
+        self._texts: dict[tuple[str, str], tuple[Hashable, bytes]] = {}
+        self._encoders: dict[str, Callable[[Any], bytes]] = {}  # formats scrapers asked for
+
+    def _text(self, c: Any, encoder: Callable[[Any], bytes], content_type: str) -> bytes:
+        key = c.cache_key() if c.cache_key is not None else None
+        slot = (c.name, content_type)
+        with self._lock:
+            hit = self._texts.get(slot)
+        if key is not None and hit is not None and hit[0] == key:
+            return hit[1]
+        text = encoder(_Single(c))
+        if content_type.startswith("application/openmetrics-text") and text.endswith(self.EOF):
+            text = text[: -len(self.EOF)]
+        if key is not None and not c.failed_last:
+            with self._lock:
+                self._texts[slot] = (key, text)
+        return text
+
+    def render(self, encoder: Callable[[Any], bytes], content_type: str) -> bytes:
+        with self._lock:
+            self._encoders.setdefault(content_type, encoder)
+        body = b"".join(self._text(c, encoder, content_type) for c in self._collectors())
+        return body + (self.EOF if content_type.startswith("application/openmetrics-text") else b"")
+
+    def warm(self, source: str) -> None:
+        """After a new sample of `source`: re-render the collectors that read it (a sampler listener)."""
+        with self._lock:
+            encoders = list(self._encoders.items())
+        for c in self._collectors():
+            if source in c.sources:
+                for content_type, encoder in encoders:
+                    self._text(c, encoder, content_type)
+
+
+class _Single:
+    def __init__(self, collector: Any) -> None:
+        self.collector = collector
+
+    def collect(self) -> Iterable[Any]:
+        return self.collector.collect()
+
+
 class App:
     """WSGI application. Control routes need `Authorization: Bearer <token>`; with no token configured
-    they answer 403 (off unless configured), a wrong or missing token gets 401."""
+    they answer 403 (off unless configured), a wrong or missing token gets 401.
+
+    With `cache` (a RenderCache over zmon's collectors) /metrics is served from it; without, through
+    prometheus_client's own WSGI app over `registry`.
+    """
 
     def __init__(
         self,
         registry: CollectorRegistry,
         ready: Callable[[], bool],
         token: Callable[[], str | None] = lambda: None,
+        cache: RenderCache | None = None,
     ) -> None:
-        self._metrics = make_wsgi_app(registry)
+        self._registry = registry
+        self._cache = cache
+        self._metrics = make_wsgi_app(registry) if cache is None else self._cached_metrics
         self._ready = ready
         self._token = token
         self._routes: dict[str, Route] = {}
@@ -87,6 +151,24 @@ class App:
         if path in self._routes or path == "/metrics":
             raise ValueError(f"route {path} registered twice")
         self._routes[path] = Route(frozenset(methods), handler, auth)
+
+    def _cached_metrics(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        method = environ.get("REQUEST_METHOD", "GET")
+        if method not in ("GET", "HEAD"):
+            start_response("405 Method Not Allowed", [("Allow", "GET, HEAD")])
+            return [f"# HTTP 405: {method}; use GET\n".encode()]
+        params = parse_qs(environ.get("QUERY_STRING", ""))
+        if "name[]" in params:  # a filtered scrape: prometheus_client's own path, uncached
+            return make_wsgi_app(self._registry)(environ, start_response)  # type: ignore[no-any-return,unused-ignore]
+        assert self._cache is not None
+        encoder, content_type = choose_encoder(environ.get("HTTP_ACCEPT", ""))
+        output = self._cache.render(encoder, content_type)
+        headers = [("Content-Type", content_type)]
+        if gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING", "")):
+            output = gzip.compress(output)
+            headers.append(("Content-Encoding", "gzip"))
+        start_response("200 OK", headers)
+        return [b"" if method == "HEAD" else output]
 
     def _readyz(self, _: Request) -> Response:
         if self._ready():

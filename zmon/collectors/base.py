@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Protocol
 
 from prometheus_client.metrics_core import Metric
@@ -33,12 +33,26 @@ class ExpositionErrors:
 
 
 class Guarded:
-    """Wraps a collector: an exception drops its families from this scrape and is counted, not raised."""
+    """Wraps a collector: an exception drops its families from this scrape and is counted, not raised.
 
-    def __init__(self, name: str, inner: Collector, errors: ExpositionErrors) -> None:
+    `cache_key`, when given, returns a value that changes whenever the collector's output may change (the
+    timestamps of the snapshots it reads): the HTTP layer then re-renders its text only when the key moves.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        inner: Collector,
+        errors: ExpositionErrors,
+        cache_key: Callable[[], Hashable] | None = None,
+        sources: Sequence[str] = (),
+    ) -> None:
         self.name = name
         self.inner = inner
         self.errors = errors
+        self.cache_key = cache_key
+        self.sources = tuple(sources)  # the store sources the output depends on (empty: render every scrape)
+        self.failed_last = False
 
     def collect(self) -> Iterable[Metric]:
         try:
@@ -46,7 +60,9 @@ class Guarded:
         except Exception:
             log.exception("collector %s failed during scrape", self.name)
             self.errors.add(self.name)
+            self.failed_last = True
             return []
+        self.failed_last = False
         return families
 
     def describe(self) -> Iterable[Metric]:
