@@ -112,7 +112,17 @@ def load_pipeline(cfg: ModelConfig, *, img2img: bool = False) -> LoadedPipeline:
     if cfg.variant:
         kwargs["variant"] = cfg.variant
     started = time.perf_counter()
-    pipe = loader.from_pretrained(source, **kwargs)
+    # diffusers and transformers draw loading bars on stderr; zmon logs the load instead.
+    import transformers
+
+    bar_owners = [m.utils.logging for m in (diffusers, transformers) if m.utils.logging.is_progress_bar_enabled()]
+    for owner in bar_owners:
+        owner.disable_progress_bar()
+    try:
+        pipe = loader.from_pretrained(source, **kwargs)
+    finally:
+        for owner in bar_owners:
+            owner.enable_progress_bar()
     pipe.to(device)
     if device.startswith("cuda"):
         torch.cuda.synchronize()  # count the host→device copies in the load time
