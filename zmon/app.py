@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -72,6 +73,12 @@ class Monitor:
         guarded = Guarded(name, collector, self.errors, cache_key=key, sources=sources)
         self._collectors.append(guarded)
         self.registry.register(guarded)
+
+    def unregister_collectors(self) -> None:
+        """Take zmon's collectors out of the registry (a host's own registry, after attach)."""
+        for guarded in self._collectors:
+            with contextlib.suppress(KeyError):  # never registered, or already gone
+                self.registry.unregister(guarded)
 
     def add_source(
         self,

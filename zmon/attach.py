@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
@@ -259,10 +258,7 @@ class Handle:
         self.instrumentation.remove()
         self.monitor.stop()
         if self._host_registry is not None:
-            # Monitor has no public unregister; its guarded collectors are what it registered.
-            for collector in getattr(self.monitor, "_collectors", []):
-                with contextlib.suppress(KeyError):
-                    self._host_registry.unregister(collector)
+            self.monitor.unregister_collectors()
         log.info("zmon detached from %s", self.instrumentation.model_id)
 
     def __enter__(self) -> Handle:

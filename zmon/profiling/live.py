@@ -347,7 +347,7 @@ def install_live_diagnosis(
         instrumentation.boundaries.add(_RecordTap(instrumentation.stage_timing, live))
     monitor.sampler.add_listener(live.on_sample(monitor.store))
     monitor.add_source(SOURCE_NAME, live.evaluate, interval_seconds)
-    monitor.add_collector("bottleneck", BottleneckCollector(monitor.store))
+    monitor.add_collector("bottleneck", BottleneckCollector(monitor.store), sources=(SOURCE_NAME,))
     monitor.http.add_route("/diagnosis", diagnosis_handler(live), methods=("GET", "HEAD"))
     return live
 
