@@ -12,10 +12,7 @@ from typing import Any
 
 from zmon import __version__
 from zmon.config import DEFAULT_LISTEN, Config, ConfigError, load_config
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2  # invalid arguments or configuration
+from zmon.exitcodes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 
 log = logging.getLogger("zmon")
 
@@ -43,6 +40,8 @@ def setup_logging(cfg: Config) -> None:
     root.handlers[:] = [handler]
     root.setLevel(cfg.logging.level)
     logging.getLogger("apscheduler").setLevel(max(logging.WARNING, root.level))
+    for note in cfg.notes:
+        log.warning("config: %s", note)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -106,21 +105,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
         extra["sampling"] = {"process": {"pid": args.pid}}
     cfg = _load(args, extra)
     setup_logging(cfg)
-    from zmon.app import build_watch
-    from zmon.systemd import attach_systemd
+    from zmon.app.watch import watch_main  # lazy: each command imports only what it runs
 
-    mon = build_watch(cfg)
-    attach_systemd(mon)  # READY / WATCHDOG under systemd Type=notify; a no-op elsewhere
-    mon.install_signal_handlers()
-    try:
-        mon.start()
-    except OSError as e:
-        log.error("cannot listen on %s: %s", cfg.server.listen, e)
-        mon.stop()
-        return EXIT_FAILURE
-    while not mon.wait(1.0):
-        pass
-    return EXIT_OK
+    return watch_main(cfg)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -137,16 +124,23 @@ def cmd_run(args: argparse.Namespace) -> int:
         for p in problems:
             print(f"  - {p}", file=sys.stderr)
         return EXIT_USAGE
-    from zmon.workload.runner import run_main  # imports torch / diffusers
+    from zmon.app.run import run_main  # lazy: imports torch / diffusers
 
     return run_main(cfg, linger_seconds=max(0.0, args.linger))
 
 
-def cmd_check_config(args: argparse.Namespace) -> int:
-    from zmon.app import iter_problems
+def iter_problems(cfg: Config) -> list[str]:
+    """Checks that need the filesystem (kept out of validation so check-config works anywhere)."""
+    return [
+        f"sampling.disk.paths: {p} does not exist (its free space will be reported as down)"
+        for p in cfg.sampling.disk.paths
+        if not p.expanduser().exists()
+    ]
 
+
+def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = load_config(args.file)
-    warnings = list(iter_problems(cfg))
+    warnings = [*cfg.notes, *iter_problems(cfg)]
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     print(f"{args.file}: OK")
@@ -217,14 +211,14 @@ def cmd_profile(args: argparse.Namespace) -> int:
         for p in problems:
             print(f"  - {p}", file=sys.stderr)
         return EXIT_USAGE
-    from zmon.profiling.runner import profile_main  # imports torch / diffusers
+    from zmon.app.profile import profile_main  # lazy: imports torch / diffusers
 
     return profile_main(cfg, out_dir=out, trace=args.trace, memory_snapshot=args.memory_snapshot)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from zmon.profiling.compare import compare_profiles, render_comparison
-    from zmon.profiling.report import load_profile
+    from zmon.analysis.compare import compare_profiles, render_comparison
+    from zmon.analysis.report import load_profile
 
     profiles = []
     for path in (args.before, args.after):
@@ -241,7 +235,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
-    from zmon.profiling.live import DiagnosisUnavailable, diagnosis_url, fetch_diagnosis, render_live
+    from zmon.analysis.live import render_live
+    from zmon.app.client import DiagnosisUnavailable, diagnosis_url, fetch_diagnosis
 
     try:
         url = diagnosis_url(args.url)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from zmon import __version__
-from zmon.policy.config import AlertingConfig
+from zmon.config import AlertingConfig
 from zmon.policy.engine import Alert
 
 log = logging.getLogger(__name__)

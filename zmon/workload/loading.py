@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 from zmon.config import ModelConfig
+from zmon.instrumentation.anatomy import denoisers
+from zmon.providers import cuda
 from zmon.workload.tiny import TINY_DEFAULTS, ensure_builtin, is_builtin, is_complete
 
 log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 _SHARD_RE = re.compile(r"-\d{5}-of-\d{5}$")
-DENOISER_NAMES = ("transformer", "unet")  # what torch.compile applies to, first present wins
 
 
 class ModelDefaults(TypedDict):
@@ -63,9 +64,7 @@ def resolve_device(device: str) -> str:
     """'auto' → 'cuda' when available, else 'cpu'; anything else unchanged."""
     if device != "auto":
         return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if cuda.is_available() else "cpu"
 
 
 def resolve_dtype(dtype: str, device: str) -> Any:
@@ -125,19 +124,17 @@ def load_pipeline(cfg: ModelConfig, *, img2img: bool = False) -> LoadedPipeline:
             owner.enable_progress_bar()
     pipe.to(device)
     if device.startswith("cuda"):
-        torch.cuda.synchronize()  # count the host→device copies in the load time
+        cuda.synchronize()  # count the host→device copies in the load time
     load_seconds = time.perf_counter() - started
     pipe.set_progress_bar_config(disable=True)
 
     compiled = False
     if cfg.compile:
-        for name in DENOISER_NAMES:
-            module = getattr(pipe, name, None)
+        for name, module in denoisers(pipe):
             if isinstance(module, torch.nn.Module):
                 setattr(pipe, name, torch.compile(module, mode=cfg.compile_mode))
                 compiled = True
-                break
-        else:
+        if not compiled:
             log.warning("model.compile: %s has no transformer or unet to compile", type(pipe).__name__)
 
     if local_dir is None:
