@@ -16,7 +16,7 @@ def main() -> None:
     import torch
 
     from zmon.config import load_config
-    from zmon.workload.runner import build_run
+    from zmon.app.run import build_run
 
     snap = args.out / "oom-snapshots"
     cfg = load_config(environ={}, overrides={

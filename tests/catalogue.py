@@ -11,6 +11,8 @@ from typing import Any
 
 import yaml
 
+from tools import gen_dashboard
+
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "grafana" / "dashboards" / "zmon.json"
 PROVISIONING = ROOT / "grafana" / "provisioning"

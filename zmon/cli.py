@@ -10,9 +10,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from zmon import __version__
 from zmon.config import DEFAULT_LISTEN, Config, ConfigError, load_config
 from zmon.exitcodes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
+from zmon.version import __version__
 
 log = logging.getLogger("zmon")
 

@@ -12,12 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
-from tests.services import alertmanager, get_json, prometheus, zmon_process
 from tests.catalogue import all_queries, grafana_to_promql, load_dashboard, metric_names
-
+from tests.services import alertmanager, get_json, prometheus, zmon_process
 
 ROOT = Path(__file__).resolve().parents[2]
 PROM = ROOT / "deploy" / "prometheus"

@@ -10,19 +10,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fakes.cuda_allocator import GIB, FakeTorchCuda
 from tests.services import alertmanager, get_json, zmon_process
+from zmon.app.run import build_run
 from zmon.collectors.allocator import AllocatorCollector
 from zmon.config import Config
 from zmon.instrumentation.records import GenerationRecord
 from zmon.policy import Remediator
 from zmon.providers.allocator import AllocatorProvider
-from zmon.app.run import build_run
 
 # --- a: a threshold crossing seen mid-generation is acted on after it ------------------------------------
 
@@ -67,7 +66,7 @@ def test_crossing_mid_generation_runs_empty_cache_only_after_it(
     })  # default policy rules: reserved_unallocated_high fires after 3 samples above 0.30
     reg = CollectorRegistry()
     session = build_run(cfg, registry=reg, serve_http=False, start=False)  # no scheduler: samples run below
-    policy = session.policy
+    policy = session.policy.runner if session.policy else None
     assert policy is not None
     events = Events()
     cuda = RecordingCuda(events, lambda: policy.gate.in_generation)

@@ -4,25 +4,17 @@ e2e tests."""
 
 from __future__ import annotations
 
-import ast
-import json
 import re
 import subprocess
-from functools import cache
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
-
-from tests.services import require_binary
-from tools import gen_dashboard
 
 from tests.catalogue import (
     DASHBOARD,
     DS,
     PROVISIONING,
-    ROOT,
     all_queries,
     code_families,
     exported_series_names,
@@ -31,6 +23,8 @@ from tests.catalogue import (
     metric_names,
     panels,
 )
+from tests.services import require_binary
+from tools import gen_dashboard
 
 
 def test_metric_names_tokenizer() -> None:

@@ -216,7 +216,7 @@ def test_real_pipeline_stages_and_cfg_on_distilled(tiny_pipe: Any, torch_single_
     m.set_pipeline(pipeline_facts(tiny_pipe, "builtin:tiny-z-image", distilled=True))
     reg = CollectorRegistry()
     reg.register(m)  # type: ignore[arg-type]
-    inst = Instrumentation(tiny_pipe, Config(), m, model_id="builtin:tiny-z-image")
+    inst = Instrumentation(tiny_pipe, Config().workload, m, model_id="builtin:tiny-z-image")
     try:
         tiny_pipe("a lighthouse", width=64, height=64, num_inference_steps=3, guidance_scale=0.0)
         assert reg.get_sample_value("zmon_workload_misconfiguration", {"kind": "cfg_on_distilled"}) == 0

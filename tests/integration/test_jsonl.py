@@ -167,7 +167,7 @@ def test_failing_log_never_stops_a_generation(
     metrics = GenerationMetrics(model="tiny")
     reg = CollectorRegistry()
     reg.register(metrics)  # type: ignore[arg-type]
-    inst = Instrumentation(tiny_pipe, cfg, metrics, model_id="tiny")
+    inst = Instrumentation(tiny_pipe, cfg.workload, metrics, model_id="tiny")
     try:
         out = tiny_pipe("a cat", width=64, height=64, num_inference_steps=2, guidance_scale=0.0)
     finally:

@@ -11,10 +11,10 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from tests.fakes.cuda_allocator import GIB, FakeTorchCuda
+from zmon.app.run import RunSession, build_run
 from zmon.config import Config, OomConfig
 from zmon.policy import PolicyState, Remediator
 from zmon.workload.oom import OomHandler
-from zmon.app.run import RunSession, build_run
 
 WALL = 1_700_000_000.0
 
@@ -170,8 +170,8 @@ def remediations(reg: CollectorRegistry, result: str = "ok") -> float:
 
 def inject(s: RunSession, cuda: FakeCuda, **oom: Any) -> OomHandler:
     """The handler build_run made, with the fake torch.cuda (the policy's counters are kept)."""
-    assert s.oom is not None and s.policy is not None and s.oom.state is s.policy.state
-    s.oom = handler(cuda, s.policy.state, **oom)
+    assert s.oom is not None and s.policy is not None and s.oom.state is s.policy.runner.state
+    s.oom = handler(cuda, s.policy.runner.state, **oom)
     return s.oom
 
 
@@ -237,7 +237,7 @@ def test_retry_off_counts_releases_and_goes_on(session: tuple[RunSession, Collec
 def test_build_run_wires_the_oom_handler_to_the_policy(session: tuple[RunSession, CollectorRegistry]) -> None:
     s, reg = session
     assert s.oom is not None and s.policy is not None
-    assert s.oom.remediator is s.policy.remediator and s.oom.state is s.policy.state
+    assert s.oom.remediator is s.policy.runner.remediator and s.oom.state is s.policy.runner.state
     assert s.oom.config == OomConfig()
     # on this CPU-only host the real empty_cache is skipped, and counted as such
     _, remove = oom_on_calls(s, {1})

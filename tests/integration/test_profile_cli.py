@@ -13,18 +13,16 @@ from typing import Any
 
 import pytest
 
+from zmon.analysis.diagnosis import RULES
+from zmon.analysis.live import VERDICTS
+from zmon.analysis.report import load_profile
+from zmon.app.profile import profile_monitor
+from zmon.capture.disk import disk_speed_test, drop_page_cache
+from zmon.capture.profile import profile_pipeline
+from zmon.capture.progress import Progress
 from zmon.cli import main
 from zmon.config import load_config
-from zmon.profiling import load_profile
-from zmon.analysis.diagnosis import RULES
-from zmon.profiling.live import VERDICTS
-from zmon.profiling.runner import (
-    Progress,
-    ResourceSampler,
-    disk_speed_test,
-    drop_page_cache,
-    profile_pipeline,
-)
+from zmon.instrumentation.hooks import HookRegistry
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {"OMP_NUM_THREADS": "1"}  # the tiny model gains nothing from intra-op threads on a shared 2-core box
@@ -159,7 +157,11 @@ def _profile(pipe: Any, tmp_path: Path, name: str, *, cache: bool) -> Any:
     )
     (tmp_path / f"{name}.yaml").write_text(yaml)
     cfg = load_config(tmp_path / f"{name}.yaml", environ={})
-    return profile_pipeline(pipe, cfg, out_dir=tmp_path / name, runs=3, warmup=1)
+    mon, history = profile_monitor(cfg)  # the sampler `zmon profile` uses: a Monitor without HTTP
+    try:
+        return profile_pipeline(pipe, cfg, sampling=mon, history=history, out_dir=tmp_path / name, runs=3, warmup=1)
+    finally:
+        mon.stop()
 
 
 def test_slow_text_encoder_is_diagnosed_cpu_bound_and_the_cache_fixes_it(
@@ -175,7 +177,7 @@ def test_slow_text_encoder_is_diagnosed_cpu_bound_and_the_cache_fixes_it(
     assert share is not None and share > 0.25
     assert before.facts.stages.get("text_encode").mean_seconds >= SLEEP_SECONDS  # type: ignore[union-attr]
     assert len(before.records) == 4 and len(before.wall_seconds) == 4
-    assert not hasattr(type(slow_text_encoder), "_zmon_stage_timing")  # instrumentation removed
+    assert HookRegistry.get(slow_text_encoder) is None  # instrumentation removed
 
     after = _profile(slow_text_encoder, tmp_path, "after", cache=True)
     assert after.facts.workload.prompt_cache_hit_ratio == 1.0
@@ -219,29 +221,6 @@ def test_drop_page_cache(tmp_path: Path) -> None:
     f.write_bytes(b"x" * 4096)
     assert drop_page_cache([f]) == "cold"
     assert drop_page_cache([]) == "unknown"
-
-
-def test_sampler_turns_cpu_counters_into_samples() -> None:
-    clock = iter(float(t) for t in range(100))
-
-    class Proc:
-        cpu = 0.0
-
-        def sample(self) -> Any:
-            Proc.cpu += 0.5
-            return type("S", (), {"exists": True, "cpu_user_seconds": Proc.cpu, "cpu_system_seconds": 0.0})()
-
-    class Host:
-        def sample(self) -> Any:
-            return type("H", (), {"cpu_utilization_ratio": 0.25})()
-
-    s = ResourceSampler(1.0, process=Proc(), host=Host(), clock=lambda: next(clock))
-    for _ in range(3):
-        s.sample_once()
-    samples = s.cpu_samples
-    assert [x.process_cores for x in samples] == [None, 0.5, 0.5]
-    assert [x.host_ratio for x in samples] == [0.25] * 3
-    assert s.gpu_samples == ()
 
 
 def test_progress_bar_on_a_terminal_and_lines_elsewhere() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import tempfile
@@ -13,11 +12,10 @@ import pytest
 from PIL import Image
 
 from tests.fakes.profiles import HEALTHY_UTIL, gpu_env, gpu_trace, healthy_facts, make_records
-from zmon.analysis.diagnosis import diagnose
-from zmon.analysis.facts import EnvironmentFacts, build_facts, cpu_points_from_counters
-from zmon.analysis.html import render_html
 from tests.services import require_binary
-from zmon.analysis.facts import ProfileFacts
+from zmon.analysis.diagnosis import diagnose
+from zmon.analysis.facts import EnvironmentFacts, ProfileFacts, build_facts, cpu_points_from_counters
+from zmon.analysis.html import render_html
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = [
@@ -39,7 +37,7 @@ HOSTILE_MODEL = '<img src=x onerror="document.title=1">&"'
 
 def gpu_profile() -> ProfileFacts:
     records = make_records(text=0.5)
-    cpu = cpu_samples_from_counters([(records[0].started_at - 1 + i * 0.1, i * 0.1, 0.4) for i in range(120)])
+    cpu = cpu_points_from_counters([(records[0].started_at - 1 + i * 0.1, i * 0.1, 0.4) for i in range(120)])
     return healthy_facts(
         records,
         gpu_samples=gpu_trace(records, {**HEALTHY_UTIL, "denoise_step": 0.5}, dt=0.05),

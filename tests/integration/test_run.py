@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
 from PIL import Image
 from prometheus_client import CollectorRegistry
@@ -20,10 +19,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.services import require_binary, zmon_process
 from zmon.app.monitor import Monitor
-from zmon.instrumentation.boundaries import Boundaries
+from zmon.app.run import RunSession, build_run
 from zmon.collectors.generation import GenerationMetrics
 from zmon.config import Config
-from zmon.app.run import RunSession, build_run
+from zmon.instrumentation.boundaries import Boundaries
 from zmon.workload.spec import build_spec
 
 TINY = {"resolution": (64, 64), "steps": 9, "guidance_scale": 0.0, "distilled": True}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import threading
 import time
@@ -14,17 +15,10 @@ import pytest
 import torch
 
 from zmon.config import PromptCacheConfig
+from zmon.instrumentation.hooks import CallContext, HookRegistry, PipelineHook
 from zmon.instrumentation.prompt_cache import apply_prompt_cache
 from zmon.instrumentation.records import GenerationRecord
-from zmon.instrumentation.stages import (
-    PRIORITY_CACHE,
-    PRIORITY_TIMING,
-    StageTimingConfig,
-    StageTimingHandle,
-    apply_stage_timing,
-    installed_layers,
-    patch_method,
-)
+from zmon.instrumentation.stages import StageTimingConfig, StageTimingHandle, apply_stage_timing
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -399,49 +393,103 @@ def test_measure_overhead_and_prompt_cache(tiny_pipe: Any) -> None:
     assert all(v > 0 for v in m.values())
 
 
-class _Target:
+class _Component:
     def method(self, x: list[str]) -> list[str]:
         return [*x, "original"]
 
 
-def _layer(tag: str) -> Any:
-    return lambda inner, x: inner([*x, tag])
+class _Pipe:
+    """A pipeline-shaped object: a component with a method, called inside __call__."""
+
+    def __init__(self) -> None:
+        self.part = _Component()
+
+    def __call__(self, x: list[str]) -> list[str]:
+        return self.part.method(x)
+
+
+def _hook(tag: str, prio: int, log: list[str]) -> PipelineHook:
+    class Tagged(PipelineHook):
+        name = tag
+        priority = prio
+
+        def methods(self) -> dict[tuple[str, str], Any]:
+            return {("part", "method"): lambda ctx, inner, x: inner([*x, tag])}
+
+        def call_started(self, ctx: CallContext) -> None:
+            log.append(f"start {tag}")
+
+        def call_finished(self, ctx: CallContext) -> None:
+            log.append(f"end {tag}")
+
+    return Tagged()
 
 
 @pytest.mark.parametrize("install_order", ["outer_first", "inner_first"])
 @pytest.mark.parametrize("remove_order", ["outer_first", "inner_first"])
 @pytest.mark.parametrize("instance_attr", [False, True])
-def test_patch_chain_order_and_removal(install_order: str, remove_order: str, instance_attr: bool) -> None:
-    target = _Target()
+def test_registry_orders_hooks_by_priority_and_restores_in_any_order(
+    install_order: str, remove_order: str, instance_attr: bool
+) -> None:
+    pipe = _Pipe()
+    original_class = type(pipe)
     custom = None
     if instance_attr:  # something (another tool) had already set an instance attribute: it must come back
 
         def custom(x: list[str]) -> list[str]:
             return [*x, "custom"]
 
-        target.method = custom  # type: ignore[method-assign]
+        pipe.part.method = custom  # type: ignore[method-assign]
     bottom = "custom" if instance_attr else "original"
-    specs = [("timing", PRIORITY_TIMING), ("cache", PRIORITY_CACHE), ("mid", 50)]
+    log: list[str] = []
+    specs = [("timing", 100), ("cache", 10), ("mid", 50)]
     if install_order == "inner_first":
         specs.reverse()
-    layers = {tag: patch_method(target, "method", _layer(tag), priority=p) for tag, p in specs}
-    assert target.method([]) == ["timing", "mid", "cache", bottom]  # by priority, whatever the order
-    assert [layer.priority for layer in installed_layers(target, "method")] == [
-        PRIORITY_TIMING,
-        50,
-        PRIORITY_CACHE,
-    ]
+    registry = HookRegistry.of(pipe)
+    for tag, prio in specs:
+        registry.register(_hook(tag, prio, log))
+    assert pipe([]) == ["timing", "mid", "cache", bottom]  # by priority, whatever the order
+    assert log == ["start timing", "start mid", "start cache", "end cache", "end mid", "end timing"]
+    assert registry.names == ("timing", "mid", "cache")
+    with pytest.raises(ValueError, match="already applied"):
+        registry.register(_hook("mid", 1, log))
     tags = ["timing", "mid", "cache"] if remove_order == "outer_first" else ["cache", "mid", "timing"]
     remaining = {"timing", "mid", "cache"}
     for tag in tags:
-        layers[tag].remove()
-        layers[tag].remove()  # idempotent
+        registry.remove(tag)
+        registry.remove(tag)  # idempotent
         remaining.discard(tag)
-        assert target.method([]) == [t for t in ("timing", "mid", "cache") if t in remaining] + [bottom]
+        if remaining:
+            assert pipe([]) == [t for t in ("timing", "mid", "cache") if t in remaining] + [bottom]
+    assert type(pipe) is original_class and HookRegistry.get(pipe) is None
     if instance_attr:
-        assert vars(target)["method"] is custom
+        assert vars(pipe.part)["method"] is custom
     else:
-        assert "method" not in vars(target)
+        assert "method" not in vars(pipe.part)
+    assert pipe([]) == [bottom]
+
+
+def test_step_timer_starts_before_a_host_pre_hook_and_steps_tile(fresh_pipe: Any, records: list[GenerationRecord]) -> None:
+    """Work a host hooks onto the denoiser (a pre-hook registered before zmon's) is inside the steps."""
+    slow = 0.02
+
+    def host_pre_hook(module: Any, args: Any) -> None:
+        time.sleep(slow)
+
+    host = fresh_pipe.transformer.register_forward_pre_hook(host_pre_hook)
+    handle = apply_stage_timing(fresh_pipe, StageTimingConfig(on_record=records.append))
+    try:
+        generate(fresh_pipe, num_inference_steps=4)
+    finally:
+        handle.remove()
+        host.remove()
+    (r,) = records
+    steps = [t for t in r.stages if t.stage == "denoise_step"]
+    assert len(steps) == 4 and all(t.seconds >= slow for t in steps)  # every step holds the host's work
+    for a, b in itertools.pairwise(steps):  # step k starts where step k - 1 ended
+        assert b.start_offset_seconds == pytest.approx(a.start_offset_seconds + a.seconds, abs=1e-9)
+    untimed = r.total_seconds - sum(t.seconds for t in r.stages)
+    assert untimed < 4 * slow  # the host's work is not left outside every stage
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -13,19 +13,19 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from zmon.app.monitor import Monitor
 from zmon.app.instrument import Instrumentation
-from zmon.collectors.generation import GenerationMetrics
-from zmon.config import Config
-from zmon.config import TraceConfig
+from zmon.app.monitor import Monitor
+from zmon.app.parts import add_trace_endpoint
 from zmon.capture.trace import (
     MemorySnapshotUnavailable,
     TraceBusy,
     TraceController,
     capture_memory_snapshot,
     capture_trace,
-    install_trace_endpoint,
 )
+from zmon.collectors.generation import GenerationMetrics
+from zmon.config import Config, TraceConfig
+from zmon.instrumentation.boundaries import Boundaries
 
 TOKEN = "s3cret-token"
 
@@ -135,8 +135,8 @@ def daemon(
         "profiling": {"trace": {"enabled": True, "directory": str(tmp_path / "traces")}},
     })
     mon = Monitor(cfg.sampling, cfg.server, mode="run", registry=CollectorRegistry(auto_describe=False))
-    inst = Instrumentation(tiny_pipe, cfg, GenerationMetrics(model="tiny"), model_id="tiny")
-    controller = install_trace_endpoint(mon, cfg.profiling.trace, instrumentation=inst)
+    inst = Instrumentation(tiny_pipe, cfg.workload, GenerationMetrics(model="tiny"), model_id="tiny")
+    controller = add_trace_endpoint(mon, cfg.profiling.trace, boundaries=inst.boundaries, stage_timing=inst.stage_timing)
     assert controller is not None
     mon.start()
     try:
@@ -194,9 +194,10 @@ def test_trace_endpoint_auth_validation_and_capture(daemon: Any, torch_single_th
     assert code == 200 and status["state"] == "done" and status["last_path"] == str(path)
     names = {e.get("name") for e in json.loads(path.read_text())["traceEvents"]}
     assert {"zmon/denoise_step", "zmon/generation", "zmon/text_encode"} <= names
-    assert inst.stage_timing._config.nvtx is False  # ranges are back off after the capture
+    assert inst.stage_timing is not None and inst.stage_timing.nvtx is False  # ranges back off after the capture
 
 
 def test_trace_endpoint_is_absent_unless_enabled() -> None:
-    mon = Monitor(Config().sampling, Config().server, mode="run", registry=CollectorRegistry(auto_describe=False), serve_http=False)
-    assert install_trace_endpoint(mon, TraceConfig(), instrumentation=object()) is None
+    cfg = Config()
+    mon = Monitor(cfg.sampling, cfg.server, mode="run", registry=CollectorRegistry(auto_describe=False), serve_http=False)
+    assert add_trace_endpoint(mon, TraceConfig(), boundaries=Boundaries(), stage_timing=None) is None

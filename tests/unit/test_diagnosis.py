@@ -6,15 +6,24 @@ import json
 import random
 import statistics
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from zmon.instrumentation.records import GenerationRecord, StageTiming
-from zmon.analysis.diagnosis import Diagnosis, diagnose
+from tests.fakes.profiles import (
+    CARD,
+    GB,
+    HEALTHY_UTIL,
+    T0,
+    gpu_env,
+    gpu_trace,
+    healthy_facts,
+    make_record,
+    make_records,
+)
+from zmon.analysis.diagnosis import PRIORITY, Diagnosis, Finding, diagnose, format_value
 from zmon.analysis.facts import (
     CpuPoint,
     EnvironmentFacts,
@@ -26,11 +35,9 @@ from zmon.analysis.facts import (
     build_facts,
     cpu_points_from_counters,
 )
-from zmon.config import ProfilingConfig, Thresholds
-from zmon.analysis.diagnosis import PRIORITY, Finding, format_value
 from zmon.analysis.stats import backward_intervals, cv, percentile, stdev, summarize, windowed_mean
-
-from tests.fakes.profiles import CARD, GB, HEALTHY_UTIL, T0, gpu_env, gpu_trace, healthy_facts, make_record, make_records
+from zmon.config import ProfilingConfig, Thresholds
+from zmon.instrumentation.records import GenerationRecord, StageTiming
 
 
 def finding(d: Diagnosis, kind: str) -> Finding:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -17,8 +16,8 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.services import require_binary
 from tests.fakes.psutil_fake import WATCHED_PID, FakePsutil
+from tests.services import require_binary
 from zmon.collectors.host import DiskCollector, HostCollector, NetworkCollector, ProcessCollector
 from zmon.providers.host import (
     DiskProvider,

@@ -12,16 +12,16 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from zmon.app.monitor import Monitor
-from zmon.cli import main
-from zmon.config import Config
-from zmon.instrumentation.records import GenerationRecord, StageTiming
+from tests.services import require_binary
 from zmon.analysis.diagnosis import RULES
 from zmon.analysis.live import KINDS, LIVE_FIXES, VERDICTS
 from zmon.app.client import diagnosis_url
+from zmon.app.monitor import Monitor
 from zmon.app.parts import add_live_diagnosis
 from zmon.capture.live import LiveDiagnosis
-from tests.services import require_binary
+from zmon.cli import main
+from zmon.config import Config
+from zmon.instrumentation.records import GenerationRecord, StageTiming
 from zmon.providers.host import HostSample, ProcessSample
 from zmon.providers.nvml import GpuSample, NvmlSample
 from zmon.sampling import SampleHistory, SnapshotStore

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import subprocess
 import sys
 import time
@@ -13,7 +12,6 @@ import pynvml
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from tests.services import require_binary
 from tests.fakes.nvml import (
     GIB,
     OTHER_PID,
@@ -25,6 +23,7 @@ from tests.fakes.nvml import (
     make_fake,
     make_mixed,
 )
+from tests.services import require_binary
 from zmon.collectors.nvml import NvmlCollector
 from zmon.providers.base import SourceUnavailable
 from zmon.providers.nvml import CLOCK_EVENT_REASONS, NvmlProvider, NvmlSample, decode_clock_event_reasons

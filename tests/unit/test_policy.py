@@ -29,8 +29,8 @@ from zmon.policy import (
     SafePointGate,
     build_figures,
 )
-from zmon.rules import KNOWN_FIGURES, SAMPLE_FIGURES, Rule
 from zmon.providers.allocator import AllocatorProvider
+from zmon.rules import KNOWN_FIGURES, SAMPLE_FIGURES, Rule
 
 
 class FakeClock:

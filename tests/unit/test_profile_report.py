@@ -10,12 +10,10 @@ from pathlib import Path
 import pytest
 
 from tests.fakes.profiles import HEALTHY_UTIL, gpu_trace, healthy_facts, make_records
-from zmon.analysis.compare import compare, render_comparison
+from zmon.analysis.compare import compare, compare_files, render_comparison
 from zmon.analysis.diagnosis import diagnose
-from zmon.analysis.report import load_profile, render_markdown, write_reports
-from zmon.analysis.compare import compare_files
 from zmon.analysis.facts import ProfileFacts
-from zmon.analysis.report import profile_to_dict
+from zmon.analysis.report import load_profile, profile_to_dict, render_markdown, write_reports
 
 SCHEMA_DOC = Path(__file__).resolve().parents[2] / "docs" / "PROFILE_SCHEMA.md"
 

@@ -9,7 +9,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from tests.fakes.nvml import make_mixed
 from tests.fakes.psutil_fake import FakePsutil
 from zmon.app.monitor import Monitor
-from zmon.app.parts import add_host_sources, add_nvml_sources
+from zmon.app.sources import add_host_sources, add_nvml_sources
 from zmon.config import Config
 from zmon.sampling.store import SnapshotStore
 from zmon.server import RenderCache

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.services import require_binary
 from tests.catalogue import code_families, exported_series_names, metric_names
+from tests.services import require_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 PROM = ROOT / "deploy" / "prometheus"

@@ -14,7 +14,6 @@ from typing import Any
 
 from zmon.analysis.diagnosis import RULES, Diagnosis, Verdict
 from zmon.analysis.facts import ProfileFacts
-from zmon.collectors.bottleneck import BottleneckState, FindingState
 
 KINDS: tuple[str, ...] = tuple(r.kind for r in RULES)
 VERDICTS: tuple[str, ...] = typing.get_args(Verdict)
@@ -99,13 +98,3 @@ def render_live(doc: Mapping[str, Any]) -> str:
                 out.append(f"     fix: {f['fix']}")
     return "\n".join(out) + "\n"
 
-
-def bottleneck_state(snap: LiveSnapshot) -> BottleneckState:
-    """What the zmon_bottleneck* families export of one evaluation."""
-    d = snap.diagnosis
-    if d is None:
-        return BottleneckState(snap.generations, None, VERDICTS, ())
-    findings = tuple(
-        FindingState(f.kind, f.active, f.priority, LIVE_FIXES.get(f.kind, f.title)) for f in d.findings
-    )
-    return BottleneckState(snap.generations, d.verdict, VERDICTS, findings)

@@ -15,15 +15,8 @@ from prometheus_client import CollectorRegistry
 
 from zmon.app.instrument import Instrumentation, pipeline_facts
 from zmon.app.monitor import Monitor
-from zmon.app.parts import (
-    PolicyParts,
-    add_allocator_source,
-    add_host_sources,
-    add_live_diagnosis,
-    add_nvml_sources,
-    add_policy,
-    add_trace_endpoint,
-)
+from zmon.app.parts import PolicyParts, add_live_diagnosis, add_policy, add_trace_endpoint
+from zmon.app.sources import add_allocator_source, add_host_sources, add_nvml_sources
 from zmon.collectors.generation import GenerationMetrics
 from zmon.config import Config
 from zmon.instrumentation import anatomy

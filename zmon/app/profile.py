@@ -14,7 +14,7 @@ from typing import Any, TextIO
 
 from zmon.analysis.report import render_markdown
 from zmon.app.monitor import Monitor
-from zmon.app.parts import add_allocator_source, add_host_sources, add_nvml_sources
+from zmon.app.sources import add_allocator_source, add_host_sources, add_nvml_sources
 from zmon.capture.profile import ProfileResult, load_for_profile, profile_pipeline
 from zmon.capture.progress import Progress
 from zmon.config import Config

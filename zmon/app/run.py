@@ -51,10 +51,18 @@ class RunSession:
         self.pipe = loaded.pipe
         self.instrumentation = instrumentation
         self.policy = policy
-        self.oom = oom
         self.runner = Runner(Workload(loaded.pipe, spec), oom=oom)
         instrumentation.owner = self
         self._closed = False
+
+    @property
+    def oom(self) -> OomHandler | None:
+        """What an out-of-memory generation leads to (the runner's)."""
+        return self.runner.oom
+
+    @oom.setter
+    def oom(self, handler: OomHandler | None) -> None:
+        self.runner.oom = handler
 
     def add_boundary_listener(self, listener: BoundaryListener) -> None:
         """Call listener.generation_started()/generation_finished() around every pipeline call."""

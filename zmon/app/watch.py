@@ -8,7 +8,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from zmon.app.monitor import Monitor
-from zmon.app.parts import add_host_sources, add_nvml_sources
+from zmon.app.sources import add_host_sources, add_nvml_sources
 from zmon.config import Config
 from zmon.exitcodes import EXIT_FAILURE, EXIT_OK
 from zmon.systemd import attach_systemd

@@ -16,9 +16,9 @@ from collections.abc import Callable
 
 from zmon.analysis.diagnosis import diagnose
 from zmon.analysis.facts import EnvironmentFacts, IoFacts
-from zmon.analysis.live import LiveSnapshot, bottleneck_state
+from zmon.analysis.live import LIVE_FIXES, VERDICTS, LiveSnapshot
 from zmon.capture.inputs import GpuResolver, window_facts
-from zmon.collectors.bottleneck import BottleneckState
+from zmon.collectors.bottleneck import BottleneckState, FindingState
 from zmon.config import Thresholds
 from zmon.instrumentation.records import GenerationRecord
 from zmon.sampling import SampleHistory
@@ -117,3 +117,14 @@ class LiveDiagnosis:
             except Exception:
                 log.debug("environment facts unavailable", exc_info=True)
         return self._env or EnvironmentFacts(device=device)
+
+
+def bottleneck_state(snap: LiveSnapshot) -> BottleneckState:
+    """What the zmon_bottleneck* families export of one evaluation."""
+    d = snap.diagnosis
+    if d is None:
+        return BottleneckState(snap.generations, None, VERDICTS, ())
+    findings = tuple(
+        FindingState(f.kind, f.active, f.priority, LIVE_FIXES.get(f.kind, f.title)) for f in d.findings
+    )
+    return BottleneckState(snap.generations, d.verdict, VERDICTS, findings)

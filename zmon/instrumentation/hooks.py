@@ -217,7 +217,7 @@ class HookRegistry:
     def _patch(self, owner: Any, method: str, target: Target) -> None:
         current = vars(owner).get(method, _MISSING) if hasattr(owner, "__dict__") else _MISSING
         had = current is not _MISSING
-        inner = current if had else getattr(owner, method)
+        inner: Callable[..., Any] = current if had else getattr(owner, method)  # type: ignore[assignment]
         registry = self
 
         @functools.wraps(inner)

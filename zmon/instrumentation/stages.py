@@ -71,7 +71,7 @@ class _CallState:
     """Everything measured during one pipeline call; lives in the call's context."""
 
     nvtx: bool
-    cuda: bool
+    on_cuda: bool
     device: torch.device
     started_at: float  # unix seconds
     call_args: dict[str, Any]
@@ -95,7 +95,7 @@ class _CallState:
 
     def begin(self, stage: Stage, index: int, at: int | None = None) -> _Span:
         start = self.mark() if at is None else at
-        span = _Span(stage, index, start, ranges=_open_ranges(stage, self.cuda) if self.nvtx else ())
+        span = _Span(stage, index, start, ranges=_open_ranges(stage, self.on_cuda) if self.nvtx else ())
         self.spans.append(span)
         return span
 
@@ -218,7 +218,7 @@ class StageTimingHandle(PipelineHook):
         call_args = self._call_args(ctx.pipe, ctx.args, ctx.kwargs)
         state = _CallState(
             nvtx=self._config.nvtx,
-            cuda=on_cuda,
+            on_cuda=on_cuda,
             device=device,
             started_at=time.time(),
             call_args=call_args,
@@ -273,7 +273,7 @@ class StageTimingHandle(PipelineHook):
         width, height, batch = _output_geometry(ctx.output, call_args)
         guidance = call_args.get("guidance_scale")
         peak_alloc = peak_reserved = None
-        if state.cuda and self._config.track_memory:
+        if state.on_cuda and self._config.track_memory:
             peak_alloc, peak_reserved = cuda.peak_memory(state.device)
         forwards_per_step = state.forwards / state.steps if state.steps else 0.0
         lookups = ctx.notes.get(PROMPT_CACHE_NOTE)
