@@ -96,11 +96,11 @@ def main() -> None:
     import torch
 
     from benchmarks.fullsize import build_full_z_image
-    from zmon.config import load_config
     from zmon.app.profile import profile_monitor
     from zmon.capture.profile import profile_pipeline as _profile_pipeline
     from zmon.capture.profile import workload_spec
     from zmon.capture.progress import Progress
+    from zmon.config import load_config
     from zmon.workload.runner import Workload
 
     def profile_pipeline(pipe: Any, cfg: Any, **kw: Any) -> Any:
