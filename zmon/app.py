@@ -175,7 +175,7 @@ def add_nvml_sources(mon: Monitor, *, watched_pid: int | None, nvml: Any | None 
     if not s.enabled:
         return
     try:
-        prov = NvmlProvider(nvml, processes=s.processes, watched_pid=watched_pid)
+        prov = NvmlProvider(nvml, processes=s.processes, watched_pid=watched_pid, gpm=s.gpm)
     except SourceUnavailable as e:
         mon.mark_unavailable("nvml", str(e))
         return
