@@ -326,7 +326,7 @@ class NvmlProvider:
             self._shutdown()
             raise SourceUnavailable(f"NVML cannot read the GPUs: {e}") from e
         if gpm and not self._gpm:
-            log.info("this pynvml has no GPM bindings (nvidia-ml-py >= 12.535 needed): GPM metrics left out")
+            log.info("this pynvml has no GPM bindings (too old): GPM metrics left out")
 
     # -- the one NVML boundary ------------------------------------------------------------------------
 
