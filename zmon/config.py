@@ -137,6 +137,8 @@ class NvmlConfig(_Section):
     # PCIe throughput blocks ~20 ms per call per GPU: its own slow job; 0 turns it off.
     slow_interval_seconds: float = Field(10.0, ge=0)
     processes: bool = True
+    # GPM (Hopper+): SM/tensor/DRAM activity and NVLink rates; adds 1-6 ms per GPU to each fast sample.
+    gpm: bool = True
 
     @field_validator("slow_interval_seconds")
     @classmethod

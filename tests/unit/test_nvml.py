@@ -21,12 +21,23 @@ from tests.fakes.nvml import (
     h100,
     make_absent,
     make_fake,
+    make_gpm,
     make_mixed,
 )
 from tests.services import require_binary
+from zmon.app.monitor import Monitor
+from zmon.app.sources import add_nvml_sources
 from zmon.collectors.nvml import NvmlCollector
+from zmon.config import Config
 from zmon.providers.base import SourceUnavailable
-from zmon.providers.nvml import CLOCK_EVENT_REASONS, NvmlProvider, NvmlSample, decode_clock_event_reasons
+from zmon.providers.nvml import (
+    CLOCK_EVENT_REASONS,
+    GPM_METRICS,
+    GpuSample,
+    NvmlProvider,
+    NvmlSample,
+    decode_clock_event_reasons,
+)
 from zmon.sampling.scheduler import Sampler, SourceSpec
 from zmon.sampling.store import SnapshotStore
 
@@ -482,3 +493,256 @@ def test_eight_gpus() -> None:
     workload = [ln for ln in text.splitlines() if 'workload="true"' in ln]
     assert len(workload) == 1  # only GPU 0 runs the watched pid
     assert h100(7).pci_bus_id == "00000000:8F:00.0"
+
+
+# -- GPM (Hopper and later) ------------------------------------------------------------------------------
+
+MIB = 1024**2
+GPM_FIELDS = tuple(name for name, _, _ in GPM_METRICS)
+
+
+def gpm_values(g: GpuSample) -> dict[str, float | None]:
+    return {name: getattr(g, name) for name in GPM_FIELDS}
+
+
+NO_GPM = dict.fromkeys(GPM_FIELDS)
+
+
+@pytest.fixture
+def gpm_fake() -> FakeNvml:
+    return make_gpm()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def gpm_provider(gpm_fake: FakeNvml, clock: FakeClock) -> Iterator[NvmlProvider]:
+    p = NvmlProvider(gpm_fake, watched_pid=WORKLOAD_PID, gpm=True, clock=clock)
+    yield p
+    p.close()
+
+
+def tick(provider: NvmlProvider, clock: FakeClock, seconds: float = 1.0) -> NvmlSample:
+    """The next fast sample, `seconds` after the previous one."""
+    clock.t += seconds
+    return provider.sample()
+
+
+def test_gpm_first_sample_absent_then_values_in_base_units(
+    gpm_fake: FakeNvml, gpm_provider: NvmlProvider, clock: FakeClock
+) -> None:
+    first = gpm_provider.sample()
+    assert [gpm_values(g) for g in first.gpus] == [NO_GPM] * 3  # no interval yet: absent, not 0
+    assert first.gpus[0].utilization_gpu_ratio == pytest.approx(0.87)  # the classic fields are there
+    g0, g1, g2 = tick(gpm_provider, clock).gpus
+    assert gpm_values(g0) == {
+        "sm_active_ratio": 0.95,
+        "sm_occupancy_ratio": 0.14,
+        "tensor_active_ratio": 0.92,
+        "dram_bandwidth_utilization_ratio": 0.17,
+        "nvlink_rx_bytes_per_second": 1536 * MIB,  # NVML gives MiB/s
+        "nvlink_tx_bytes_per_second": 512 * MIB,
+    }
+    # GPU 1 has no NVLink: NVML answers NotSupported for those two metrics only
+    assert gpm_values(g1) == {
+        "sm_active_ratio": 0.97,
+        "sm_occupancy_ratio": 0.83,
+        "tensor_active_ratio": 0.0,  # a measured 0 stays 0
+        "dram_bandwidth_utilization_ratio": 0.85,
+        "nvlink_rx_bytes_per_second": None,
+        "nvlink_tx_bytes_per_second": None,
+    }
+    assert gpm_values(g2) == NO_GPM  # Ampere
+    # each interval is its own: the values follow the GPU
+    gpm_fake.gpus[0].gpm_metrics[pynvml.NVML_GPM_METRIC_ANY_TENSOR_UTIL] = 3.0
+    assert tick(gpm_provider, clock).gpus[0].tensor_active_ratio == pytest.approx(0.03)
+    # two buffers per GPM GPU, reused: nothing allocated per tick
+    assert gpm_fake.calls["nvmlGpmSampleAlloc"] == 4 and gpm_fake.live_gpm_samples == 4
+    assert gpm_fake.calls["nvmlGpmSampleGet"] == 6 and gpm_fake.calls["nvmlGpmMetricsGet"] == 4
+
+
+def test_gpm_unsupported_gpus_pay_one_query_at_start(clock: FakeClock) -> None:
+    fake = make_mixed()  # H100s without GPM, as every older card
+    p = NvmlProvider(fake, gpm=True, clock=clock)
+    for _ in range(3):
+        s = tick(p, clock)
+    assert [gpm_values(g) for g in s.gpus] == [NO_GPM] * 3
+    assert fake.calls["nvmlGpmQueryDeviceSupport"] == 3  # detected once per GPU, at acquire
+    assert fake.gpm_calls() == 3 and fake.live_gpm_samples == 0
+    # and the exposition is byte-identical to gpm off
+    _, with_gpm = exposition(p)
+    _, without = exposition(NvmlProvider(make_mixed()))
+    assert with_gpm == without
+
+
+def test_gpm_support_flag_zero_is_unsupported(clock: FakeClock) -> None:
+    class ReportsUnsupported(FakeNvml):
+        """A driver that answers the query with isSupportedDevice 0 instead of NotSupported."""
+
+        def nvmlGpmQueryDeviceSupport(self, handle: object) -> pynvml.c_nvmlGpmSupport_t:
+            self.calls["nvmlGpmQueryDeviceSupport"] += 1
+            return pynvml.c_nvmlGpmSupport_t(version=pynvml.NVML_GPM_SUPPORT_VERSION, isSupportedDevice=0)
+
+    fake = ReportsUnsupported(make_gpm().gpus)
+    p = NvmlProvider(fake, gpm=True, clock=clock)
+    tick(p, clock)
+    assert gpm_values(tick(p, clock).gpus[0]) == NO_GPM
+    assert fake.calls["nvmlGpmQueryDeviceSupport"] == 3 and fake.calls["nvmlGpmSampleAlloc"] == 0
+
+
+def test_gpm_driver_without_gpm_is_absent_quietly(clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
+    fake = make_gpm(missing_functions={"nvmlGpmQueryDeviceSupport"})  # driver < 520
+    p = NvmlProvider(fake, gpm=True, clock=clock)
+    with caplog.at_level(logging.WARNING, logger="zmon.providers.nvml"):
+        tick(p, clock)
+        g0 = tick(p, clock).gpus[0]
+    assert g0.up and gpm_values(g0) == NO_GPM
+    assert fake.calls["nvmlGpmSampleAlloc"] == 0 and not caplog.records
+
+
+def test_gpm_off_makes_no_gpm_calls(gpm_fake: FakeNvml, clock: FakeClock) -> None:
+    p = NvmlProvider(gpm_fake, gpm=False, clock=clock)
+    for _ in range(3):
+        s = tick(p, clock)
+    assert [gpm_values(g) for g in s.gpus] == [NO_GPM] * 3
+    assert gpm_fake.gpm_calls() == 0
+    p.close()
+
+
+@pytest.mark.parametrize("gpm", [True, False])
+def test_gpm_config_switch_reaches_the_provider(gpm: bool) -> None:
+    fake = make_gpm()
+    cfg = Config.model_validate({"sampling": {"nvml": {"gpm": gpm}}})
+    mon = Monitor(cfg.sampling, cfg.server, mode="watch", serve_http=False)
+    add_nvml_sources(mon, cfg.sampling.nvml, watched_pid=None, nvml=fake)
+    assert mon.sampler.run_once("nvml")
+    assert fake.calls["nvmlGpmQueryDeviceSupport"] == (3 if gpm else 0)
+    assert fake.live_gpm_samples == (4 if gpm else 0)
+    assert (fake.gpm_calls() == 0) is not gpm
+    mon.stop()
+    assert fake.live_gpm_samples == 0  # freed when the monitor closes the provider
+
+
+def test_gpm_metric_failing_is_absent(gpm_fake: FakeNvml, gpm_provider: NvmlProvider, clock: FakeClock) -> None:
+    gpm_fake.gpus[0].gpm_metric_errors[pynvml.NVML_GPM_METRIC_DRAM_BW_UTIL] = pynvml.NVML_ERROR_UNKNOWN
+    gpm_provider.sample()
+    g0 = tick(gpm_provider, clock).gpus[0]
+    assert g0.dram_bandwidth_utilization_ratio is None
+    assert g0.sm_active_ratio == 0.95 and g0.tensor_active_ratio == 0.92  # the others are there
+
+
+def test_gpm_call_failing_is_absent_for_that_tick(
+    gpm_fake: FakeNvml, gpm_provider: NvmlProvider, clock: FakeClock
+) -> None:
+    gpm_provider.sample()
+    tick(gpm_provider, clock)
+    gpm_fake.gpus[0].errors["nvmlGpmSampleGet"] = pynvml.NVML_ERROR_NOT_SUPPORTED
+    g0, g1, _ = tick(gpm_provider, clock).gpus
+    assert g0.up and gpm_values(g0) == NO_GPM and g0.power_watts is not None
+    assert g1.sm_active_ratio == 0.97  # the other GPU is not affected
+    del gpm_fake.gpus[0].errors["nvmlGpmSampleGet"]
+    # back at once: the interval runs from the last good sample (the fake checks the pair is in order)
+    assert tick(gpm_provider, clock).gpus[0].sm_active_ratio == 0.95
+
+
+def test_gpm_whole_metrics_call_failing_is_absent(clock: FakeClock) -> None:
+    fake = make_gpm(missing_functions={"nvmlGpmMetricsGet"})
+    p = NvmlProvider(fake, gpm=True, clock=clock)
+    tick(p, clock)
+    g0 = tick(p, clock).gpus[0]
+    assert g0.up and gpm_values(g0) == NO_GPM and g0.utilization_gpu_ratio == pytest.approx(0.87)
+
+
+def test_gpm_samples_at_most_every_100_ms(gpm_fake: FakeNvml, gpm_provider: NvmlProvider, clock: FakeClock) -> None:
+    gpm_provider.sample()
+    # NVML refreshes its counters every ~100 ms: a shorter interval would read an idle GPU
+    assert gpm_values(tick(gpm_provider, clock, 0.05).gpus[0]) == NO_GPM
+    assert gpm_fake.calls["nvmlGpmSampleGet"] == 2  # one per GPM GPU, from the first tick only
+    assert tick(gpm_provider, clock, 0.06).gpus[0].sm_active_ratio == 0.95  # 110 ms after the first
+    assert gpm_fake.calls["nvmlGpmSampleGet"] == 4
+
+
+def test_gpm_lost_gpu_frees_samples_and_rearms(
+    gpm_fake: FakeNvml, gpm_provider: NvmlProvider, clock: FakeClock
+) -> None:
+    gpm_provider.sample()
+    tick(gpm_provider, clock)
+    assert gpm_fake.live_gpm_samples == 4
+    gpm_fake.lose(0)
+    g0, g1, _ = tick(gpm_provider, clock).gpus
+    assert not g0.up and gpm_values(g0) == NO_GPM
+    assert g1.sm_active_ratio == 0.97
+    assert gpm_fake.live_gpm_samples == 2  # the lost GPU's two buffers are freed
+    tick(gpm_provider, clock)
+    assert gpm_fake.live_gpm_samples == 2  # still lost: nothing allocated
+    queries = gpm_fake.calls["nvmlGpmQueryDeviceSupport"]
+    gpm_fake.restore(0)
+    g0 = tick(gpm_provider, clock).gpus[0]
+    assert g0.up and gpm_values(g0) == NO_GPM  # first sample after recovery: no interval yet
+    assert gpm_fake.calls["nvmlGpmQueryDeviceSupport"] == queries + 1  # support detected again
+    assert gpm_fake.live_gpm_samples == 4
+    assert tick(gpm_provider, clock).gpus[0].sm_active_ratio == 0.95
+    assert gpm_fake.calls["nvmlGpmSampleAlloc"] == 6  # 4 at start, 2 on recovery: never more
+
+
+def test_gpm_gpu_lost_while_arming_leaks_nothing(clock: FakeClock) -> None:
+    fake = make_gpm()
+    fake.gpus[0].errors["nvmlDeviceGetMigMode"] = pynvml.NVML_ERROR_GPU_IS_LOST  # lost half-way through acquire
+    p = NvmlProvider(fake, gpm=True, clock=clock)
+    assert not p.sample().gpus[0].up
+    assert fake.live_gpm_samples == 2 and fake.live_event_sets == 2  # GPUs 1 and 2 only
+    del fake.gpus[0].errors["nvmlDeviceGetMigMode"]
+    assert tick(p, clock).gpus[0].up
+    assert fake.live_gpm_samples == 4 and fake.live_event_sets == 3
+    p.close()
+    assert fake.live_gpm_samples == 0 and fake.live_event_sets == 0
+
+
+def test_gpm_off_in_mig_mode(clock: FakeClock) -> None:
+    fake = make_gpm()
+    fake.gpus[0].mig_mode = 1
+    p = NvmlProvider(fake, gpm=True, clock=clock)
+    p.sample()
+    g0, g1, _ = tick(p, clock).gpus
+    assert gpm_values(g0) == NO_GPM and g1.sm_active_ratio == 0.97
+    assert fake.live_gpm_samples == 2
+
+
+def test_gpm_samples_freed_on_close(gpm_fake: FakeNvml, clock: FakeClock) -> None:
+    p = NvmlProvider(gpm_fake, gpm=True, clock=clock)
+    p.sample()
+    assert gpm_fake.live_gpm_samples == 4
+    p.close()
+    p.close()
+    assert gpm_fake.live_gpm_samples == 0 and not gpm_fake.initialized
+
+
+def test_gpm_exposition(gpm_provider: NvmlProvider, clock: FakeClock) -> None:
+    registry, text = exposition(gpm_provider)
+    assert "zmon_gpu_sm_active_ratio" not in text  # first sample: the families are absent
+    clock.t += 1.0
+    registry, text = exposition(gpm_provider)
+    get = registry.get_sample_value
+    assert get("zmon_gpu_sm_active_ratio", {"gpu": "0"}) == 0.95
+    assert get("zmon_gpu_sm_occupancy_ratio", {"gpu": "1"}) == 0.83
+    assert get("zmon_gpu_tensor_active_ratio", {"gpu": "1"}) == 0.0
+    assert get("zmon_gpu_dram_bandwidth_utilization_ratio", {"gpu": "0"}) == 0.17
+    assert get("zmon_gpu_nvlink_rx_bytes_per_second", {"gpu": "0"}) == 1536 * MIB
+    assert get("zmon_gpu_nvlink_tx_bytes_per_second", {"gpu": "0"}) == 512 * MIB
+    assert get("zmon_gpu_nvlink_rx_bytes_per_second", {"gpu": "1"}) is None
+    assert get("zmon_gpu_sm_active_ratio", {"gpu": "2"}) is None
+    assert get("zmon_gpu_utilization_ratio", {"gpu": "2"}) == 0.99  # what GPM would have corrected
+    out = subprocess.run(
+        [require_binary("promtool"), "check", "metrics"], input=text, capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_golden_gpm(golden: Golden, gpm_provider: NvmlProvider, clock: FakeClock) -> None:
+    gpm_provider.sample()
+    clock.t += 1.0
+    _, text = exposition(gpm_provider)
+    golden("nvml_gpm.prom", text)

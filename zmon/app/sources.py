@@ -44,7 +44,7 @@ def add_nvml_sources(mon: Monitor, s: NvmlConfig, *, watched_pid: int | None, nv
     if not s.enabled:
         return
     try:
-        prov = NvmlProvider(nvml, processes=s.processes, watched_pid=watched_pid)
+        prov = NvmlProvider(nvml, processes=s.processes, watched_pid=watched_pid, gpm=s.gpm)
     except SourceUnavailable as e:
         mon.mark_unavailable(NVML, str(e))
         return
