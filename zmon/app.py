@@ -19,7 +19,7 @@ from zmon.collectors.self_metrics import SelfCollector
 from zmon.config import Config, parse_listen
 from zmon.providers.base import SourceUnavailable
 from zmon.sampling import Sampler, SnapshotStore, SourceSpec
-from zmon.server import App, HTTPError, RenderCache, Request, Response, Server
+from zmon.server import App, HTTPError, Limits, RenderCache, Request, Response, Server
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +109,10 @@ class Monitor:
         self.sampler.start()
         if self._serve_http:
             host, port = parse_listen(self.cfg.server.listen)
-            self.server = Server(self.http, host, port)
+            s = self.cfg.server
+            self.server = Server(self.http, host, port, limits=Limits.from_config(s), web_config_file=s.web_config_file)
             self.server.start()
-            log.info("serving /metrics on http://%s:%d", self.server.host, self.server.port)
+            log.info("serving /metrics on %s/metrics", self.server.url)
 
     def stop(self) -> None:
         if self._stopped.is_set():

@@ -61,6 +61,16 @@ class AuthConfig(_Section):
 class ServerConfig(_Section):
     listen: str = DEFAULT_LISTEN
     auth: AuthConfig = AuthConfig()
+    # Serving limits (zmon.server.http; README "HTTP endpoints"). Beyond max_connections idle keep-alive
+    # connections are closed to make room, then new ones get 503; lowered at start to fit RLIMIT_NOFILE.
+    max_connections: int = Field(512, ge=8, le=65536)
+    workers: int = Field(4, ge=1, le=64)  # threads running handlers (/metrics rendering, control endpoints)
+    read_timeout_seconds: float = Field(10.0, gt=0, le=300)  # a request in progress, first byte to last
+    idle_timeout_seconds: float = Field(90.0, gt=0, le=3600)  # keep-alive with no request in progress
+    write_timeout_seconds: float = Field(10.0, gt=0, le=300)  # a client that does not read its answer
+    # exporter-toolkit web configuration (TLS, basic auth, headers), the file node_exporter's
+    # --web.config.file takes; re-read when it changes. null = plain HTTP, no basic auth.
+    web_config_file: Path | None = None
 
     @field_validator("listen")
     @classmethod
