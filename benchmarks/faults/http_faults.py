@@ -71,9 +71,12 @@ def _free_port() -> int:
 @contextlib.contextmanager
 def daemon(
     zmon_root: Path = ROOT, config_text: str | None = None, extra_args: tuple[str, ...] = (),
-    env: dict[str, str] | None = None, workdir: Path | None = None,
+    env: dict[str, str] | None = None, workdir: Path | None = None, soft_nofile: int | None = None,
 ) -> Iterator[Daemon]:
-    """`python -m zmon watch --listen 127.0.0.1:<free>` from `zmon_root`; yields once /readyz answers 200."""
+    """`python -m zmon watch --listen 127.0.0.1:<free>` from `zmon_root`; yields once /readyz answers 200.
+
+    `soft_nofile`: start it with that soft RLIMIT_NOFILE (systemd's default is 1,024), the hard limit unchanged.
+    """
     import tempfile
     import urllib.request
 
@@ -85,8 +88,15 @@ def daemon(
             cfg.write_text(config_text)
             args += ["--config", str(cfg)]
         log = open(Path(tmp) / "zmon.log", "wb")  # noqa: SIM115 - closed below, after the process
+
+        def limit() -> None:
+            if soft_nofile is not None:
+                import resource
+
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft_nofile, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
         proc = subprocess.Popen(
-            args, cwd=workdir or zmon_root, stdout=log, stderr=subprocess.STDOUT,
+            args, cwd=workdir or zmon_root, stdout=log, stderr=subprocess.STDOUT, preexec_fn=limit,
             env={**os.environ, "PYTHONPATH": str(zmon_root), **(env or {})},
         )
         d = Daemon(f"http://127.0.0.1:{port}", "127.0.0.1", port, proc)
@@ -455,11 +465,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--zmon-root", type=Path, default=ROOT, help="checkout whose zmon is started (default: this one)")
     ap.add_argument("--no-config", action="store_true",
                     help="start with no config file (for checkouts that lack server.read_timeout_seconds)")
+    ap.add_argument("--soft-nofile", type=int, default=1024,
+                    help="the daemon's soft RLIMIT_NOFILE at start (default 1024, systemd's; 0 = inherit)")
     ap.add_argument("--only", nargs="*", help="case name prefixes to run (bad, concurrent, idle, slowloris)")
     args = ap.parse_args(argv)
     cfg = None if args.no_config else FAST_CONFIG
     rt = FAST_READ_TIMEOUT if cfg else 30.0
-    with daemon(args.zmon_root.resolve(), cfg) as d:
+    with daemon(args.zmon_root.resolve(), cfg, soft_nofile=args.soft_nofile or None) as d:
         results = []
         cases: list[tuple[str, Callable[[], Result]]] = [
             ("bad", lambda: bad_input(d, read_timeout=rt)),
