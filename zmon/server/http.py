@@ -293,6 +293,8 @@ class _Connection(asyncio.Protocol):
         self.state = "new"  # new, handshake, idle, reading, busy, closing (answered, waiting to close), closed
         self.counted_reject = False  # holds one of the server's 503-at-the-cap slots
         self.eof = False  # the client half-closed
+        self.is_tls = False
+        self.early = bytearray()  # data the TLS layer passed up before start_tls returned
         self.timer: asyncio.TimerHandle | None = None
         self.head = bytearray()  # the start of the current request, to tell a long request line (414)
         self.request: h11.Request | None = None
@@ -325,7 +327,11 @@ class _Connection(asyncio.Protocol):
         self._become_idle(self.limits.read_timeout)
 
     def data_received(self, data: bytes) -> None:
-        if self.state in ("closing", "closed", "handshake", "new"):
+        if self.state == "handshake":
+            if len(self.early) <= self.limits.max_header_bytes:
+                self.early += data
+            return
+        if self.state in ("closing", "closed", "new"):
             return  # discarded: an answer is on its way and the connection will close
         if self.state == "idle":
             self.state = "reading"
@@ -345,10 +351,12 @@ class _Connection(asyncio.Protocol):
         if self.state in ("closing", "closed"):
             self.close()
             return False
+        if self.state == "handshake":
+            return False
         self.h11.receive_data(b"")
         if self.state != "busy":  # busy: the client half-closed after its request; answer, then close
             self._advance()
-        return True  # keep our side open to write the answer (a 400 for a request cut short)
+        return not self.is_tls  # keep our side open to write the answer (TLS cannot half-close)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.counted_reject:
@@ -454,6 +462,7 @@ class _Connection(asyncio.Protocol):
             return
         assert isinstance(tls, asyncio.Transport)
         self.transport = tls
+        self.is_tls = True
         if self.web is not None and self.web.allowed_sans is not None:
             sans = _sans(tls.get_extra_info("peercert"))
             if not sans & self.web.allowed_sans:
@@ -461,6 +470,9 @@ class _Connection(asyncio.Protocol):
                 self.close()
                 return
         self._become_idle(self.limits.read_timeout)
+        if self.early:
+            early, self.early = bytes(self.early), bytearray()
+            self.data_received(early)
 
     # --- parsing --------------------------------------------------------------------------------------------
 

@@ -170,14 +170,17 @@ class HTTPServerConfig(_Strict):
     @field_validator("headers")
     @classmethod
     def _headers(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        problems = []
         for k, val in (v or {}).items():
+            allowed = ALLOWED_HEADERS.get(k)
             if k not in ALLOWED_HEADERS:
-                raise ValueError(f"HTTP header {k!r} can not be configured; allowed: {', '.join(ALLOWED_HEADERS)}")
-            allowed = ALLOWED_HEADERS[k]
-            if allowed is not None and val not in allowed:
-                raise ValueError(f"invalid value for {k}: expected one of {list(allowed)}, got {val!r}")
-            if "\r" in val or "\n" in val:
-                raise ValueError(f"{k}: a header value cannot contain a line break")
+                problems.append(f"HTTP header {k!r} can not be configured (allowed: {', '.join(ALLOWED_HEADERS)})")
+            elif allowed is not None and val not in allowed:
+                problems.append(f"invalid value for {k}: expected one of {list(allowed)}, got {val!r}")
+            elif "\r" in val or "\n" in val:
+                problems.append(f"{k}: a header value cannot contain a line break")
+        if problems:
+            raise ValueError("; ".join(problems))
         return v
 
 
@@ -394,10 +397,11 @@ def _ssl_context(tls: TLSServerConfig, base: Path, problems: list[str]) -> tuple
         else:
             assert key_path is not None
             files.append(key_path)
+        missing = [f"{where}: cannot read {p}: no such file" for p in (cert_path, key_path) if not p.is_file()]
+        problems += missing
         try:
-            ctx.load_cert_chain(cert_path, key_path)
-        except FileNotFoundError as e:
-            problems.append(f"{where}: cannot read {e.filename}: {e.strerror}")
+            if not missing:
+                ctx.load_cert_chain(cert_path, key_path)
         except (OSError, ssl.SSLError) as e:
             problems.append(f"{where}: failed to load the certificate and key ({tls.cert_file or 'cert'}, "
                             f"{tls.key_file or 'key'}): {getattr(e, 'strerror', None) or e}")
