@@ -299,7 +299,6 @@ class _Connection(asyncio.Protocol):
         self.head = bytearray()  # the start of the current request, to tell a long request line (414)
         self.request: h11.Request | None = None
         self.body = bytearray()
-        self.peer_sans: list[str] = []
         self.write_paused = False
         self.drained: asyncio.Future[None] | None = None
         self.task: asyncio.Task[None] | None = None
