@@ -292,3 +292,17 @@ def test_reload_on_change_and_broken_file_keeps_the_old_one(tmp_path: Path, pki:
 def test_app_routes_unchanged_without_web_config() -> None:
     app = make_app()
     assert app.handle(Request("GET", "/healthz", {}, {}, b"")).status == 200
+
+
+def test_readme_example_is_a_valid_web_config(tmp_path: Path, pki: Pki) -> None:
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("### Web configuration file"):]
+    example = re.search(r"```yaml\n(.*?)```", section, re.S)
+    assert example is not None
+    p = pki.dir / "readme-web.yml"  # cert_file: server.pem / key_file: server.key, relative to the file
+    p.write_text(example.group(1))
+    web = load_web_config(p)
+    assert web.ssl_context is not None and "prometheus" in web.users and web.headers
+    assert bcrypt.checkpw(b"change-me", web.users["prometheus"])
