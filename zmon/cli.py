@@ -49,6 +49,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--listen", metavar="HOST:PORT", help=f"address for /metrics (default {DEFAULT_LISTEN}; loopback only)"
     )
+    p.add_argument(
+        "--web.config.file", dest="web_config_file", metavar="FILE",
+        help="exporter-toolkit web configuration (TLS, basic auth, headers), as node_exporter takes "
+        "(server.web_config_file)",
+    )
 
 
 def _positive_int(value: str) -> int:
@@ -96,7 +101,14 @@ def _load(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Conf
     overrides: dict[str, Any] = dict(extra or {})
     if getattr(args, "listen", None):
         overrides.setdefault("server", {})["listen"] = args.listen
-    return load_config(args.config, overrides=overrides)
+    if getattr(args, "web_config_file", None):
+        overrides.setdefault("server", {})["web_config_file"] = args.web_config_file
+    cfg = load_config(args.config, overrides=overrides)
+    if hasattr(args, "web_config_file") and cfg.server.web_config_file is not None:
+        from zmon.server import load_web_config  # every problem at once, exit 2, before anything starts
+
+        load_web_config(cfg.server.web_config_file)
+    return cfg
 
 
 def cmd_watch(args: argparse.Namespace) -> int:

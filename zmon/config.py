@@ -105,10 +105,10 @@ class ListenAddress(str):
             cls, core_schema.str_schema(), serialization=core_schema.to_string_ser_schema()
         )
 
-    def url(self, path: str = "") -> str:
-        """http://HOST:PORT/path, with an IPv6 host bracketed and a wildcard host shown as loopback-free."""
+    def url(self, path: str = "", *, tls: bool = False) -> str:
+        """http(s)://HOST:PORT/path, with an IPv6 host bracketed."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}{path}"
+        return f"{'https' if tls else 'http'}://{host}:{self.port}{path}"
 
 
 class AuthConfig(_Section):
@@ -126,6 +126,16 @@ class AuthConfig(_Section):
 class ServerConfig(_Section):
     listen: ListenAddress = ListenAddress(DEFAULT_LISTEN)
     auth: AuthConfig = AuthConfig()
+    # Serving limits (zmon.server.http; README "HTTP endpoints"). Beyond max_connections idle keep-alive
+    # connections are closed to make room, then new ones get 503; lowered at start to fit RLIMIT_NOFILE.
+    max_connections: int = Field(512, ge=8, le=65536)
+    workers: int = Field(4, ge=1, le=64)  # threads running handlers (/metrics rendering, control endpoints)
+    read_timeout_seconds: float = Field(10.0, gt=0, le=300)  # a request in progress, first byte to last
+    idle_timeout_seconds: float = Field(90.0, gt=0, le=3600)  # keep-alive with no request in progress
+    write_timeout_seconds: float = Field(10.0, gt=0, le=300)  # a client that does not read its answer
+    # exporter-toolkit web configuration (TLS, basic auth, headers), the file node_exporter's
+    # --web.config.file takes; re-read when it changes. null = plain HTTP, no basic auth.
+    web_config_file: Path | None = None
 
 
 # ------------------------------------------------------------------------------------------------ sampling

@@ -81,7 +81,7 @@ class Handle:
     def url(self) -> str | None:
         """Base URL of zmon's HTTP server, or None when not serving."""
         srv = self.monitor.server
-        return None if srv is None else f"http://{srv.host}:{srv.port}"
+        return None if srv is None else srv.url
 
     @property
     def attached(self) -> bool:

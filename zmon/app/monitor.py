@@ -22,7 +22,7 @@ from zmon.collectors.self_metrics import SelfCollector
 from zmon.config import SamplingConfig, ServerConfig
 from zmon.sampling import Sampler, SnapshotStore, SourceSpec
 from zmon.sampling.store import Key, key_name
-from zmon.server import App, RenderCache, Server
+from zmon.server import App, Limits, RenderCache, Server
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +114,12 @@ class Monitor:
     def start(self) -> None:
         self.sampler.start()
         if self._serve_http:
-            listen = self.server_config.listen
-            self.server = Server(self.http, listen.host, listen.port)
+            s = self.server_config
+            self.server = Server(
+                self.http, s.listen.host, s.listen.port, limits=Limits.from_config(s), web_config_file=s.web_config_file
+            )
             self.server.start()
-            log.info("serving /metrics on http://%s:%d", self.server.host, self.server.port)
+            log.info("serving /metrics on %s/metrics", self.server.url)
 
     def stop(self) -> None:
         if self._stopped.is_set():
