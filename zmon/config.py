@@ -291,6 +291,8 @@ class Thresholds(_Section):
     gpu_util_low: float = Field(0.80, ge=0, le=1)  # GPU util during diffusion below this → CPU-bound
     vram_high: float = Field(0.90, ge=0, le=1)  # peak VRAM in use / card above this → memory-bound
     step_cv_high: float = Field(0.15, ge=0)  # within-generation CV of step times above this → kernel issue
+    # Steps shorter than this are not judged for unevenness: thread scheduling noise is a few milliseconds.
+    min_step_seconds: float = Field(0.02, ge=0)
     run_cv_high: float = Field(0.10, ge=0)  # run-to-run CV above this → I/O or caching
     read_throughput_low: float = Field(500e6, gt=0)  # bytes/s; model reads slower than this → I/O-bound
     min_checkpoint_bytes: float = Field(1e9, ge=0)  # smaller checkpoints: read throughput shown, not judged
@@ -313,6 +315,7 @@ class Thresholds(_Section):
         "gpu_util_low": ("gpu_utilization_ratio", "<"),
         "vram_high": ("gpu_memory_used_ratio", ">"),
         "step_cv_high": ("denoise_step_cv", ">"),
+        "min_step_seconds": ("denoise_step_seconds", ">="),
         "run_cv_high": ("run_time_cv", ">"),
         "read_throughput_low": ("checkpoint_read_bytes_per_second", "<"),
         "min_checkpoint_bytes": ("checkpoint_bytes", ">="),

@@ -95,6 +95,7 @@ FIGURES: dict[str, Figure] = {
     "generation_seconds": Figure("duration of the last generation", "s"),
     "generations_delta": Figure("generations finished since the previous evaluation", "count"),
     # diagnosis figures, over a window of generations
+    "denoise_step_seconds": Figure("mean time of a denoise step", "s", "window"),
     "denoise_step_cv": Figure("coefficient of variation of step times within a generation", "cv", "window"),
     "run_time_cv": Figure("run-to-run coefficient of variation of generations of one shape", "cv", "window"),
     "checkpoint_bytes": Figure("size of the checkpoint files read at load", "B", "window"),

@@ -593,7 +593,8 @@ def test_repeated_recompiles_are_a_finding() -> None:
     records = [replace(r, compiles=1 if i in (1, 4, 7, 10) else 0, width=widths[i % 5]) for i, r in enumerate(records)]
     d = diagnose(healthy_facts(records, env=gpu_env(compiled=True), warmup=0))
     f = finding(d, "recompiles")
-    assert f.active and f.priority == 1 and "resolution changed" in (f.fix or "") and "mark the varying" in (f.fix or "")
+    assert f.active and f.priority == 1
+    assert "resolution changed" in (f.fix or "") and "mark the varying" in (f.fix or "")
 
 
 def test_split_runs_caps_outliers() -> None:

@@ -50,6 +50,10 @@ DISTILLED_MARKERS = ("turbo", "distill", "lightning", "schnell", "lcm", "builtin
 # Model-card step counts of known distilled models (substring of the lower-cased model id → steps).
 RECOMMENDED_STEPS: tuple[tuple[str, int], ...] = (("z-image-turbo", 9), ("builtin:tiny-z-image", 9))
 
+# A process keeping less than this many cores busy in a window spends part of it waiting (on storage when it
+# reads meanwhile): a single Python thread computing shows ~1.0; one reading files at 1 GB/s shows ~0.6.
+WAITING_CORES = 0.8
+
 _SYMBOL = {"<": "<", "<=": "≤", ">": ">", ">=": "≥"}
 _NEGATED = {"<": "≥", "<=": ">", ">": "≤", ">=": "<"}  # shown when the comparison does not hold
 
@@ -277,8 +281,16 @@ def _waits_on_storage(spot: IdleSpot | None, t: Thresholds) -> bool:
     """The GPU's idle time sits where the process reads from storage and its CPU is mostly waiting."""
     if spot is None or spot.read_bytes_per_second is None:
         return False
-    cpu_waiting = spot.process_cores is None or spot.process_cores < 0.5
+    cpu_waiting = spot.process_cores is None or spot.process_cores < WAITING_CORES
     return bool(t.check("io_read_rate_high", spot.read_bytes_per_second)) and cpu_waiting
+
+
+def _stage_waits_on_storage(f: ProfileFacts, t: Thresholds, key: str) -> bool:
+    """A stage (on a CPU-only run) whose time goes to reading storage rather than computing."""
+    u = f.utilization
+    reads = u.process_read_by_stage.get(key, u.disk_read_by_stage.get(key))
+    spot = IdleSpot(key, 0.0, 0.0, u.process_cpu_by_stage.get(key), reads)
+    return _waits_on_storage(spot, t)
 
 
 def _generation_reads(f: ProfileFacts) -> float | None:
@@ -342,7 +354,9 @@ def _io_evidence(f: ProfileFacts, t: Thresholds) -> tuple[bool, tuple[Evidence, 
     )
     load = measure(t, "checkpoint_load_high", "checkpoint load time", io.checkpoint_load_seconds, "s")
     reads = measure(t, "io_read_rate_high", "storage reads during generations", _generation_reads(f), "B/s")
-    first = info("first generation / steady-state median (warm-up, not I/O by itself)", io.first_generation_slowdown, "x")
+    first = info(
+        "first generation / steady-state median (warm-up, not I/O by itself)", io.first_generation_slowdown, "x"
+    )
     evidence = (ckpt, disk, load, reads, first)
     return bool(ckpt.holds or load.holds or reads.holds or (disk.holds and (ckpt.holds or load.holds))), evidence
 
@@ -392,7 +406,10 @@ def _q_gpu_util(f: ProfileFacts, t: Thresholds) -> tuple[Answer, str, tuple[Evid
     cpu = info("process CPU during text encoding", u.process_cpu_by_stage.get("text_encode"), "cores")
     evidence_cpu = (ev, text, post, cpu)
     basis = f"stage shares on {_text_encoder_device(f)} (GPU utilization not measured)"
-    if text.holds or post.holds:
+    heavy = [k for k, e in (("text_encode", text), ("postprocess", post)) if e.holds]
+    if heavy and all(_stage_waits_on_storage(f, t, k) for k in heavy):
+        return "no", f"the {' and '.join(heavy)} time goes to storage reads (see I/O)", evidence_cpu
+    if heavy:
         return "yes", basis, evidence_cpu
     return "not_measured", basis, evidence_cpu
 
@@ -411,10 +428,21 @@ def _q_vram(f: ProfileFacts, t: Thresholds) -> tuple[Answer, str, tuple[Evidence
     return ("yes" if ev.holds else "no"), f"peak memory in use ({src}) and allocator pressure", all_evidence
 
 
+def _step_evidence(f: ProfileFacts, t: Thresholds) -> tuple[Evidence, Evidence, Evidence]:
+    """Step-time spread, judged only when steps are long enough for it to mean anything."""
+    long_enough = measure(t, "min_step_seconds", "mean step time", f.stages.step_mean_seconds, "s")
+    judged = long_enough.holds is not False
+    cv = measure(t, "step_cv_high", "step-time CV within a generation" + ("" if judged else
+                 f" (steps under {format_value(t.min_step_seconds, 's')}: not judged)"), f.stages.step_cv, "cv",
+                 judge=judged)
+    return cv, info("slowest / fastest step", f.stages.step_max_min_ratio, "x"), long_enough
+
+
 def _q_steps(f: ProfileFacts, t: Thresholds) -> tuple[Answer, str, tuple[Evidence, ...]]:
-    ev = measure(t, "step_cv_high", "step-time CV within a generation", f.stages.step_cv, "cv")
-    ratio = info("slowest / fastest step", f.stages.step_max_min_ratio, "x")
-    return _yes_no(ev), "denoise step durations", (ev, ratio)
+    ev, ratio, mean = _step_evidence(f, t)
+    if ev.comparison == "info":
+        return "not_measured", "denoise steps too short to judge their spread", (ev, ratio, mean)
+    return _yes_no(ev), "denoise step durations", (ev, ratio, mean)
 
 
 def _q_io(f: ProfileFacts, t: Thresholds) -> tuple[Answer, str, tuple[Evidence, ...]]:
@@ -511,7 +539,9 @@ def _stage_fix(stage_key: str, f: ProfileFacts) -> str:
 
 def _cpu_bound(f: ProfileFacts, t: Thresholds) -> Outcome:
     u = f.utilization
-    whole = measure(t, "gpu_util_low", "GPU utilization over whole generations", u.gpu_by_stage.get(WHOLE_GENERATION), "ratio")
+    whole = measure(
+        t, "gpu_util_low", "GPU utilization over whole generations", u.gpu_by_stage.get(WHOLE_GENERATION), "ratio"
+    )
     text, post = _cpu_side_evidence(f, t)
     spot = _idle_spot(f)
     host = info("host CPU during generation", u.host_cpu_by_stage.get(WHOLE_GENERATION), "ratio")
@@ -538,9 +568,15 @@ def _cpu_bound(f: ProfileFacts, t: Thresholds) -> Outcome:
     evidence = (text, post, whole, host)
     if not (text.holds or post.holds):
         return Outcome(False, "no CPU-side stage dominates the generation", evidence)
+    heavy = [k for k, e in (("text_encode", text), ("postprocess", post)) if e.holds]
+    if all(_stage_waits_on_storage(f, t, k) for k in heavy):
+        return Outcome(False, "the heavy stages wait on storage, not on the CPU (see I/O throttling)", evidence)
     fixes = []
     if text.holds and text.value is not None:
-        fixes.append(f"text encoding is {text.value:.0%} of the generation on {_text_encoder_device(f)}: {_stage_fix('text_encode', f)}")
+        fixes.append(
+            f"text encoding is {text.value:.0%} of the generation on {_text_encoder_device(f)}: "
+            + _stage_fix("text_encode", f)
+        )
     if post.holds and post.value is not None:
         fixes.append(f"output processing is {post.value:.0%} of the generation: {_stage_fix('postprocess', f)}")
     return Outcome(True, "the CPU side holds the generation back", evidence, "; ".join(fixes))
@@ -666,9 +702,7 @@ def _latency_variance(f: ProfileFacts, t: Thresholds) -> Outcome:
 
 def _kernel_optimization(f: ProfileFacts, t: Thresholds) -> Outcome:
     s = f.stages
-    cv = measure(t, "step_cv_high", "step-time CV within a generation", s.step_cv, "cv")
-    ratio = info("slowest / fastest step", s.step_max_min_ratio, "x")
-    step = info("mean step time", s.step_mean_seconds, "s")
+    cv, ratio, step = _step_evidence(f, t)
     evidence = (cv, ratio, step)
     if not cv.holds:
         return Outcome(False, "step times are even" if cv.holds is False else "fewer than 2 steps timed", evidence)
