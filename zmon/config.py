@@ -147,12 +147,47 @@ class ModelConfig(_Section):
     variant: str | None = None
     pipeline_class: str | None = None  # override auto-detection, e.g. "ZImageImg2ImgPipeline"
     compile: bool = False  # torch.compile the denoiser (transformer/unet)
-    compile_mode: str | None = None
+    compile_mode: str | None = None  # null = torch's default; reduce-overhead / max-autotune capture CUDA graphs
+    # Speed options `zmon tune` measures (applied by zmon.tune.options.apply_model_options at load time).
+    compile_vae: bool = False  # torch.compile the VAE decoder (vae.decoder)
+    attention_backend: str | None = None  # diffusers attention dispatcher backend; null = diffusers' default
+    channels_last_vae: bool = False  # VAE weights and activations in channels_last memory format
+    fp8: bool = False  # torchao float8 dynamic quantization of the denoiser's linear layers (lossy; CUDA cc >= 8.9)
+    # Exported as PYTORCH_CUDA_ALLOC_CONF before torch initialises CUDA, e.g. "expandable_segments:True".
+    alloc_conf: str | None = None
     cache_dir: Path = Path("~/.cache/zmon")  # where the embedded model is written once
     local_files_only: bool = False
     # torch intra-op threads (CPU work: text encoder offloaded to CPU, the embedded model); null = torch's
     # default (one per core). On a small busy host, 1 avoids oversubscription (measured 20x on 2 loaded cores).
     cpu_threads: int | None = Field(None, gt=0)
+
+    @field_validator("compile_mode")
+    @classmethod
+    def _check_compile_mode(cls, v: str | None) -> str | None:
+        from zmon.tune.names import COMPILE_MODES
+
+        if v is not None and v not in COMPILE_MODES:
+            raise ValueError(f"unknown compile mode {v!r}; valid: {', '.join(COMPILE_MODES)}")
+        return v
+
+    @field_validator("attention_backend")
+    @classmethod
+    def _check_attention_backend(cls, v: str | None) -> str | None:
+        from zmon.tune.names import ATTENTION_BACKENDS
+
+        if v is not None and v not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {v!r}; valid: {', '.join(ATTENTION_BACKENDS)}")
+        return v
+
+    @field_validator("alloc_conf")
+    @classmethod
+    def _check_alloc_conf(cls, v: str | None) -> str | None:
+        from zmon.tune.names import alloc_conf_problem
+
+        problem = None if v is None else alloc_conf_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
 
 
 class PromptCacheConfig(_Section):

@@ -84,6 +84,9 @@ def load_pipeline(cfg: ModelConfig, *, img2img: bool = False) -> LoadedPipeline:
     image-to-image variant through AutoPipelineForImage2Image (ZImagePipeline → ZImageImg2ImgPipeline);
     cfg.pipeline_class, when set, is used as given and wins over both.
     """
+    from zmon.tune.options import apply_model_options, export_alloc_conf
+
+    export_alloc_conf(cfg.alloc_conf)  # before torch initialises CUDA; raises if it is too late
     import diffusers
     import torch
 
@@ -129,16 +132,8 @@ def load_pipeline(cfg: ModelConfig, *, img2img: bool = False) -> LoadedPipeline:
     load_seconds = time.perf_counter() - started
     pipe.set_progress_bar_config(disable=True)
 
-    compiled = False
-    if cfg.compile:
-        for name in DENOISER_NAMES:
-            module = getattr(pipe, name, None)
-            if isinstance(module, torch.nn.Module):
-                setattr(pipe, name, torch.compile(module, mode=cfg.compile_mode))
-                compiled = True
-                break
-        else:
-            log.warning("model.compile: %s has no transformer or unet to compile", type(pipe).__name__)
+    # compile, compile_vae, attention_backend, channels_last_vae, fp8: one function, shared with zmon tune.
+    compiled = apply_model_options(pipe, cfg).compiled
 
     if local_dir is None:
         local_dir = _hub_snapshot(cfg.id)
