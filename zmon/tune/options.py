@@ -37,6 +37,7 @@ NEW_ALLOC_CONF_ENV: Final = "PYTORCH_ALLOC_CONF"  # torch >= 2.9 reads it first:
 # torch.compile backend of every compile option. Not a config key: tests and the tune's fresh processes set
 # it ("eager" traces with dynamo but skips inductor codegen, which takes ~30 s for the tiny model on a CPU).
 DEFAULT_COMPILE_BACKEND = "inductor"
+CUDA_GRAPH_MODES: Final = ("reduce-overhead", "max-autotune")
 FP8_MIN_CAPABILITY: Final = (8, 9)  # Ada / Hopper and newer have float8 tensor cores
 FP8_DIM_MULTIPLE: Final = 16  # torch._scaled_mm needs both matrix dimensions divisible by 16
 
@@ -196,9 +197,14 @@ def apply_compile(
     base = unwrap(getattr(pipe, name))
     mode = None if mode in (None, "default") else mode
     key = ("compile", id(base), mode, backend)
-    compiled = cache.get(key) if cache is not None else None
+    compiled: Any = cache.get(key) if cache is not None else None
     if compiled is None:
         compiled = torch.compile(base, mode=mode, backend=backend or DEFAULT_COMPILE_BACKEND)
+        if mode in CUDA_GRAPH_MODES and hasattr(torch.compiler, "cudagraph_mark_step_begin"):
+            # A denoising loop calls the graph once per step while the previous output may still be read;
+            # marking each call as a new step keeps CUDA-graph trees from treating the loop as one
+            # invocation (their documented remedy for "output overwritten by a subsequent run").
+            compiled.register_forward_pre_hook(lambda module, args: torch.compiler.cudagraph_mark_step_begin())
         if cache is not None:
             cache[key] = compiled
     return _swap(pipe, name, compiled)
@@ -241,8 +247,10 @@ def attention_problem(name: str, device: str, dtype: Any, *, probe: bool = True)
     """Why diffusers' attention backend `name` cannot run here, or None.
 
     Checks that the installed diffusers registers it and that its package requirements hold, then (probe)
-    runs one small masked attention call through the dispatcher on the device in the pipeline's dtype, the
-    way Z-Image calls it: a backend that errors there would error in the pipeline.
+    runs one small attention call through the dispatcher on the device in the pipeline's dtype: a backend
+    that errors there cannot run this pipeline. The probe passes no mask, as Z-Image does for a batch of
+    one (its mask only exists when sequences of a batch differ in length); a backend that cannot take the
+    pipeline's real arguments fails in its warm-up and is rejected there with the error.
     """
     try:
         from diffusers.models import attention_dispatch as ad
@@ -264,8 +272,7 @@ def attention_problem(name: str, device: str, dtype: Any, *, probe: bool = True)
 
     try:
         q, k, v = (torch.randn(1, 32, 2, 64, device=device, dtype=dtype) for _ in range(3))
-        mask = torch.ones(1, 1, 1, 32, dtype=torch.bool, device=device)
-        out = ad.dispatch_attention_fn(q, k, v, attn_mask=mask, backend=backend)
+        out = ad.dispatch_attention_fn(q, k, v, backend=backend)
         if not torch.isfinite(out).all():
             return "the probe call returned non-finite values"
     except Exception as e:

@@ -8,9 +8,12 @@ Phases, on one loaded pipeline (the configured baseline):
      runs out of memory or cannot compile is rejected with the reason; the others go on. Afterwards the
      baseline's outputs are checked again: every undo must have restored the pipeline exactly.
   4. timing rounds: baseline and every accepted variant, in a fresh random order each round; per round and
-     configuration one discarded generation after the switch, then `per_round` measured ones, all on the
-     same workload item (prompt, resolution, seed) — round r uses item r. Medians, quartiles, extremes and
-     the per-round medians (the noise floor) come from these.
+     configuration one discarded generation after the switch, then `per_round` measured ones. Every timed
+     generation is the same one: the workload's first item (prompt, resolution) with its seed, so all
+     configurations do identical work and a compiled denoiser sees one shape (Z-Image pads the caption to a
+     multiple of 32 tokens: another prompt length would recompile, ~90 s on the full-size model). The check
+     generations are that item with seeds seed, seed+1, … . Medians, quartiles, extremes and the per-round
+     medians (the noise floor) come from the rounds.
   5. greedy combination of the exact winners, largest gain first: each is kept only if it is measurably
      faster on top of the current best, both re-measured in interleaved rounds; one variant per group.
   6. fresh-process variants (allocator settings): a control process with the configured allocator, then one
@@ -274,18 +277,30 @@ class Bench:
                 with Image.open(p) as im:
                     self._images.append(im.convert("RGB"))
 
-    def kwargs(self, item: int, output_type: str | None = None) -> dict[str, Any]:
-        kw = self.ctx.spec.pipeline_kwargs(item, self._images)
+    def kwargs(self, seed_offset: int = 0, output_type: str | None = None) -> dict[str, Any]:
+        """The workload's first item with seed + seed_offset (seed 0 when the workload's is random)."""
+        import torch
+
+        kw = self.ctx.spec.pipeline_kwargs(0, self._images)
+        base = self.ctx.spec.seed if self.ctx.spec.seed is not None else 0
+        kw["generator"] = torch.Generator("cpu").manual_seed(base + seed_offset)
         kw.update(self.ctx.overrides)
         if output_type is not None:
             kw["output_type"] = output_type
         return kw
 
-    def call(self, item: int) -> float:
-        kw = self.kwargs(item)
+    def call(self) -> float:
+        kw = self.kwargs()
         t0 = time.perf_counter()
         self.ctx.pipe(**kw)
         return time.perf_counter() - t0
+
+    def item(self) -> dict[str, Any]:
+        """What every timed generation is: prompt, resolution, steps, seed."""
+        kw = self.kwargs()
+        return {"prompt": kw["prompt"], "resolution": f"{kw['width']}x{kw['height']}",
+                "steps": kw["num_inference_steps"],
+                "seed": self.ctx.spec.seed if self.ctx.spec.seed is not None else 0}
 
     @contextlib.contextmanager
     def timed(self, sink: list[GenerationRecord]) -> Iterator[None]:
@@ -301,7 +316,7 @@ class Bench:
         self.progress.start(f"warm-up {label} (at most)", rule.max_runs)
 
         def once() -> float:
-            wall = self.call(0)
+            wall = self.call()
             self.progress.advance(wall)
             return wall
 
@@ -312,27 +327,27 @@ class Bench:
             self.progress.finish()
         return result
 
-    def outputs(self, items: int) -> list[Any]:
-        """Decoded images (tensors in [0, 1], on the CPU) of the first `items` workload items."""
+    def outputs(self, count: int) -> list[Any]:
+        """Decoded images (tensors in [0, 1], on the CPU) of the timed item with seeds seed … seed+count−1."""
         import torch
 
         out = []
-        for i in range(items):
-            images = self.ctx.pipe(**self.kwargs(i, output_type="pt")).images
+        for k in range(count):
+            images = self.ctx.pipe(**self.kwargs(k, output_type="pt")).images
             if not isinstance(images, torch.Tensor):
                 images = torch.stack([torch.as_tensor(x) for x in images])
             out.append(images.detach().float().cpu().clone())
         return out
 
-    def block(self, item: int, per_round: int) -> tuple[list[float], list[GenerationRecord]]:
-        """One discarded generation after the switch, then `per_round` measured ones, all on `item`."""
+    def block(self, per_round: int) -> tuple[list[float], list[GenerationRecord]]:
+        """One discarded generation after the switch, then `per_round` measured ones."""
         sink: list[GenerationRecord] = []
         with self.timed(sink):
-            self.progress.advance(self.call(item))
+            self.progress.advance(self.call())
             first = len(sink)
             walls = []
             for _ in range(per_round):
-                wall = self.call(item)
+                wall = self.call()
                 walls.append(wall)
                 self.progress.advance(wall)
         return walls, sink[first:]
@@ -472,7 +487,8 @@ class Tuner:
         ctx = self.ctx
         result = TuneResult(
             model_id=self.model_id, pipeline_class=type(ctx.pipe).__name__, device=ctx.device,
-            device_name=_device_name(ctx.device), dtype=ctx.dtype, workload=_workload_dict(ctx.spec),
+            device_name=_device_name(ctx.device), dtype=ctx.dtype,
+            workload={**_workload_dict(ctx.spec), "timed_generation": self.bench.item()},
             options=self.options, tolerance_db=self.tolerance_db,
             baseline=VariantResult(name="baseline", description="the configured pipeline, as loaded",
                                    status="baseline"),
@@ -640,7 +656,6 @@ class Tuner:
         measured = {key: Measurement() for key, _ in configs}
         failed: dict[str, str] = {}
         per = self.options.per_round
-        n_items = max(1, len(self.ctx.spec.prompts) * len(self.ctx.spec.resolutions))
         for r in range(rounds):
             if r > 0 and not self.budget.allows(self._rounds_cost([k for k, _ in configs], 1)):
                 self.progress.note(f"{label}: stopped after {r} round(s): time budget (--max-seconds)")
@@ -652,7 +667,7 @@ class Tuner:
                 undo: Callable[[], None] | None = None
                 try:
                     undo = apply_all(self.ctx, variants)
-                    walls, records = self.bench.block(r % n_items, per)
+                    walls, records = self.bench.block(per)
                     measured[key].add_round(walls, records)
                 except Exception as e:
                     failed[key] = f"failed in round {r + 1}: {failure_reason(e)}"
@@ -838,8 +853,9 @@ class Tuner:
             floor = max(result.noise_floor or 0.0, noise_floor(control.measurement.round_medians, cs.p50))
             vr.verdict, vr.gain = judge(cs, vs, floor)
             vr.note = (vr.note + " " if vr.note else "") + (
-                f"compared with a fresh-process control: p50 {cs.p50:.4f} s (n={cs.n}); measured alone, "
-                "not in combination with the in-process winners"
+                f"ran in a fresh process with {opt.ALLOC_CONF_ENV}={w.alloc_conf or '(unset)'}, compared with a "
+                f"fresh-process control ({opt.ALLOC_CONF_ENV}={control.alloc_conf or '(unset)'}, p50 "
+                f"{cs.p50:.4f} s, n={cs.n}); measured alone, not in combination with the in-process winners"
             )
             if vr.verdict == "faster" and (self.options.allow_lossy or not v.lossy):
                 result.best.append(v.name)
@@ -858,7 +874,7 @@ class Tuner:
         forwards = base.forwards() if base else None
         try:
             with torch.no_grad():
-                result.flops = count_flops(ctx.pipe, lambda: self.bench.call(0), forwards)
+                result.flops = count_flops(ctx.pipe, self.bench.call, forwards)
             if result.flops.method == "failed" or not result.flops.denoiser_flops_per_forward:
                 w, h = ctx.spec.resolutions[0]
                 result.flops = estimate_flops(ctx.pipe, w, h, text_tokens=0, forwards=forwards)
@@ -877,6 +893,7 @@ class WorkerResult:
     outputs: list[Any] = field(default_factory=list)
     error: str | None = None
     seconds: float = 0.0
+    alloc_conf: str = ""  # the allocator setting the process actually ran with
 
 
 def run_worker(
@@ -890,7 +907,7 @@ def run_worker(
 ) -> WorkerResult:
     """Run zmon.tune.worker in a fresh Python process with `env_extra` set before torch starts; it builds the
     pipeline (options.factory, else load from cfg), applies cfg's model options, warms up, measures
-    options.rounds × per_round generations on the same items as the tune and returns the check outputs."""
+    options.rounds × per_round generations of the same timed item as the tune and returns the check outputs."""
     import torch
 
     from zmon.instrumentation.records import GenerationRecord, StageTiming
@@ -938,7 +955,7 @@ def run_worker(
         warm = None
         if w:
             warm = WarmupResult(w["runs"], w["seconds"], w["settled"], w["compile_events"], tuple(w["walls"]))
-        return WorkerResult(m, warm, outputs, None, time.monotonic() - t0)
+        return WorkerResult(m, warm, outputs, None, time.monotonic() - t0, str(data.get("alloc_conf") or ""))
 
 
 # ------------------------------------------------------------------------------------------------ helpers

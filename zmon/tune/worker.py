@@ -3,8 +3,9 @@
 Some variants only exist from process start: the CUDA caching allocator reads PYTORCH_CUDA_ALLOC_CONF once,
 when CUDA initialises. The parent (zmon.tune.runner.run_worker) starts this module with the setting in the
 environment; here the pipeline is built (SPEC's factory "module:function", else loaded from the config,
-which also applies its `model:` options), warmed up with the same detection, measured on the same items
-(round r → workload item r) and its check outputs saved, so the parent compares it like any variant.
+which also applies its `model:` options), warmed up with the same detection, measured on the same timed
+generation (the workload's first item and seed) and its check outputs saved, so the parent compares it
+like any variant.
 The result JSON carries an "error" instead when something fails.
 """
 
@@ -67,10 +68,9 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     bench = Bench(ctx)
     warm = bench.warm(options.warmup, "fresh")
     outputs = bench.outputs(options.check_items)
-    n_items = max(1, len(wspec.prompts) * len(wspec.resolutions))
     m = Measurement()
-    for r in range(options.rounds):
-        walls, records = bench.block(r % n_items, options.per_round)
+    for _ in range(options.rounds):
+        walls, records = bench.block(options.per_round)
         m.add_round(walls, records)
     torch.save(outputs, spec["outputs"])
     return {
