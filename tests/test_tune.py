@@ -374,3 +374,40 @@ def test_run_refuses_an_option_this_device_cannot_apply(tiny_cache_dir: Path, tm
                                              "server": {"listen": "127.0.0.1:0"},
                                              "workload": {"max_generations": 1}})
     assert run_main(cfg) == 2
+
+
+def test_a_pipeline_that_cannot_compile_is_reported_and_exit_is_1_when_nothing_ran(
+    tiny_cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    torch_single_thread: None,
+) -> None:
+    def broken_backend(gm: Any, example_inputs: Any) -> Any:
+        raise RuntimeError("no kernel for this graph")
+
+    monkeypatch.setattr(opt, "DEFAULT_COMPILE_BACKEND", broken_backend)
+    config = tmp_path / "zmon.yaml"
+    config.write_text(f"model:\n  cache_dir: {tiny_cache_dir}\n  cpu_threads: 1\n")
+    out = tmp_path / "tune"
+    code = main(["tune", "-c", str(config), "--variants", "compile,fp8", "--runs", "2", "--rounds", "1",
+                 "--max-warmup", "4", "--out", str(out)])
+    assert code == 1, capsys.readouterr().err  # the baseline ran, no variant could
+    doc = json.loads((out / "tune.json").read_text())
+    compile_result = next(v for v in doc["variants"] if v["name"] == "compile")
+    assert compile_result["status"] == "rejected"
+    reason = compile_result["reason"]
+    assert reason.startswith("cannot compile:") and "no kernel for this graph" in reason
+    assert doc["baseline"]["latency_seconds"]["n"] == 2 and doc["best"]["variants"] == []
+    md = (out / "tune.md").read_text()
+    assert "rejected: cannot compile" in md and "nothing measurably beat the configured pipeline" in md
+    assert type(load_config(out / "tune.config.yaml", environ={})) is Config  # still a valid config
+
+
+def test_time_budget_skips_with_the_reason(tiny_pipe: Any, tiny_cache_dir: Path, torch_single_thread: None) -> None:
+    cfg = Config.model_validate({"model": {"cache_dir": str(tiny_cache_dir)}})
+    result = tune_pipeline(tiny_pipe, cfg, ["channels_last", "prompt_cache"],
+                           TuneOptions(runs=4, rounds=2, max_seconds=0.01, warmup=WarmupRule(max_runs=4)),
+                           model_id=TINY_MODEL_ID)
+    assert [v.status for v in result.variants] == ["skipped", "skipped"]
+    assert all((v.reason or "").startswith("time budget") for v in result.variants)
+    assert result.baseline.stats is not None and result.baseline.stats.n == 2  # one round, always
+    assert any("1 timing round(s) instead of 2" in n for n in result.notes)
+    assert result.exit_code == 1 and result.flops is None

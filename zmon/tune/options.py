@@ -196,10 +196,11 @@ def apply_compile(
         raise ValueError(f"{type(pipe).__name__} has no transformer or unet to compile")
     base = unwrap(getattr(pipe, name))
     mode = None if mode in (None, "default") else mode
+    backend = backend or DEFAULT_COMPILE_BACKEND
     key = ("compile", id(base), mode, backend)
     compiled: Any = cache.get(key) if cache is not None else None
     if compiled is None:
-        compiled = torch.compile(base, mode=mode, backend=backend or DEFAULT_COMPILE_BACKEND)
+        compiled = torch.compile(base, mode=mode, backend=backend)
         if mode in CUDA_GRAPH_MODES and hasattr(torch.compiler, "cudagraph_mark_step_begin"):
             # A denoising loop calls the graph once per step while the previous output may still be read;
             # marking each call as a new step keeps CUDA-graph trees from treating the loop as one
@@ -219,10 +220,11 @@ def apply_compile_vae(pipe: Any, *, backend: str | None = None, cache: dict[Any,
     if not isinstance(decoder, torch.nn.Module):
         raise ValueError(f"{type(pipe).__name__} has no vae.decoder to compile")
     base = unwrap(decoder)
+    backend = backend or DEFAULT_COMPILE_BACKEND
     key = ("compile_vae", id(base), backend)
     compiled = cache.get(key) if cache is not None else None
     if compiled is None:
-        compiled = torch.compile(base, backend=backend or DEFAULT_COMPILE_BACKEND)
+        compiled = torch.compile(base, backend=backend)
         if cache is not None:
             cache[key] = compiled
     return _swap(vae, "decoder", compiled)

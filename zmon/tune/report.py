@@ -460,10 +460,10 @@ def render_html(result: TuneResult) -> str:
         "Green: measurably faster, red: measurably slower, grey: no measurable gain.</p>"
         f"{latency_chart(result)}</div>",
         f"<div class='card'>{_table(table_header(result), table_rows(result))}</div>",
-        "<div class='grid'>",
         f"<div class='card'><h3>Peak memory</h3>{memory_chart(result)}</div>",
-        f"<div class='card'><h3>Output difference (PSNR vs baseline)</h3>{output_chart(result)}</div>",
-        "</div>",
+        "<div class='card'><h3>Output difference (PSNR vs baseline, dB)</h3><p class='meta'>Same prompt and "
+        f"seeds; dashed line: the tolerance exact variants must reach ({result.tolerance_db:.0f} dB); identical "
+        f"outputs drawn at 120.</p>{output_chart(result)}</div>",
         "<h2>Per-stage effect</h2>",
         f"<div class='card'>{_table(STAGE_HEADER, stage_rows(result))}</div>",
         f"<h2>Combination</h2><div class='card'><ul>{combo or '<li>no second winner to combine</li>'}</ul></div>",

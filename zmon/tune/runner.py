@@ -69,8 +69,9 @@ EXIT_OK = 0
 EXIT_NONE_RAN = 1
 EXIT_USAGE = 2
 STAGE_KEYS: Final = ("text_encode", "denoise", "vae_decode", "postprocess")
+WORKER_STARTUP_SECONDS: Final = 30.0  # a fresh process: imports, building or loading the pipeline, CUDA init
 DYNAMO_RECOMPILE_LIMIT: Final = 64  # variants share the denoiser's code object: 8 (torch's default) is too few
-Status = Literal["baseline", "measured", "skipped", "rejected"]
+Status = Literal["baseline", "pending", "measured", "skipped", "rejected"]  # pending: applicable, not timed yet
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,9 @@ class TuneOptions:
     allow_lossy: bool = False  # let lossy winners (fp8, fewer_steps) into the combination and the snippet
     combine: bool = True
     max_seconds: float | None = None  # wall budget for the whole tune; later phases are skipped when it runs out
+    # Expected seconds of a compile warm-up before one was measured (budgeting only; 93 s for the full-size
+    # Z-Image transformer on an H200). None: unknown until the first compiling variant has run.
+    compile_seconds_hint: float | None = None
     compile_backend: str | None = None  # None: options.DEFAULT_COMPILE_BACKEND (inductor)
     factory: str | None = None  # "module:function" that builds the pipeline in fresh processes (default: load)
     seed: int = 0  # of the per-round shuffles
@@ -257,7 +261,13 @@ def failure_reason(e: BaseException) -> str:
         return f"out of GPU memory: {first}"
     module = type(e).__module__ or ""
     if module.startswith(("torch._dynamo", "torch._inductor")):
-        return f"cannot compile: {type(e).__name__}: {first}"
+        # BackendCompilerFailed's own message is "backend='inductor' raised:"; the cause says what failed
+        cause = getattr(e, "inner_exception", None) or e.__cause__
+        why = ""
+        if cause is not None and cause is not e:
+            lines = str(cause).strip().splitlines()
+            why = f" {type(cause).__name__}: {(lines[0] if lines else '')[:300]}"
+        return f"cannot compile: {type(e).__name__}: {first}{why}"
     return f"{type(e).__name__}: {first}"
 
 
@@ -436,6 +446,9 @@ class Tuner:
         self.tolerance_db = options.min_psnr_db or output_tolerance_db(dtype)
         self.gen_seconds: dict[str, float] = {}  # warm generation time per configuration key (budgeting)
         self.compile_seconds: float | None = None  # the longest compile warm-up seen (budgeting)
+        self.rounds_run = options.rounds  # timing rounds actually run (fewer when the budget is short)
+        self.applied_any = False  # some variant was applied in process (the baseline is re-checked after)
+        self.fatal = False  # an undo failed: the in-process pipeline is no longer the baseline
         self.reference: list[Any] = []
         self._sampler: Any = None
         self._gpu_samples: list[tuple[float, float | None]] = []
@@ -448,7 +461,7 @@ class Tuner:
 
     def _result_for(self, v: Variant) -> VariantResult:
         return VariantResult(
-            name=v.name, description=v.description, status="measured", lossy=v.lossy,
+            name=v.name, description=v.description, status="pending", lossy=v.lossy,
             fresh_process=v.fresh_process, group=v.group, note=v.note, settings=v.settings(self.ctx),
             compared_to="baseline (fresh process)" if v.fresh_process else "baseline",
         )
@@ -522,21 +535,25 @@ class Tuner:
         accepted: list[Variant] = []
         try:
             for v in inproc:
-                if self._try_alone(v, result):
+                if self._try_alone(v, result, accepted, len(fresh)):
                     accepted.append(v)
             self._recheck_baseline(result)
-            measured = self._rounds(result, accepted)
+            measured = self._rounds(result, accepted, len(fresh))
             self._judge(result, measured)
             if self.options.combine:
-                self._combine(result, measured)
+                self._combine(result, measured, len(fresh))
             else:
                 self._set_best(result, [], result.baseline.measurement)
         except FatalPipelineState as e:
+            self.fatal = True
             self.note(result, str(e))
             self._set_best(result, [], result.baseline.measurement)
         self._fresh(result, fresh)
-        if self.options.flops:
+        if self.options.flops and not self.fatal:
             self._compute_floor(result)
+        for vr in result.variants:
+            if vr.status == "pending":
+                vr.status, vr.reason = "skipped", "not timed: the tune stopped early (see the notes)"
 
     def _applicability(self, result: TuneResult) -> tuple[list[Variant], list[Variant]]:
         inproc: list[Variant] = []
@@ -578,23 +595,50 @@ class Tuner:
         events = f", {w.compile_events} compile events" if w.compile_events else ""
         self.progress.note(f"{name}: {state} after {w.runs} generation(s), {w.seconds:.1f} s{events}")
 
-    def _estimate_warm(self, v: Variant) -> float:
-        base = self.gen_seconds.get("baseline", 0.0)
-        guess = base * max(self.options.warmup.window, 1) + base * self.options.check_items
-        if v.compiles and self.compile_seconds is not None:
-            guess += self.compile_seconds
+    # Budgeting (--max-seconds): each phase starts only when it fits next to what the later phases need, so
+    # early variants cannot starve the timing rounds. Estimates use the measured warm generation times.
+
+    def _gen(self, key: str = "baseline") -> float:
+        return self.gen_seconds.get(key, self.gen_seconds.get("baseline", 0.0))
+
+    def _compile_estimate(self) -> float:
+        return self.compile_seconds if self.compile_seconds is not None else (self.options.compile_seconds_hint or 0.0)
+
+    def _estimate_warm(self, variants: Sequence[Variant], *, combined: bool = False) -> float:
+        """Warm-up and output checks of a configuration, plus a compile: alone, when the variant compiles;
+        in a combination (its compiled wrappers are cached), only when another part makes them retrace."""
+        o = self.options
+        guess = self._gen() * (o.warmup.window + 1 + o.check_items)
+        compiles = any(v.compiles for v in variants)
+        if compiles and (not combined or any(v.retraces for v in variants)):
+            guess += self._compile_estimate()
         return guess
 
     def _rounds_cost(self, keys: Sequence[str], rounds: int) -> float:
-        per = sum(self.gen_seconds.get(k, self.gen_seconds.get("baseline", 0.0)) for k in keys)
-        return per * rounds * (1 + self.options.per_round)
+        return sum(self._gen(k) for k in keys) * rounds * (1 + self.options.per_round)
 
-    def _try_alone(self, v: Variant, result: TuneResult) -> bool:
+    def _worker_estimate(self) -> float:
+        o = self.options
+        gens = o.warmup.window + 1 + o.check_items + o.rounds * (1 + o.per_round)
+        return WORKER_STARTUP_SECONDS + self._gen() * gens
+
+    def _later_reserve(self, n_fresh: int) -> float:
+        """What the phases after the combination need: fresh processes (control + each) and the FLOP count."""
+        fresh = (n_fresh + 1) * self._worker_estimate() if n_fresh else 0.0
+        return fresh + (self._gen() * 2 + 1.0 if self.options.flops else 0.0)
+
+    def _reserve(self, keys: Sequence[str], n_fresh: int) -> float:
+        """Timing rounds over `keys`, one combination step, and the later phases."""
+        o = self.options
+        combine = self._gen() * (o.warmup.window + 1 + o.check_items) + self._rounds_cost(["baseline"] * 2, o.rounds)
+        return self._rounds_cost(keys, o.rounds) + (combine if o.combine else 0.0) + self._later_reserve(n_fresh)
+
+    def _try_alone(self, v: Variant, result: TuneResult, accepted: Sequence[Variant], n_fresh: int) -> bool:
         """Apply, warm up, compare outputs, undo. True when it may be timed."""
         vr = result.variant(v.name)
         assert vr is not None
-        reserve = self._rounds_cost(["baseline", v.name], 1)
-        if not self.budget.allows(self._estimate_warm(v) + reserve):
+        keys = ["baseline", *(a.name for a in accepted), v.name]
+        if not self.budget.allows(self._estimate_warm([v]) + self._reserve(keys, n_fresh)):
             vr.status, vr.reason = "skipped", f"time budget: {self.budget.left():.0f} s left (--max-seconds)"
             self.progress.note(f"skip {v.name}: {vr.reason}")
             return False
@@ -602,6 +646,7 @@ class Tuner:
         outputs: list[Any] = []
         undo: Callable[[], None] | None = None
         try:
+            self.applied_any = True
             undo = apply_all(self.ctx, [v])
             vr.warmup = self.bench.warm(self.options.warmup, v.name)
             outputs = self.bench.outputs(self.options.check_items)
@@ -636,7 +681,7 @@ class Tuner:
 
     def _recheck_baseline(self, result: TuneResult) -> None:
         """Every variant was undone: the baseline must reproduce its reference images."""
-        if not self.reference or not any(v.status in ("measured", "rejected") for v in result.variants):
+        if not self.reference or not self.applied_any:
             return
         try:
             again = compare_outputs(self.reference, self.bench.outputs(self.options.check_items))
@@ -683,14 +728,15 @@ class Tuner:
             _finish(self.progress)
         return measured, failed
 
-    def _rounds(self, result: TuneResult, accepted: Sequence[Variant]) -> dict[str, Measurement]:
+    def _rounds(self, result: TuneResult, accepted: Sequence[Variant], n_fresh: int) -> dict[str, Measurement]:
         configs: list[tuple[str, Sequence[Variant]]] = [("baseline", ())] + [(v.name, [v]) for v in accepted]
         keys = [k for k, _ in configs]
         rounds = self.options.rounds
-        while rounds > 1 and not self.budget.allows(self._rounds_cost(keys, rounds)):
+        while rounds > 1 and not self.budget.allows(self._rounds_cost(keys, rounds) + self._later_reserve(n_fresh)):
             rounds -= 1
         if rounds < self.options.rounds:
             self.note(result, f"time budget: {rounds} timing round(s) instead of {self.options.rounds}")
+        self.rounds_run = rounds
         measured, failed = self._run_rounds(configs, rounds, "round")
         result.baseline.measurement = measured["baseline"]
         if "baseline" in failed:
@@ -701,6 +747,8 @@ class Tuner:
             vr.measurement = measured[v.name]
             if v.name in failed:
                 vr.status, vr.reason = "rejected", failed[v.name]
+            elif measured[v.name].walls:
+                vr.status = "measured"
         return measured
 
     def _judge(self, result: TuneResult, measured: dict[str, Measurement]) -> None:
@@ -729,7 +777,7 @@ class Tuner:
                 settings = deep_merge(settings, vr.settings)
         result.best_settings = settings
 
-    def _combine(self, result: TuneResult, measured: dict[str, Measurement]) -> None:
+    def _combine(self, result: TuneResult, measured: dict[str, Measurement], n_fresh: int) -> None:
         by_name = {v.name: v for v in self.variants}
         winners = sorted(
             (vr for vr in result.variants
@@ -756,11 +804,13 @@ class Tuner:
             cur_key = "+".join(current)
             self.gen_seconds.setdefault(cur_key, self.gen_seconds.get(current[-1], 0.0))
             self.gen_seconds.setdefault(cand_key, self.gen_seconds.get(cur_key, 0.0))
-            cost = self._estimate_warm(v) + self._rounds_cost([cur_key, cand_key], self.options.rounds)
+            variants = [by_name[n] for n in cand]
+            cost = (self._estimate_warm(variants, combined=True)
+                    + self._rounds_cost([cur_key, cand_key], self.rounds_run)
+                    + self._later_reserve(n_fresh))
             if not self.budget.allows(cost):
                 step.reason = f"time budget: {self.budget.left():.0f} s left"
                 continue
-            variants = [by_name[n] for n in cand]
             undo: Callable[[], None] | None = None
             outputs: list[Any] = []
             failure: str | None = None
@@ -788,7 +838,7 @@ class Tuner:
                 step.reason = f"the combination's {bad}"
                 continue
             configs = [(cur_key, [by_name[n] for n in current]), (cand_key, variants)]
-            ms, failed = self._run_rounds(configs, self.options.rounds, "combine")
+            ms, failed = self._run_rounds(configs, self.rounds_run, "combine")
             if failed:
                 step.reason = "; ".join(f"{k} {r}" for k, r in failed.items())
                 continue
@@ -813,9 +863,7 @@ class Tuner:
         if not fresh:
             return
         control: WorkerResult | None = None
-        per_worker = self.gen_seconds.get("baseline", 1.0) * (
-            self.options.warmup.max_runs + self.options.check_items + self.options.rounds * (1 + self.options.per_round)
-        ) + 30.0  # + start-up: imports, load, CUDA initialisation
+        per_worker = self._worker_estimate()
         for v in fresh:
             vr = result.variant(v.name)
             assert vr is not None
@@ -838,9 +886,9 @@ class Tuner:
                 update={"alloc_conf": env.get(opt.ALLOC_CONF_ENV, self.cfg.model.alloc_conf)})})
             w = run_worker(cfg, env, self.options, self.model_id, label=v.name, timeout=self.budget.left())
             if w.error:
-                vr.status, vr.reason = "rejected", w.error
+                vr.status, vr.reason = ("skipped" if w.timed_out else "rejected"), w.error
                 continue
-            vr.warmup, vr.measurement = w.warmup, w.measurement
+            vr.warmup, vr.measurement, vr.status = w.warmup, w.measurement, "measured"
             vr.output = compare_outputs(self.reference, w.outputs) if w.outputs else None
             bad = output_verdict(vr.output, lossy=v.lossy, min_psnr_db=self.tolerance_db) if vr.output else None
             if bad:
@@ -867,7 +915,7 @@ class Tuner:
         import torch
 
         ctx = self.ctx
-        if not self.budget.allows(self.gen_seconds.get("baseline", 0.0) * 4 + 2.0):
+        if not self.budget.allows(self._gen() * 2 + 1.0):
             self.note(result, "compute floor not measured: time budget")
             return
         base = result.baseline.measurement
@@ -894,6 +942,7 @@ class WorkerResult:
     error: str | None = None
     seconds: float = 0.0
     alloc_conf: str = ""  # the allocator setting the process actually ran with
+    timed_out: bool = False  # killed at the end of the time budget
 
 
 def run_worker(
@@ -937,8 +986,8 @@ def run_worker(
                 env=env, capture_output=True, text=True, timeout=None if math.isinf(timeout) else max(timeout, 1.0),
             )
         except subprocess.TimeoutExpired:
-            return WorkerResult(error=f"fresh process ({label}) ran past the time budget",
-                                seconds=time.monotonic() - t0)
+            return WorkerResult(error=f"time budget: the fresh process ({label}) was stopped after {timeout:.0f} s",
+                                seconds=time.monotonic() - t0, timed_out=True)
         if proc.returncode != 0 or not result_path.exists():
             tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-3:]
             return WorkerResult(error=f"fresh process ({label}) exited {proc.returncode}: {' | '.join(tail)[:400]}",

@@ -73,6 +73,9 @@ class Variant:
     fresh_process: bool = False
     group: str | None = None  # at most one variant of a group in a combination
     compiles: bool = False  # its warm-up includes a compilation (used to budget time)
+    # Changes what a compiled module traced (attention dispatch, parameter layout or type): combined with a
+    # compiling variant it costs a recompile (used to budget time).
+    retraces: bool = False
     note: str = ""  # a caveat the report repeats
 
 
@@ -225,6 +228,7 @@ def _attention_variant(backend: str) -> Variant:
         settings=lambda ctx: {"model": {"attention_backend": backend}},
         apply=lambda ctx: opt.apply_attention_backend(ctx.pipe, backend),
         group="attention",
+        retraces=True,
     )
 
 
@@ -252,6 +256,7 @@ _FIXED: Final[dict[str, Variant]] = {
             check=_channels_last_check,
             settings=lambda ctx: {"model": {"channels_last_vae": True}},
             apply=lambda ctx: opt.apply_channels_last_vae(ctx.pipe),
+            retraces=True,
         ),
         Variant(
             name="prompt_cache",
@@ -259,7 +264,8 @@ _FIXED: Final[dict[str, Variant]] = {
             check=_prompt_cache_check,
             settings=lambda ctx: {"workload": {"prompt_cache": {"enabled": True}}},
             apply=_prompt_cache_apply,
-            note="measured with each round's prompt repeating (cache hits); the gain needs repeated prompts",
+            note="every timed generation repeats the same prompt, so it is measured on cache hits: the gain "
+            "appears in service only for repeated prompts",
         ),
         Variant(
             name="fp8",
@@ -269,6 +275,7 @@ _FIXED: Final[dict[str, Variant]] = {
             settings=lambda ctx: {"model": {"fp8": True}},
             apply=lambda ctx: opt.apply_fp8(ctx.pipe, copy_module=True, cache=ctx.cache),
             lossy=True,
+            retraces=True,
         ),
         Variant(
             name="fewer_steps",
