@@ -85,7 +85,9 @@ def _start_monitoring(cfg: Any) -> Any:
     return mon
 
 
-def reproduce(tuner: Any, result: Any, tuned_config: Path, factory: str, *, time_left: float) -> dict[str, Any]:
+def reproduce(
+    tuner: Any, result: Any, tuned_config: Path, *, time_left: float, where: str = "auto"
+) -> dict[str, Any]:
     """Measure the emitted configuration again and compare its p50 with the tune's spread of the winner."""
     from zmon.config import load_config
     from zmon.tune import options as opt
@@ -97,7 +99,7 @@ def reproduce(tuner: Any, result: Any, tuned_config: Path, factory: str, *, time
                            "tune_latency_seconds": None if best is None else best.to_dict()}
     compiles = bool(cfg.model.compile or cfg.model.compile_vae)
     needed = STARTUP_SECONDS + (tuner._compile_estimate() if compiles else 0.0) + tuner._worker_estimate()
-    if time_left >= needed:
+    if where == "fresh" or (where == "auto" and time_left >= needed):
         out["where"] = "fresh process (builds the pipeline, applies tune.config.yaml's model options)"
         w = run_worker(cfg, {}, tuner.options, result.model_id, label="reproduce", timeout=time_left)
         if w.error:
@@ -109,9 +111,14 @@ def reproduce(tuner: Any, result: Any, tuned_config: Path, factory: str, *, time
     else:
         # Not enough time for a fresh process that compiles again: apply the emitted options to this pipeline
         # (the tune undid its variants; its compiled wrappers are reused, so no second compile).
-        out["where"] = f"this process (a fresh one needs ~{needed:.0f} s, {time_left:.0f} s left)"
+        out["where"] = (f"this process (a fresh one needs ~{needed:.0f} s, {time_left:.0f} s left)"
+                        if where == "auto" else "this process (--reproduce inprocess)")
         ctx = tuner.ctx
-        applied = opt.apply_model_options(ctx.pipe, cfg.model, cache=ctx.cache, fp8_copy=True)
+        model = cfg.model
+        if model.alloc_conf is not None:  # read once at CUDA start: only a fresh process can apply it
+            out["note"] = f"model.alloc_conf={model.alloc_conf!r} not applied: CUDA was initialised already"
+            model = model.model_copy(update={"alloc_conf": None})
+        applied = opt.apply_model_options(ctx.pipe, model, cache=ctx.cache, fp8_copy=True)
         cache_handle = None
         if cfg.workload.prompt_cache.enabled:
             from zmon.instrumentation.prompt_cache import apply_prompt_cache
@@ -154,7 +161,9 @@ def main() -> int:
     ap.add_argument("--max-seconds", type=float, default=540.0, help="wall budget for the whole script")
     ap.add_argument("--max-warmup", type=int, default=10)
     ap.add_argument("--tiny", action="store_true", help="dry run on the CPU with the embedded tiny model")
-    ap.add_argument("--no-reproduce", action="store_true")
+    ap.add_argument("--reproduce", choices=("auto", "fresh", "inprocess", "off"), default="auto",
+                    help="where to reproduce the winner: a fresh process when the budget allows (auto), always "
+                    "fresh, in this process (reuses the compiled code), or not at all")
     args = ap.parse_args()
     t_start = time.monotonic()
 
@@ -193,7 +202,7 @@ def main() -> int:
           f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.tiny else 'cpu'})",
           flush=True)
 
-    reserve = 0.0 if args.no_reproduce else REPRODUCE_RESERVE_SECONDS
+    reserve = 0.0 if args.reproduce == "off" else REPRODUCE_RESERVE_SECONDS
     tune_budget = max(60.0, args.max_seconds - (time.monotonic() - t_start) - reserve)
     options = TuneOptions(
         runs=args.runs, rounds=args.rounds, max_seconds=tune_budget, factory=factory,
@@ -210,11 +219,11 @@ def main() -> int:
     summary: dict[str, Any] = {"build_seconds": build_seconds, "tune_budget_seconds": tune_budget,
                                "tune_seconds": result.elapsed_seconds,
                                "reports": {k: str(v) for k, v in paths.items()}}
-    if not args.no_reproduce and result.best_stats is not None:
+    if args.reproduce != "off" and result.best_stats is not None:
         left = args.max_seconds - (time.monotonic() - t_start) - 5.0
         t0 = time.monotonic()
         try:
-            summary["reproduce"] = reproduce(tuner, result, paths["config"], factory, time_left=left)
+            summary["reproduce"] = reproduce(tuner, result, paths["config"], time_left=left, where=args.reproduce)
         except Exception as e:  # keep what the tune measured
             summary["reproduce"] = {"error": f"{type(e).__name__}: {e}"}
         summary["reproduce"]["seconds"] = time.monotonic() - t0
@@ -229,7 +238,7 @@ def main() -> int:
             print(f"- failed: {rep['error']}")
         else:
             s, b = rep.get("latency_seconds") or {}, rep.get("tune_latency_seconds") or {}
-            print(f"- where: {rep['where']}")
+            print(f"- where: {rep['where']}" + (f"; {rep['note']}" if rep.get("note") else ""))
             print(f"- tune: p50 {b.get('p50', float('nan')):.4f} s (min–max {b.get('min', float('nan')):.4f}–"
                   f"{b.get('max', float('nan')):.4f}, n={b.get('n')})")
             verdict = "REPRODUCED" if rep.get("reproduced") else "NOT reproduced"
