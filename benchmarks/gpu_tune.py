@@ -160,6 +160,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=9)
     ap.add_argument("--max-seconds", type=float, default=540.0, help="wall budget for the whole script")
     ap.add_argument("--max-warmup", type=int, default=10)
+    ap.add_argument("--min-psnr", type=float, default=None, help="exact-variant tolerance (default 30 dB in bf16)")
     ap.add_argument("--tiny", action="store_true", help="dry run on the CPU with the embedded tiny model")
     ap.add_argument("--reproduce", choices=("auto", "fresh", "inprocess", "off"), default="auto",
                     help="where to reproduce the winner: a fresh process when the budget allows (auto), always "
@@ -206,7 +207,7 @@ def main() -> int:
     tune_budget = max(60.0, args.max_seconds - (time.monotonic() - t_start) - reserve)
     options = TuneOptions(
         runs=args.runs, rounds=args.rounds, max_seconds=tune_budget, factory=factory,
-        warmup=WarmupRule(max_runs=args.max_warmup),
+        warmup=WarmupRule(max_runs=args.max_warmup), min_psnr_db=args.min_psnr,
         compile_seconds_hint=None if args.tiny else COMPILE_SECONDS_HINT,
     )
     monitor = _start_monitoring(cfg)

@@ -302,6 +302,8 @@ def _add_tune_parser(sub: Any) -> None:
                    help="let lossy winners (fp8, fewer_steps) into the combination and the snippet")
     t.add_argument("--max-warmup", type=_positive_int, default=12, metavar="N",
                    help="warm-up generations at most per configuration (default 12)")
+    t.add_argument("--min-psnr", type=float, metavar="DB",
+                   help="PSNR exact variants must reach against the baseline (default: 30 dB bf16/fp16, 60 float32)")
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -321,6 +323,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         problems.append(f"--out: {out} exists and is not a directory")
     if args.max_seconds is not None and args.max_seconds <= 0:
         problems.append(f"--max-seconds: must be > 0, got {args.max_seconds}")
+    if args.min_psnr is not None and args.min_psnr <= 0:
+        problems.append(f"--min-psnr: must be > 0 dB, got {args.min_psnr}")
     if problems:
         print(f"error: {len(problems)} error(s)", file=sys.stderr)
         for p in problems:
@@ -335,7 +339,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     options = TuneOptions(
         runs=args.runs, rounds=args.rounds, max_seconds=args.max_seconds, allow_lossy=args.allow_lossy,
-        warmup=WarmupRule(max_runs=args.max_warmup),
+        warmup=WarmupRule(max_runs=args.max_warmup), min_psnr_db=args.min_psnr,
     )
     return tune_main(cfg, names, options, out_dir=out)
 
