@@ -411,3 +411,19 @@ def test_time_budget_skips_with_the_reason(tiny_pipe: Any, tiny_cache_dir: Path,
     assert result.baseline.stats is not None and result.baseline.stats.n == 2  # one round, always
     assert any("1 timing round(s) instead of 2" in n for n in result.notes)
     assert result.exit_code == 1 and result.flops is None
+
+
+def test_a_configured_prompt_cache_is_part_of_the_baseline(
+    tiny_pipe: Any, tiny_cache_dir: Path, torch_single_thread: None
+) -> None:
+    from zmon.instrumentation.stages import installed_layers
+
+    cfg = Config.model_validate({"model": {"cache_dir": str(tiny_cache_dir)},
+                                 "workload": {"prompt_cache": {"enabled": True}}})
+    result = tune_pipeline(tiny_pipe, cfg, ["prompt_cache"],
+                           TuneOptions(runs=2, rounds=1, warmup=WarmupRule(max_runs=3), flops=False),
+                           model_id=TINY_MODEL_ID)
+    assert result.variants[0].status == "skipped" and "already on" in (result.variants[0].reason or "")
+    base = result.baseline.measurement
+    assert base is not None and all(r.prompt_cache_hit for r in base.records)  # the baseline ran with it
+    assert not installed_layers(tiny_pipe, "encode_prompt")  # and it is removed afterwards

@@ -516,11 +516,20 @@ class Tuner:
         saved_limit = getattr(dynamo_config, limit_key) if limit_key else None
         if limit_key:
             setattr(dynamo_config, limit_key, max(int(saved_limit or 0), DYNAMO_RECOMPILE_LIMIT))
+        # The configured prompt cache is part of the baseline, as in `zmon run` (its instrumentation, not
+        # loading, applies it).
+        baseline_cache = None
+        if self.cfg.workload.prompt_cache.enabled:
+            from zmon.instrumentation.prompt_cache import apply_prompt_cache
+
+            baseline_cache = apply_prompt_cache(ctx.pipe, self.cfg.workload.prompt_cache)
         self._start_sampler(result)
         try:
             self._run(result)
         finally:
             self._stop_sampler()
+            if baseline_cache is not None:
+                baseline_cache.remove()
             if limit_key:
                 setattr(dynamo_config, limit_key, saved_limit)
             result.elapsed_seconds = self.budget.elapsed()
