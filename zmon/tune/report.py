@@ -320,7 +320,10 @@ def render_markdown(result: TuneResult) -> str:
         "",
     ]
     if result.combination:
-        out += ["## Combination (greedy, largest gain first)", ""]
+        out += ["## Combination (greedy, largest gain first)", "",
+                "Each step re-measures the current best and the candidate in interleaved rounds of their own; the "
+                "best configuration's figures come from its last such round, the baseline's from the main rounds.",
+                ""]
         for s in result.combination:
             base = " + ".join(s.current)
             if s.kept:
