@@ -29,7 +29,7 @@ def _daemon_code(real: bool) -> str:
         f"""
         import sys, time
         sys.path.insert(0, {os.getcwd()!r})
-        from zmon.app import build_watch
+        from zmon.app.watch import build_watch
         from zmon.config import load_config
         nvml = None
         if not {real}:
@@ -53,7 +53,7 @@ def main() -> None:
 
     from prometheus_client import generate_latest
 
-    from zmon.app import build_watch
+    from zmon.app.watch import build_watch
     from zmon.config import Config
 
     nvml = None

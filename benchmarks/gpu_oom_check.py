@@ -15,8 +15,8 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
+    from zmon.app.run import build_run
     from zmon.config import load_config
-    from zmon.workload.runner import build_run
 
     snap = args.out / "oom-snapshots"
     cfg = load_config(environ={}, overrides={

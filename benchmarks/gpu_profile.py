@@ -96,8 +96,26 @@ def main() -> None:
     import torch
 
     from benchmarks.fullsize import build_full_z_image
+    from zmon.app.profile import profile_monitor
+    from zmon.capture.profile import profile_pipeline as _profile_pipeline
+    from zmon.capture.profile import workload_spec
+    from zmon.capture.progress import Progress
     from zmon.config import load_config
-    from zmon.profiling.runner import Progress, WorkloadCaller, profile_pipeline, workload_spec
+    from zmon.workload.runner import Workload
+
+    def profile_pipeline(pipe: Any, cfg: Any, **kw: Any) -> Any:
+        mon, history = profile_monitor(cfg)  # the profile samples through zmon's own sampler
+        try:
+            return _profile_pipeline(pipe, cfg, sampling=mon, history=history, **kw)
+        finally:
+            mon.stop()
+
+    class WorkloadCaller:
+        def __init__(self, pipe: Any, spec: Any) -> None:
+            self.workload = Workload(pipe, spec)
+
+        def __call__(self, i: int) -> float:
+            return self.workload.call(i).seconds
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)

@@ -216,14 +216,11 @@ class Child:
         self.torch.cuda.reset_peak_memory_stats(0)
 
     def policy(self, *, on: bool) -> Any:
-        from zmon.policy import PolicyConfig, PolicyRunner, Rule, default_rules
+        from zmon.config import PolicyConfig
+        from zmon.policy import PolicyRunner
 
-        rules = [
-            Rule.model_validate({**r.model_dump(), "for_samples": 1, "cooldown_seconds": 0})
-            if r.name == "reserved_unallocated_high" else r
-            for r in default_rules()
-        ]
-        return PolicyRunner(PolicyConfig(rules=tuple(rules), dry_run=not on),
+        rules = {"reserved_unallocated_high": {"for_samples": 1, "cooldown_seconds": 0}}
+        return PolicyRunner(PolicyConfig.model_validate({"rules": rules, "dry_run": not on}),
                             remediator=recording_remediator(dry_run=not on))
 
     def call(self, size: int, seed: int) -> None:

@@ -2,14 +2,15 @@
 
 One call, one process (plus the fresh processes the tune and the reproduction start):
   1. build the full-size Z-Image-shaped pipeline in bf16 on the GPU (benchmarks.fullsize, no download);
-  2. start zmon's background sampling (NVML, host, allocator at their configured intervals) as a monitored
-     service has it, and run the tune in process (stage timing on every timed generation, NVML utilization
-     per configuration): compile, cuda_graphs, compile_vae, prompt_cache, channels_last, fewer_steps (lossy),
-     the cuDNN and flash SDPA backends, fp8 (skipped without torchao) and expandable_segments (fresh
-     process), each warmed up until compile/autotune is done, 2 interleaved rounds × 2 measured runs;
+  2. sample through the profile's Monitor without HTTP (zmon.app.profile.profile_monitor: NVML, host and
+     process CPU, the allocator at profiling.sample_interval_seconds), and run the tune in process (stage
+     timing on every timed generation, NVML utilization per configuration): compile, cuda_graphs,
+     compile_vae, prompt_cache, channels_last, fewer_steps (lossy), the cuDNN SDPA backend, fp8 (skipped
+     without torchao) and expandable_segments (fresh process), each warmed up until compile/autotune is
+     done, 2 interleaved rounds × 2 measured runs;
   3. write tune.json / tune.md / tune.html / tune.config.yaml to $OUT (or --out);
   4. reproduce the winner from the emitted tune.config.yaml with the function `zmon run` uses
-     (zmon.tune.options.apply_model_options): in a fresh process building the same pipeline when the time
+     (zmon.workload.options.apply_model_options): in a fresh process building the same pipeline when the time
      left allows it, else in this process on the same pipeline; same warm-up detection and rounds; it
      reproduces when its p50 lies within the tune's measured min–max of the winner (reproduce.json);
   5. print the report (with its table) and the reproduction last.
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -71,27 +73,13 @@ def _config(args: argparse.Namespace) -> Any:
     })
 
 
-def _start_monitoring(cfg: Any) -> Any:
-    """zmon's sampler as `zmon run` has it (no HTTP, no policy actions: they would act between timed runs)."""
-    from prometheus_client import CollectorRegistry
-
-    from zmon.app import Monitor, add_allocator_source, add_host_sources, add_nvml_sources
-
-    mon = Monitor(cfg, mode="run", registry=CollectorRegistry(), serve_http=False)
-    add_host_sources(mon, watched_pid=os.getpid())
-    add_nvml_sources(mon, watched_pid=os.getpid())
-    add_allocator_source(mon)
-    mon.start()
-    return mon
-
-
 def reproduce(
     tuner: Any, result: Any, tuned_config: Path, *, time_left: float, where: str = "auto"
 ) -> dict[str, Any]:
     """Measure the emitted configuration again and compare its p50 with the tune's spread of the winner."""
     from zmon.config import load_config
-    from zmon.tune import options as opt
     from zmon.tune.runner import Bench, Measurement, run_worker
+    from zmon.workload import options as opt
 
     cfg = load_config(tuned_config, environ={})
     best = result.best_stats
@@ -119,12 +107,9 @@ def reproduce(
             out["note"] = f"model.alloc_conf={model.alloc_conf!r} not applied: CUDA was initialised already"
             model = model.model_copy(update={"alloc_conf": None})
         applied = opt.apply_model_options(ctx.pipe, model, cache=ctx.cache, fp8_copy=True)
-        cache_handle = None
-        if cfg.workload.prompt_cache.enabled:
-            from zmon.instrumentation.prompt_cache import apply_prompt_cache
-
-            cache_handle = apply_prompt_cache(ctx.pipe, cfg.workload.prompt_cache)
-        saved = dict(ctx.overrides)
+        # The bench registers the prompt cache (and stage timing) around each block, after the options above.
+        saved, saved_cache = dict(ctx.overrides), ctx.prompt_cache
+        ctx.prompt_cache = cfg.workload.prompt_cache if cfg.workload.prompt_cache.enabled else None
         ctx.overrides["num_inference_steps"] = cfg.workload.steps or ctx.spec.steps
         try:
             bench = Bench(ctx)
@@ -135,8 +120,7 @@ def reproduce(
         finally:
             ctx.overrides.clear()
             ctx.overrides.update(saved)
-            if cache_handle is not None:
-                cache_handle.remove()
+            ctx.prompt_cache = saved_cache
             applied.remove()
     s = m.spread
     out["latency_seconds"] = None if s is None else s.to_dict()
@@ -170,12 +154,14 @@ def main() -> int:
 
     import torch
 
-    from zmon.profiling.runner import Progress
-    from zmon.tune import options as opt
+    from zmon.app.profile import profile_monitor
+    from zmon.capture.progress import Progress
+    from zmon.providers import cuda
     from zmon.tune.measure import WarmupRule
     from zmon.tune.names import parse_variants
     from zmon.tune.report import render_markdown, write_reports
     from zmon.tune.runner import TuneOptions, Tuner
+    from zmon.workload import options as opt
 
     names, problems = parse_variants(args.variants or (TINY_VARIANTS if args.tiny else GPU_VARIANTS))
     if problems:
@@ -190,7 +176,7 @@ def main() -> int:
         opt.DEFAULT_COMPILE_BACKEND = "eager"
         factory, model_id = "benchmarks.gpu_tune:build_tiny", "builtin:tiny-z-image"
     else:
-        if not torch.cuda.is_available():
+        if not cuda.is_available():
             print("error: no CUDA device (use --tiny for a CPU dry run)", file=sys.stderr)
             return 1
         factory, model_id = "benchmarks.fullsize:build_full_z_image", MODEL_ID
@@ -200,8 +186,7 @@ def main() -> int:
     pipe = getattr(importlib.import_module(module), fn)()
     build_seconds = time.monotonic() - t_start
     print(f"pipeline ready after {build_seconds:.1f} s ({torch.__version__}, "
-          f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.tiny else 'cpu'})",
-          flush=True)
+          f"{cuda.device_name(0) if not args.tiny else 'cpu'})", flush=True)
 
     reserve = 0.0 if args.reproduce == "off" else REPRODUCE_RESERVE_SECONDS
     tune_budget = max(60.0, args.max_seconds - (time.monotonic() - t_start) - reserve)
@@ -210,9 +195,13 @@ def main() -> int:
         warmup=WarmupRule(max_runs=args.max_warmup), min_psnr_db=args.min_psnr,
         compile_seconds_hint=None if args.tiny else COMPILE_SECONDS_HINT,
     )
-    monitor = _start_monitoring(cfg)
+    # A sample skipped because the previous one still runs (a busy host while compiling) is expected and
+    # coalesced; APScheduler's warning for each would bury the report.
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)
+    monitor, history = profile_monitor(cfg)  # the Tuner starts and stops its sampling
     try:
-        tuner = Tuner(pipe, cfg, names, options, model_id=model_id, progress=Progress(sys.stderr))
+        tuner = Tuner(pipe, cfg, names, options, model_id=model_id, progress=Progress(sys.stderr),
+                      sampling=monitor, history=history)
         result = tuner.run()
     finally:
         monitor.stop()

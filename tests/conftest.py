@@ -1,4 +1,13 @@
-"""Shared pytest options and fixtures."""
+"""Shared pytest options and fixtures; the tier marker of every test comes from its folder.
+
+- tests/unit: one component in process; fakes only for what cannot exist here (NVML, CUDA); external
+  validators (promtool, systemd-analyze) are allowed.
+- tests/integration: real parts together in the test process: the embedded tiny pipeline, a real
+  Prometheus / Alertmanager / Chromium.
+- tests/e2e: the `zmon` command itself, as a subprocess (CLI or daemon), with real services around it.
+
+`pytest -m unit` (or integration, e2e) runs one tier.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +15,20 @@ from pathlib import Path
 
 import pytest
 
-GOLDEN_DIR = Path(__file__).parent / "golden"
+TESTS = Path(__file__).parent
+GOLDEN_DIR = TESTS / "golden"
+TIERS = ("unit", "integration", "e2e")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        try:
+            tier = item.path.relative_to(TESTS).parts[0]
+        except ValueError:
+            continue
+        if tier not in TIERS:
+            raise pytest.UsageError(f"{item.nodeid}: every test lives in tests/unit, tests/integration or tests/e2e")
+        item.add_marker(getattr(pytest.mark, tier))
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -183,6 +183,26 @@ ROWS: tuple[Row, ...] = (
             Q(f"zmon_gpu_info{{{GPU}}}", instant=True, format="table"),
         ), kind="table", width=24, height=5),
     )),
+    Row("GPU efficiency (GPM, Hopper+)", (
+        Panel("SM active vs utilization.gpu", (
+            Q(f"zmon_gpu_sm_active_ratio{{{GPU}}}", "SM active {{instance}} GPU {{gpu}}"),
+            Q(f"zmon_gpu_utilization_ratio{{{GPU}}}", "utilization.gpu {{instance}} GPU {{gpu}}"),
+        ), unit="percentunit", min=0, max=1, width=6,
+            description="utilization.gpu counts time a kernel ran, however small; SM active counts busy SMs. "
+                        "High utilization with low SM active: kernels too small to fill the GPU."),
+        Panel("Tensor core active", (
+            Q(f"zmon_gpu_tensor_active_ratio{{{GPU}}}", "{{instance}} GPU {{gpu}}"),
+        ), unit="percentunit", min=0, max=1, width=6,
+            description="Share of time the tensor cores were busy: the denoiser's matmuls in bf16/fp16 land here."),
+        Panel("DRAM bandwidth utilization", (
+            Q(f"zmon_gpu_dram_bandwidth_utilization_ratio{{{GPU}}}", "{{instance}} GPU {{gpu}}"),
+        ), unit="percentunit", min=0, max=1, width=6,
+            description="DRAM throughput over its peak. High with low tensor activity: memory-bound kernels."),
+        Panel("NVLink throughput", (
+            Q(f"zmon_gpu_nvlink_rx_bytes_per_second{{{GPU}}}", "rx {{instance}} GPU {{gpu}}"),
+            Q(f"zmon_gpu_nvlink_tx_bytes_per_second{{{GPU}}}", "tx {{instance}} GPU {{gpu}}"),
+        ), unit="Bps", width=6, description="All links; absent on GPUs without NVLink."),
+    )),
     Row("PyTorch allocator", (
         Panel("Allocated, reserved and headroom", (
             Q(f"zmon_torch_allocated_bytes{{{INST}}}", "allocated {{instance}} cuda:{{device}}"),

@@ -1,11 +1,26 @@
-"""zmon: resource profiler and monitoring sidecar for diffusion image-generation services."""
+"""zmon: resource profiler and monitoring sidecar for diffusion image-generation services.
+
+`zmon.attach(pipe)` instruments a host's pipeline in process (zmon.app.attach); importing `zmon` itself
+imports nothing else, so any module may read `zmon.__version__` without pulling in the composition root.
+"""
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from typing import TYPE_CHECKING, Any
 
-# Imported eagerly (it pulls in no torch): a lazy wrapper named like the submodule would be shadowed by
-# the module object as soon as anything imports zmon.attach.
-from zmon.attach import Handle, attach
+from zmon.version import __version__
+
+if TYPE_CHECKING:
+    from zmon.app.attach import Handle, attach
 
 __all__ = ["Handle", "__version__", "attach"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("attach", "Handle"):
+        import importlib
+
+        attach_module = importlib.import_module("zmon.app.attach")  # lazy: the composition root
+
+        return getattr(attach_module, name)
+    raise AttributeError(f"module 'zmon' has no attribute {name!r}")

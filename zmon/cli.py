@@ -11,12 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from zmon import __version__
 from zmon.config import DEFAULT_LISTEN, Config, ConfigError, load_config
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2  # invalid arguments or configuration
+from zmon.exitcodes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
+from zmon.version import __version__
 
 log = logging.getLogger("zmon")
 
@@ -44,12 +41,19 @@ def setup_logging(cfg: Config) -> None:
     root.handlers[:] = [handler]
     root.setLevel(cfg.logging.level)
     logging.getLogger("apscheduler").setLevel(max(logging.WARNING, root.level))
+    for note in cfg.notes:
+        log.warning("config: %s", note)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", metavar="FILE", help="YAML configuration (see config.example.yaml)")
     p.add_argument(
         "--listen", metavar="HOST:PORT", help=f"address for /metrics (default {DEFAULT_LISTEN}; loopback only)"
+    )
+    p.add_argument(
+        "--web.config.file", dest="web_config_file", metavar="FILE",
+        help="exporter-toolkit web configuration (TLS, basic auth, headers), as node_exporter takes "
+        "(server.web_config_file)",
     )
 
 
@@ -99,7 +103,14 @@ def _load(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Conf
     overrides: dict[str, Any] = dict(extra or {})
     if getattr(args, "listen", None):
         overrides.setdefault("server", {})["listen"] = args.listen
-    return load_config(args.config, overrides=overrides)
+    if getattr(args, "web_config_file", None):
+        overrides.setdefault("server", {})["web_config_file"] = args.web_config_file
+    cfg = load_config(args.config, overrides=overrides)
+    if hasattr(args, "web_config_file") and cfg.server.web_config_file is not None:
+        from zmon.server import load_web_config  # every problem at once, exit 2, before anything starts
+
+        load_web_config(cfg.server.web_config_file)
+    return cfg
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
@@ -108,26 +119,14 @@ def cmd_watch(args: argparse.Namespace) -> int:
         extra["sampling"] = {"process": {"pid": args.pid}}
     cfg = _load(args, extra)
     setup_logging(cfg)
-    from zmon.app import build_watch
-    from zmon.systemd import attach_systemd
+    from zmon.app.watch import watch_main  # lazy: each command imports only what it runs
 
-    mon = build_watch(cfg)
-    attach_systemd(mon)  # READY / WATCHDOG under systemd Type=notify; a no-op elsewhere
-    mon.install_signal_handlers()
-    try:
-        mon.start()
-    except OSError as e:
-        log.error("cannot listen on %s: %s", cfg.server.listen, e)
-        mon.stop()
-        return EXIT_FAILURE
-    while not mon.wait(1.0):
-        pass
-    return EXIT_OK
+    return watch_main(cfg)
 
 
 def _export_alloc_conf(cfg: Config) -> bool:
     """model.alloc_conf → PYTORCH_CUDA_ALLOC_CONF before anything imports torch; False (printed) if refused."""
-    from zmon.tune.options import ModelOptionsError, export_alloc_conf
+    from zmon.workload.alloc_conf import ModelOptionsError, export_alloc_conf  # torch-free
 
     try:
         export_alloc_conf(cfg.model.alloc_conf)
@@ -154,16 +153,23 @@ def cmd_run(args: argparse.Namespace) -> int:
         for p in problems:
             print(f"  - {p}", file=sys.stderr)
         return EXIT_USAGE
-    from zmon.workload.runner import run_main  # imports torch / diffusers
+    from zmon.app.run import run_main  # lazy: imports torch / diffusers
 
     return run_main(cfg, linger_seconds=max(0.0, args.linger))
 
 
-def cmd_check_config(args: argparse.Namespace) -> int:
-    from zmon.app import iter_problems
+def iter_problems(cfg: Config) -> list[str]:
+    """Checks that need the filesystem (kept out of validation so check-config works anywhere)."""
+    return [
+        f"sampling.disk.paths: {p} does not exist (its free space will be reported as down)"
+        for p in cfg.sampling.disk.paths
+        if not p.expanduser().exists()
+    ]
 
+
+def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = load_config(args.file)
-    warnings = list(iter_problems(cfg))
+    warnings = [*cfg.notes, *iter_problems(cfg)]
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     print(f"{args.file}: OK")
@@ -236,14 +242,14 @@ def cmd_profile(args: argparse.Namespace) -> int:
         for p in problems:
             print(f"  - {p}", file=sys.stderr)
         return EXIT_USAGE
-    from zmon.profiling.runner import profile_main  # imports torch / diffusers
+    from zmon.app.profile import profile_main  # lazy: imports torch / diffusers
 
     return profile_main(cfg, out_dir=out, trace=args.trace, memory_snapshot=args.memory_snapshot)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from zmon.profiling.compare import compare_profiles, render_comparison
-    from zmon.profiling.report import load_profile
+    from zmon.analysis.compare import compare_profiles, render_comparison
+    from zmon.analysis.report import load_profile
 
     profiles = []
     for path in (args.before, args.after):
@@ -260,7 +266,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
-    from zmon.profiling.live import DiagnosisUnavailable, diagnosis_url, fetch_diagnosis, render_live
+    from zmon.analysis.live import render_live
+    from zmon.app.client import DiagnosisUnavailable, diagnosis_url, fetch_diagnosis
 
     try:
         url = diagnosis_url(args.url)
@@ -334,8 +341,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if not _export_alloc_conf(cfg):
         return EXIT_USAGE
+    from zmon.app.tune import tune_main  # lazy: imports torch / diffusers
     from zmon.tune.measure import WarmupRule
-    from zmon.tune.runner import TuneOptions, tune_main  # imports torch / diffusers
+    from zmon.tune.runner import TuneOptions
 
     options = TuneOptions(
         runs=args.runs, rounds=args.rounds, max_seconds=args.max_seconds, allow_lossy=args.allow_lossy,

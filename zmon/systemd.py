@@ -5,7 +5,7 @@ by $NOTIFY_SOCKET; a leading '@' names a socket in the abstract namespace. The w
 least every $WATCHDOG_USEC microseconds (systemd's advice: every half of it), and only from $WATCHDOG_PID when
 that is set.
 
-`attach_systemd(monitor)` wires it to a Monitor: READY=1 once the store is ready (first good sample of every
+`attach_systemd(monitor)` wires it to a Monitor (anything `Watched`): READY=1 once the store is ready (first good sample of every
 enabled source), WATCHDOG=1 (from the sampler's listener, and a small thread that keeps the pace) only while
 every source keeps completing its attempts, so a sampler stuck in a blocking call stops feeding the watchdog
 and systemd restarts zmon; STOPPING=1 when the monitor stops. Without $NOTIFY_SOCKET it does nothing.
@@ -19,10 +19,9 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from zmon.app import Monitor
+from zmon.sampling import Sampler, SnapshotStore
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +120,21 @@ def watchdog_interval(environ: Mapping[str, str] | None = None, pid: int | None 
     return usec / 1e6
 
 
+class Watched(Protocol):
+    """What the notifier watches (zmon.app.Monitor): the sampler, its store, whether /metrics is bound."""
+
+    store: SnapshotStore
+    sampler: Sampler
+
+    @property
+    def serving(self) -> bool: ...
+
+    @property
+    def max_backoff_seconds(self) -> float: ...
+
+    def wait(self, timeout: float | None = None) -> bool: ...
+
+
 class SystemdHandle:
     """What attach_systemd wired: sends READY once, feeds the watchdog while sampling is alive.
 
@@ -130,7 +144,7 @@ class SystemdHandle:
 
     def __init__(
         self,
-        monitor: Monitor,
+        monitor: Watched,
         notifier: Notifier,
         watchdog_seconds: float | None,
         clock: Callable[[], float] = time.monotonic,
@@ -231,7 +245,7 @@ class SystemdHandle:
         """Sources whose last attempt is overdue (longer ago than their allowance)."""
         now = self._clock() if now is None else now
         floor = (self.watchdog_seconds or 0.0) / 2
-        backoff = self.monitor.cfg.sampling.max_backoff_seconds
+        backoff = self.monitor.max_backoff_seconds
         out = []
         with self._lock:
             for name in self.monitor.sampler.sources:
@@ -258,7 +272,7 @@ class SystemdHandle:
 
 
 def attach_systemd(
-    monitor: Monitor,
+    monitor: Watched,
     *,
     environ: Mapping[str, str] | None = None,
     notifier: Notifier | None = None,

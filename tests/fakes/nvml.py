@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import functools
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -65,6 +66,13 @@ class FakeGpu:
     lost: bool = False  # the switch: every call on this GPU raises GpuIsLost
     generation: int = 0  # bumped on loss: handles taken before it are stale
     xid_queue: list[int] = field(default_factory=list)
+    # GPM (Hopper and later). Off by default: the GPM functions raise NotSupported, as on an older card.
+    gpm_supported: bool = False
+    # NVML_GPM_METRIC_* id -> value in NVML's unit (percent, MiB/s) over any interval; an id not listed
+    # reads nvmlReturn NotSupported in nvmlGpmMetricsGet.
+    gpm_metrics: dict[int, float] = field(default_factory=dict)
+    gpm_metric_errors: dict[int, int] = field(default_factory=dict)  # metric id -> its nvmlReturn code
+    mig_mode: int | None = None  # current MIG mode (0 off, 1 on); None: nvmlDeviceGetMigMode NotSupported
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,27 @@ class FakeHandle:
 class FakeEventSet:
     registrations: list[FakeHandle] = field(default_factory=list)
     freed: bool = False
+
+
+@dataclass
+class FakeGpmSample:
+    """What NVML keeps behind one nvmlGpmSample_t: the counters of one GPU at one nvmlGpmSampleGet."""
+
+    buffer: ctypes.Array[ctypes.c_char]  # the memory the pynvml pointer points at (kept alive here)
+    freed: bool = False
+    position: int | None = None  # GPU it was taken on; None until nvmlGpmSampleGet
+    generation: int = 0
+    sequence: int = 0  # order of nvmlGpmSampleGet calls across the fake
+    metrics: dict[int, float] = field(default_factory=dict)  # the GPU's values when it was taken
+    metric_errors: dict[int, int] = field(default_factory=dict)
+
+
+def _address(pointer: Any) -> int | None:
+    """The address a ctypes pointer (pynvml's c_nvmlGpmSample_t) holds; None for NULL or a non-pointer."""
+    try:
+        return ctypes.cast(pointer, ctypes.c_void_p).value
+    except ctypes.ArgumentError:
+        return None
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -128,6 +157,8 @@ class FakeNvml:
         self.driver_gone = False  # the switch: every call raises DriverNotLoaded
         self.calls: Counter[str] = Counter()
         self.event_sets: list[FakeEventSet] = []
+        self.gpm_samples: dict[int, FakeGpmSample] = {}  # by address, as NVML's allocations
+        self._gpm_sequence = 0
         self._init_count = 0
 
     def __getattr__(self, name: str) -> Any:
@@ -157,6 +188,14 @@ class FakeNvml:
     @property
     def live_event_sets(self) -> int:
         return sum(not s.freed for s in self.event_sets)
+
+    @property
+    def live_gpm_samples(self) -> int:
+        return sum(not s.freed for s in self.gpm_samples.values())
+
+    def gpm_calls(self) -> int:
+        """Calls of any NVML GPM function so far."""
+        return sum(n for name, n in self.calls.items() if name.startswith("nvmlGpm"))
 
     # -- helpers --------------------------------------------------------------------------------------
 
@@ -387,6 +426,79 @@ class FakeNvml:
     def nvmlEventSetFree(self, event_set: FakeEventSet) -> None:
         event_set.freed = True
 
+    # -- MIG and GPM ----------------------------------------------------------------------------------
+
+    @_api
+    def nvmlDeviceGetMigMode(self, handle: FakeHandle) -> list[int]:
+        gpu = self._gpu(handle, "nvmlDeviceGetMigMode")
+        if gpu.mig_mode is None:
+            raise nvml_error(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        return [gpu.mig_mode, gpu.mig_mode]  # [current, pending]
+
+    def _gpm_gpu(self, handle: FakeHandle, function: str) -> FakeGpu:
+        gpu = self._gpu(handle, function)
+        if not gpu.gpm_supported:
+            raise nvml_error(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        return gpu
+
+    def _live_sample(self, pointer: Any) -> FakeGpmSample:
+        address = _address(pointer)
+        sample = None if address is None else self.gpm_samples.get(address)
+        if sample is None or sample.freed:  # real NVML would read freed memory: make the misuse loud
+            raise nvml_error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        return sample
+
+    @_api
+    def nvmlGpmQueryDeviceSupport(self, handle: FakeHandle) -> pynvml.c_nvmlGpmSupport_t:
+        self._gpm_gpu(handle, "nvmlGpmQueryDeviceSupport")
+        support = pynvml.c_nvmlGpmSupport_t()
+        support.version = pynvml.NVML_GPM_SUPPORT_VERSION
+        support.isSupportedDevice = 1
+        return support
+
+    @_api
+    def nvmlGpmSampleAlloc(self) -> Any:
+        buffer = ctypes.create_string_buffer(16)  # stands in for NVML's opaque allocation
+        self.gpm_samples[ctypes.addressof(buffer)] = FakeGpmSample(buffer)
+        return ctypes.cast(buffer, pynvml.c_nvmlGpmSample_t)
+
+    @_api
+    def nvmlGpmSampleFree(self, gpm_sample: Any) -> None:
+        self._live_sample(gpm_sample).freed = True
+
+    @_api
+    def nvmlGpmSampleGet(self, handle: FakeHandle, gpm_sample: Any) -> Any:
+        gpu = self._gpm_gpu(handle, "nvmlGpmSampleGet")
+        sample = self._live_sample(gpm_sample)
+        self._gpm_sequence += 1
+        sample.position, sample.generation, sample.sequence = handle.position, handle.generation, self._gpm_sequence
+        sample.metrics, sample.metric_errors = dict(gpu.gpm_metrics), dict(gpu.gpm_metric_errors)
+        return gpm_sample
+
+    @_api
+    def nvmlGpmMetricsGet(self, metrics_get: pynvml.c_nvmlGpmMetricsGet_t) -> pynvml.c_nvmlGpmMetricsGet_t:
+        """Values of sample2 (the GPU's values over the interval it closes); checks the request as NVML would."""
+        if not isinstance(metrics_get, pynvml.c_nvmlGpmMetricsGet_t):
+            raise TypeError(f"expected c_nvmlGpmMetricsGet_t, got {type(metrics_get).__name__}")
+        first, second = self._live_sample(metrics_get.sample1), self._live_sample(metrics_get.sample2)
+        if (
+            metrics_get.version != pynvml.NVML_GPM_METRICS_GET_VERSION
+            or not 0 < metrics_get.numMetrics <= pynvml.NVML_GPM_METRIC_MAX
+            or first.position is None
+            or (first.position, first.generation) != (second.position, second.generation)
+            or first.sequence >= second.sequence
+        ):
+            raise nvml_error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        for i in range(metrics_get.numMetrics):
+            m = metrics_get.metrics[i]
+            if m.metricId in second.metric_errors:
+                m.nvmlReturn, m.value = second.metric_errors[m.metricId], 0.0
+            elif m.metricId in second.metrics:
+                m.nvmlReturn, m.value = pynvml.NVML_SUCCESS, second.metrics[m.metricId]
+            else:
+                m.nvmlReturn, m.value = pynvml.NVML_ERROR_NOT_SUPPORTED, 0.0
+        return metrics_get
+
     # -- slow readings --------------------------------------------------------------------------------
 
     @_api
@@ -504,6 +616,45 @@ def make_mixed(**nvml_kwargs: Any) -> FakeNvml:
 def make_fake(n_gpus: int = 8) -> FakeNvml:
     """n busy H100s with every field (the benchmark host): each runs one workload process."""
     return FakeNvml([h100(i) for i in range(n_gpus)])
+
+
+# GPM readings in NVML's units (percent, MiB/s), as measured on an H200 (docs/BENCHMARKS.md, FACTS.md).
+GPM_GEMM = {
+    pynvml.NVML_GPM_METRIC_SM_UTIL: 95.0,
+    pynvml.NVML_GPM_METRIC_SM_OCCUPANCY: 14.0,
+    pynvml.NVML_GPM_METRIC_ANY_TENSOR_UTIL: 92.0,
+    pynvml.NVML_GPM_METRIC_DRAM_BW_UTIL: 17.0,
+    pynvml.NVML_GPM_METRIC_NVLINK_TOTAL_RX_PER_SEC: 1536.0,
+    pynvml.NVML_GPM_METRIC_NVLINK_TOTAL_TX_PER_SEC: 512.0,
+}
+GPM_COPY = {
+    pynvml.NVML_GPM_METRIC_SM_UTIL: 97.0,
+    pynvml.NVML_GPM_METRIC_SM_OCCUPANCY: 83.0,
+    pynvml.NVML_GPM_METRIC_ANY_TENSOR_UTIL: 0.0,
+    pynvml.NVML_GPM_METRIC_DRAM_BW_UTIL: 85.0,
+}
+
+
+def make_gpm(**nvml_kwargs: Any) -> FakeNvml:
+    """GPM-capable and older GPUs side by side.
+
+    GPU 0: an H200 SXM running a GEMM loop, NVLink traffic included. GPU 1: an H100 PCIe without NVLink
+    running a copy loop: its NVLink metrics come back with nvmlReturn NotSupported. GPU 2: an A100 (Ampere):
+    no GPM at all.
+    """
+    gpu0 = h100(0, name="NVIDIA H200", memory_total=141 * GIB, gpm_supported=True, gpm_metrics=dict(GPM_GEMM))
+    gpu1 = h100(
+        1,
+        name="NVIDIA H100 PCIe",
+        gpm_supported=True,
+        gpm_metrics=dict(GPM_COPY),
+        gpm_metric_errors={
+            pynvml.NVML_GPM_METRIC_NVLINK_TOTAL_RX_PER_SEC: pynvml.NVML_ERROR_NOT_SUPPORTED,
+            pynvml.NVML_GPM_METRIC_NVLINK_TOTAL_TX_PER_SEC: pynvml.NVML_ERROR_NOT_SUPPORTED,
+        },
+    )
+    gpu2 = h100(2, name="NVIDIA A100-SXM4-80GB", utilization_gpu=99)
+    return FakeNvml([gpu0, gpu1, gpu2], **nvml_kwargs)
 
 
 def make_absent() -> FakeNvml:

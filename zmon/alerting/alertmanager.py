@@ -33,9 +33,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from zmon import __version__
-from zmon.policy.config import AlertingConfig
+from zmon.config import AlertingConfig
 from zmon.policy.engine import Alert
+from zmon.version import __version__
 
 log = logging.getLogger(__name__)
 

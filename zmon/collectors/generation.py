@@ -51,7 +51,9 @@ class PromptCacheStats(Protocol):
     hits: int
     misses: int
     evictions: int
-    size: int
+
+    @property
+    def size(self) -> int: ...
 
 
 class _Histogram:

@@ -28,6 +28,37 @@ _GAUGES: tuple[tuple[str, str, _Reading], ...] = (
         "Fraction of the last sample period during which GPU memory was read or written.",
         lambda g: g.utilization_memory_ratio,
     ),
+    # GPM (Hopper and later), averaged over the interval between the last two fast samples.
+    (
+        "zmon_gpu_sm_active_ratio",
+        "Fraction of the GPU's SMs busy (a warp resident), averaged over the last sample interval (GPM).",
+        lambda g: g.sm_active_ratio,
+    ),
+    (
+        "zmon_gpu_sm_occupancy_ratio",
+        "Resident warps as a fraction of the maximum the SMs hold, over the last sample interval (GPM).",
+        lambda g: g.sm_occupancy_ratio,
+    ),
+    (
+        "zmon_gpu_tensor_active_ratio",
+        "Fraction of the last sample interval during which the tensor cores were busy (GPM).",
+        lambda g: g.tensor_active_ratio,
+    ),
+    (
+        "zmon_gpu_dram_bandwidth_utilization_ratio",
+        "GPU memory (DRAM) throughput as a fraction of its theoretical peak over the last sample interval (GPM).",
+        lambda g: g.dram_bandwidth_utilization_ratio,
+    ),
+    (
+        "zmon_gpu_nvlink_rx_bytes_per_second",
+        "Data received over all of the GPU's NVLinks over the last sample interval (GPM).",
+        lambda g: g.nvlink_rx_bytes_per_second,
+    ),
+    (
+        "zmon_gpu_nvlink_tx_bytes_per_second",
+        "Data sent over all of the GPU's NVLinks over the last sample interval (GPM).",
+        lambda g: g.nvlink_tx_bytes_per_second,
+    ),
     (
         "zmon_gpu_memory_used_bytes",
         "GPU memory in use, as nvidia-smi memory.used.",

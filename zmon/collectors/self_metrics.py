@@ -8,9 +8,9 @@ from collections.abc import Iterable
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from zmon import __version__
 from zmon.collectors.base import ExpositionErrors
 from zmon.sampling.store import SnapshotStore
+from zmon.version import __version__
 
 
 class SelfCollector:

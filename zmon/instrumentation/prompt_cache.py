@@ -9,19 +9,14 @@ import logging
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 import torch
 
 from zmon.config import PromptCacheConfig
-from zmon.instrumentation.stages import (
-    PRIORITY_CACHE,
-    MethodPatch,
-    installed_layers,
-    note_prompt_cache,
-    patch_method,
-)
+from zmon.instrumentation.hooks import CallContext, HookRegistry, MethodWrapper, PipelineHook, Target
+from zmon.instrumentation.stages import PROMPT_CACHE_NOTE
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +29,16 @@ class _Unhashable(Exception):
     """An encode_prompt argument that cannot be part of a key (a tensor: precomputed embeddings)."""
 
 
-class PromptCacheHandle:
-    """Returned by apply_prompt_cache: counters, clear() and remove().
+class PromptCacheHandle(PipelineHook):
+    """The prompt-cache hook, returned by apply_prompt_cache: counters, clear() and remove().
 
     Cached embeddings are shared between hits: treat the tensors encode_prompt returns as read-only (the
     containers — lists, tuples — are fresh on every call). Call clear() after changing text-encoder weights
     in place (LoRA, adapters): the key knows the encoder object, not its weights.
     """
+
+    name: ClassVar[str] = "prompt_cache"
+    priority: ClassVar[int] = 10  # inside stage timing: a hit still shows as a (short) text_encode stage
 
     def __init__(self, pipe: Any, max_entries: int, *, clone_tensors: bool = False) -> None:
         self._pipe = pipe
@@ -48,8 +46,9 @@ class PromptCacheHandle:
         self.clone_tensors = clone_tensors
         self._entries: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
-        self._patch: MethodPatch | None = None
+        self._registry: HookRegistry | None = None
         self._signature: inspect.Signature | None = None
+        self._methods: dict[Target, MethodWrapper] = {("", "encode_prompt"): self._encode}
         self.hits = 0
         self.misses = 0
         self.evictions = 0
@@ -63,18 +62,23 @@ class PromptCacheHandle:
         with self._lock:
             self._entries.clear()
 
+    def methods(self) -> Mapping[Target, MethodWrapper]:
+        return self._methods
+
     def remove(self) -> None:
         """Restore pipe.encode_prompt and drop the cached tensors; idempotent."""
-        if self._patch is not None:
-            self._patch.remove()
-            self._patch = None
+        if self._registry is not None:
+            self._registry.remove(self.name)
+            self._registry = None
         self.clear()
 
     def _install(self) -> None:
         self._signature = inspect.signature(self._pipe.encode_prompt)
-        self._patch = patch_method(self._pipe, "encode_prompt", self._encode, priority=PRIORITY_CACHE)
+        registry = HookRegistry.of(self._pipe)
+        registry.register(self)
+        self._registry = registry
 
-    def _encode(self, inner: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def _encode(self, ctx: CallContext | None, inner: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         key = self._key(args, kwargs)
         if key is None:
             with self._lock:
@@ -86,7 +90,8 @@ class PromptCacheHandle:
                 self._entries.move_to_end(key)
                 self.hits += 1
         if cached is not None:
-            note_prompt_cache(True)
+            if ctx is not None:
+                ctx.note(PROMPT_CACHE_NOTE, True)
             return _copy(cached, clone=self.clone_tensors)
         result = inner(*args, **kwargs)
         with self._lock:
@@ -96,7 +101,8 @@ class PromptCacheHandle:
             while len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
                 self.evictions += 1
-        note_prompt_cache(False)
+        if ctx is not None:
+            ctx.note(PROMPT_CACHE_NOTE, False)
         return result
 
     def _key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
@@ -138,7 +144,8 @@ def apply_prompt_cache(
     config = config or PromptCacheConfig(enabled=True)
     if not callable(getattr(pipe, "encode_prompt", None)):
         raise ValueError(f"{type(pipe).__name__} has no encode_prompt method to cache")
-    if any(layer.priority == PRIORITY_CACHE for layer in installed_layers(pipe, "encode_prompt")):
+    registry = HookRegistry.get(pipe)
+    if registry is not None and registry.hook(PromptCacheHandle.name) is not None:
         raise ValueError("a prompt cache is already applied to this pipeline; remove() it first")
     handle = PromptCacheHandle(pipe, config.max_entries, clone_tensors=clone_tensors)
     if config.enabled:

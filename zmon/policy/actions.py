@@ -31,11 +31,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from zmon.policy.config import PolicyConfig
+from zmon.config import PolicyConfig
 from zmon.policy.engine import Alert, Decision, PolicyEngine, RuleStatus
-from zmon.policy.rules import REMEDIAL_ACTIONS, build_figures
-from zmon.providers.allocator import AllocatorSample, cuda_ready, empty_cache, load_torch_cuda, reserved_bytes
+from zmon.policy.figures import build_figures
+from zmon.providers.allocator import AllocatorSample
 from zmon.providers.base import SourceUnavailable
+from zmon.providers.cuda import cuda_ready, empty_cache, load_torch_cuda, reserved_bytes
+from zmon.rules import REMEDIAL_ACTIONS
 
 if TYPE_CHECKING:
     from zmon.sampling.store import SnapshotStore
@@ -431,7 +433,7 @@ class PolicyRunner:
         engine = self._engines.get(scope)
         if engine is None:
             engine = PolicyEngine(
-                self.config.rules,
+                self.config.active_rules,
                 self._clock,
                 wall=self._wall,
                 labels={"device": scope} if scope else None,

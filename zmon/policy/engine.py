@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from zmon.policy.rules import Rule
+from zmon.rules import Rule
 
 RuleState = Literal["inactive", "pending", "firing"]
 RULE_STATE_VALUES: dict[str, int] = {"inactive": 0, "pending": 1, "firing": 2}

@@ -20,8 +20,8 @@ initialised CUDA the sample carries no devices (`cuda_initialized=False`) rather
 `mem_get_info` on an untouched GPU would allocate one (hundreds of MB). For the same reason, with
 `devices=None` only devices the allocator has used (plus the current one) are read.
 
-Side effects for remediation (`empty_cache`, reserved totals) live here too, so that `zmon.policy.actions`
-never touches torch itself: see `load_torch_cuda`, `empty_cache`, `reserved_bytes`.
+Side effects for remediation (`empty_cache`, reserved totals) live in zmon.providers.cuda, the one module
+that calls into torch.cuda.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from zmon.providers.base import SourceUnavailable
+from zmon.providers.cuda import cuda_ready, load_torch_cuda
 
 # PyTorch ≥ 2.9 reads PYTORCH_ALLOC_CONF and still honours the older CUDA-specific name.
 ALLOC_CONF_ENV_VARS: tuple[str, ...] = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
@@ -176,35 +177,6 @@ class AllocatorSample:
             if d.device == index:
                 return d
         return None
-
-
-def load_torch_cuda(torch_cuda: Any | None = None) -> Any:
-    """Return `torch.cuda` (imported here, lazily) or the injected fake; raise SourceUnavailable if absent."""
-    if torch_cuda is not None:
-        return torch_cuda
-    try:
-        import torch
-    except Exception as e:  # ImportError, or a broken CUDA install raising at import
-        raise SourceUnavailable(f"torch is not importable: {e}") from None
-    return torch.cuda
-
-
-def cuda_ready(torch_cuda: Any) -> bool:
-    """True when CUDA is available and already initialised in this process (no context is created)."""
-    if not torch_cuda.is_available():
-        return False
-    is_init = getattr(torch_cuda, "is_initialized", None)
-    return bool(is_init()) if is_init is not None else True
-
-
-def reserved_bytes(torch_cuda: Any, devices: Sequence[int]) -> int:
-    """Bytes reserved by the caching allocator, summed over `devices`."""
-    return sum(int(torch_cuda.memory_reserved(d)) for d in devices)
-
-
-def empty_cache(torch_cuda: Any) -> None:
-    """Release the allocator's unused cached blocks on every device (synchronises; call at safe points)."""
-    torch_cuda.empty_cache()
 
 
 def _int(stats: Mapping[str, Any], key: str) -> int | None:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,9 +42,40 @@ _CONSTANTS: dict[str, int] = {
     "NVML_PCIE_UTIL_TX_BYTES": 0,
     "NVML_PCIE_UTIL_RX_BYTES": 1,
     "nvmlEventTypeXidCriticalError": 0x8,
+    "NVML_SUCCESS": 0,
+    "NVML_GPM_METRICS_GET_VERSION": 1,
+    "NVML_GPM_METRIC_SM_UTIL": 2,
+    "NVML_GPM_METRIC_SM_OCCUPANCY": 3,
+    "NVML_GPM_METRIC_ANY_TENSOR_UTIL": 5,
+    "NVML_GPM_METRIC_DRAM_BW_UTIL": 10,
+    "NVML_GPM_METRIC_NVLINK_TOTAL_RX_PER_SEC": 60,
+    "NVML_GPM_METRIC_NVLINK_TOTAL_TX_PER_SEC": 61,
 }
 _PSTATE_UNKNOWN = 32  # NVML_PSTATE_UNKNOWN
 _MAX_EVENTS_PER_SAMPLE = 64  # bounds one drain of an Xid storm; the rest is read on the next tick
+
+
+# GPM (GPU Performance Monitoring, Hopper and later): GpuSample field, NVML_GPM_METRIC_* name, conversion from
+# NVML's unit to zmon's. The utilizations come in percent; the NVLink rates in MiB/s (nvml.h: "in MiB/sec").
+def _from_percent(value: float) -> float:
+    return value / 100.0
+
+
+def _from_mib(value: float) -> float:
+    return value * 1024.0 * 1024.0
+
+
+GPM_METRICS: tuple[tuple[str, str, Callable[[float], float]], ...] = (
+    ("sm_active_ratio", "NVML_GPM_METRIC_SM_UTIL", _from_percent),  # share of SMs busy (DCGM's SM_ACTIVE)
+    ("sm_occupancy_ratio", "NVML_GPM_METRIC_SM_OCCUPANCY", _from_percent),  # resident warps / the maximum
+    ("tensor_active_ratio", "NVML_GPM_METRIC_ANY_TENSOR_UTIL", _from_percent),  # any tensor pipe (HMMA, IMMA..)
+    ("dram_bandwidth_utilization_ratio", "NVML_GPM_METRIC_DRAM_BW_UTIL", _from_percent),  # of the peak
+    ("nvlink_rx_bytes_per_second", "NVML_GPM_METRIC_NVLINK_TOTAL_RX_PER_SEC", _from_mib),  # all links
+    ("nvlink_tx_bytes_per_second", "NVML_GPM_METRIC_NVLINK_TOTAL_TX_PER_SEC", _from_mib),
+)
+# NVML refreshes the GPM counters about every 100 ms ("the interval between two nvmlGpmSampleGet() calls should
+# be greater than 100ms"): a shorter interval reads zeros, which would look like an idle GPU.
+GPM_MIN_INTERVAL_SECONDS = 0.1
 
 # NVML errors meaning "this value does not exist here": the field is absent, never 0.
 _ABSENT_ERRORS = (
@@ -112,6 +146,14 @@ class GpuSample:
     xid_errors: int | None = None  # critical Xid events seen since zmon started; None: events unsupported
     last_xid: int | None = None  # code of the latest of them
     processes: tuple[ProcessSample, ...] | None = None  # None when disabled or not supported
+    # GPM (Hopper and later), averaged over the interval since the previous sample; None before Hopper, in MIG
+    # mode, with gpm off, and on the first sample after start or recovery (no interval yet).
+    sm_active_ratio: float | None = None  # share of SMs with at least one warp resident, 0..1
+    sm_occupancy_ratio: float | None = None  # resident warps / the maximum the SMs hold, 0..1
+    tensor_active_ratio: float | None = None  # share of time the tensor cores were busy, 0..1
+    dram_bandwidth_utilization_ratio: float | None = None  # DRAM throughput / its theoretical peak, 0..1
+    nvlink_rx_bytes_per_second: float | None = None  # received over all NVLinks
+    nvlink_tx_bytes_per_second: float | None = None  # sent over all NVLinks
 
     @property
     def clock_events(self) -> tuple[tuple[str, bool], ...] | None:
@@ -187,6 +229,10 @@ class _GpuState:
     xid_errors: int = 0
     last_xid: int | None = None
     lost_error: str | None = None
+    # Two NVML GPM sample buffers, [previous, spare]; None when GPM is off for this GPU. Swapped on each good
+    # sample, so a tick allocates nothing.
+    gpm_samples: list[Any] | None = None
+    gpm_taken_at: float | None = None  # clock time of the sample in gpm_samples[0]; None: no interval start yet
 
 
 def _text(value: Any) -> str | None:
@@ -217,11 +263,25 @@ class NvmlProvider:
     `sample()` is the fast set (3.4 ms median for one busy H200, processes included); `sample_slow()`
     reads PCIe throughput, which blocks ~20 ms per call, and belongs to its own slow job. Both may run at
     once from two threads.
+
+    With `gpm=True`, each fast sample of a GPM-capable GPU (Hopper and later) also takes a GPM sample and
+    computes SM, tensor, DRAM and NVLink activity over the interval since the previous one
+    (`nvmlGpmSampleGet` 0.2-0.6 ms + `nvmlGpmMetricsGet` 1-6 ms per GPU on an H200). Off by default here, so
+    callers sampling fast (the profiler, every 0.1 s) do not pay for it unasked; `sampling.nvml.gpm` turns
+    it on for the daemon. `clock` (monotonic seconds) enforces NVML's 100 ms minimum between GPM samples.
     """
 
     name = "nvml"
 
-    def __init__(self, nvml: Any | None = None, *, processes: bool = True, watched_pid: int | None = None):
+    def __init__(
+        self,
+        nvml: Any | None = None,
+        *,
+        processes: bool = True,
+        watched_pid: int | None = None,
+        gpm: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         if nvml is None:
             try:
                 import pynvml
@@ -232,6 +292,9 @@ class NvmlProvider:
         self._errors = _Errors(nvml)
         self._processes = processes
         self._watched_pid = watched_pid
+        # An old pynvml without the GPM bindings cannot build the request struct: GPM stays off.
+        self._gpm = gpm and hasattr(nvml, "c_nvmlGpmMetricsGet_t")
+        self._clock = clock
         self._lock = threading.Lock()
         self._closed = False
         self._warned: set[tuple[str, str]] = set()
@@ -257,8 +320,13 @@ class NvmlProvider:
             for gpu in self._gpus:
                 self._acquire(gpu)
         except self._errors.base as e:  # library-level failure right after init
+            for gpu in self._gpus:
+                self._free_event_set(gpu.event_set)
+                self._disarm_gpm(gpu)
             self._shutdown()
             raise SourceUnavailable(f"NVML cannot read the GPUs: {e}") from e
+        if gpm and not self._gpm:
+            log.info("this pynvml has no GPM bindings (too old): GPM metrics left out")
 
     # -- the one NVML boundary ------------------------------------------------------------------------
 
@@ -322,7 +390,12 @@ class NvmlProvider:
                 self._query("nvmlDeviceGetMaxClockInfo", handle, self._const("NVML_CLOCK_SM"))
             )
             gpu.event_set = self._register_xid_events(handle)
+            self._arm_gpm(gpu, handle)
         except _GpuLost as e:
+            # Lost half-way: release what this attempt registered, the next one starts clean.
+            self._free_event_set(gpu.event_set)
+            gpu.event_set = None
+            self._disarm_gpm(gpu)
             gpu.lost_error = str(e)
             return False
         gpu.handle = handle
@@ -379,8 +452,92 @@ class NvmlProvider:
             log.warning("GPU %d (%s) is lost: %s", gpu.index, gpu.uuid, error)
         self._free_event_set(gpu.event_set)
         gpu.event_set = None
+        self._disarm_gpm(gpu)  # re-detected with the new handle when the GPU comes back
         gpu.handle = None
         gpu.lost_error = error
+
+    # -- GPM (Hopper and later) ----------------------------------------------------------------------
+
+    def _arm_gpm(self, gpu: _GpuState, handle: Any) -> None:
+        """Detect GPM on this GPU and allocate its two sample buffers; GPM stays off where unsupported."""
+        self._disarm_gpm(gpu)
+        if not self._gpm:
+            return
+        # Before Hopper NVML raises NotSupported (or reports isSupportedDevice 0); before driver 520 the
+        # function does not exist: all three read as "no GPM here".
+        support = self._query("nvmlGpmQueryDeviceSupport", handle)
+        if support is None or not support.isSupportedDevice:
+            return
+        # In MIG mode the device-wide counters are not the instances' (those need nvmlGpmMigSampleGet, out of
+        # scope): leave GPM off rather than report numbers nobody can attribute.
+        mig = self._query("nvmlDeviceGetMigMode", handle)  # [current, pending]; NotSupported without MIG
+        if mig is not None and mig[0]:
+            log.info("GPU %d is in MIG mode: GPM metrics left out", gpu.index)
+            return
+        samples: list[Any] = []
+        for _ in range(2):
+            sample = self._query("nvmlGpmSampleAlloc")
+            if sample is None:
+                self._free_gpm_samples(samples)
+                return
+            samples.append(sample)
+        gpu.gpm_samples = samples
+        gpu.gpm_taken_at = None
+
+    def _free_gpm_samples(self, samples: list[Any]) -> None:
+        for sample in samples:
+            # Freeing is host memory only (no GPU access), but stay best effort: never fail a loss or a close.
+            with contextlib.suppress(_GpuLost, self._errors.base):
+                self._query("nvmlGpmSampleFree", sample)
+
+    def _disarm_gpm(self, gpu: _GpuState) -> None:
+        if gpu.gpm_samples is not None:
+            self._free_gpm_samples(gpu.gpm_samples)
+        gpu.gpm_samples = None
+        gpu.gpm_taken_at = None
+
+    def _read_gpm(self, gpu: _GpuState) -> dict[str, float]:
+        """GPM values over the interval since this GPU's previous GPM sample: {GpuSample field: value}.
+
+        Empty on the first sample (no interval yet), within 100 ms of the previous one, or when NVML cannot
+        give them; a metric whose own nvmlReturn is an error is left out. Raises _GpuLost.
+        """
+        if gpu.gpm_samples is None:
+            return {}
+        now = self._clock()
+        if gpu.gpm_taken_at is not None and now - gpu.gpm_taken_at < GPM_MIN_INTERVAL_SECONDS:
+            return {}  # keep the previous sample: the next tick measures the longer interval from it
+        previous, spare = gpu.gpm_samples
+        ok, _ = self._call("nvmlGpmSampleGet", gpu.handle, spare)
+        if not ok:
+            return {}  # the spare buffer holds nothing usable; the previous sample still starts the interval
+        start = gpu.gpm_taken_at
+        gpu.gpm_samples = [spare, previous]
+        gpu.gpm_taken_at = now
+        if start is None:
+            return {}
+        return self._gpm_metrics(previous, spare)
+
+    def _gpm_metrics(self, sample1: Any, sample2: Any) -> dict[str, float]:
+        request = self._nvml.c_nvmlGpmMetricsGet_t()
+        request.version = self._const("NVML_GPM_METRICS_GET_VERSION")
+        request.numMetrics = len(GPM_METRICS)
+        request.sample1 = sample1
+        request.sample2 = sample2
+        for i, (_, metric, _) in enumerate(GPM_METRICS):
+            request.metrics[i].metricId = self._const(metric)
+        result = self._query("nvmlGpmMetricsGet", request)
+        if result is None:
+            return {}
+        success = self._const("NVML_SUCCESS")
+        out: dict[str, float] = {}
+        for i, (name, _, convert) in enumerate(GPM_METRICS):
+            m = result.metrics[i]
+            value = float(m.value)
+            # Per metric: NotSupported for NVLink on a card without links, for example.
+            if m.nvmlReturn == success and math.isfinite(value):
+                out[name] = convert(value)
+        return out
 
     # -- samples --------------------------------------------------------------------------------------
 
@@ -406,6 +563,9 @@ class NvmlProvider:
 
     def _read(self, gpu: _GpuState) -> GpuSample:
         h = gpu.handle
+        # GPM first: its sample then falls at the same point of every tick, so the interval it averages over
+        # is the sampling interval, not shifted by how long the reads below took (process lists vary).
+        gpm = self._read_gpm(gpu)
         reads = 0  # successful calls: a GPU where nothing at all can be read is reported down
 
         def q(names: str | tuple[str, ...], *args: Any, **kwargs: Any) -> Any:
@@ -480,6 +640,12 @@ class NvmlProvider:
             xid_errors=None if gpu.event_set is None else gpu.xid_errors,
             last_xid=None if gpu.event_set is None else gpu.last_xid,
             processes=processes,
+            sm_active_ratio=gpm.get("sm_active_ratio"),
+            sm_occupancy_ratio=gpm.get("sm_occupancy_ratio"),
+            tensor_active_ratio=gpm.get("tensor_active_ratio"),
+            dram_bandwidth_utilization_ratio=gpm.get("dram_bandwidth_utilization_ratio"),
+            nvlink_rx_bytes_per_second=gpm.get("nvlink_rx_bytes_per_second"),
+            nvlink_tx_bytes_per_second=gpm.get("nvlink_tx_bytes_per_second"),
         )
 
     def _ecc(self, q: Any, h: Any) -> tuple[int | None, ...]:
@@ -531,7 +697,7 @@ class NvmlProvider:
         return NvmlSlowSample(tuple(out))
 
     def close(self) -> None:
-        """Free the event sets and shut NVML down; safe to call twice."""
+        """Free the event sets and GPM samples and shut NVML down; safe to call twice."""
         with self._lock:
             if self._closed:
                 return
@@ -539,6 +705,7 @@ class NvmlProvider:
             for gpu in self._gpus:
                 self._free_event_set(gpu.event_set)
                 gpu.event_set = None
+                self._disarm_gpm(gpu)
                 gpu.handle = None
         self._shutdown()
 

@@ -6,7 +6,27 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Generic, TypeVar, overload
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class SourceKey(Generic[T]):
+    """A source's name and the type of its samples (the concrete keys: zmon.sampling.keys)."""
+
+    name: str
+    type: type[T]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+Key = str | SourceKey[Any]  # a source by name or by its typed key
+
+
+def key_name(key: Key) -> str:
+    return key if isinstance(key, str) else key.name
 
 
 @dataclass(frozen=True)
@@ -81,21 +101,30 @@ class SnapshotStore:
             )
             self._changed.notify_all()
 
-    def get(self, name: str) -> SourceStatus | None:
+    def get(self, key: Key) -> SourceStatus | None:
         with self._lock:
-            return self._status.get(name)
+            return self._status.get(key_name(key))
 
-    def latest(self, name: str) -> Any:
-        """The latest good sample of a source, or None."""
-        st = self.get(name)
-        return None if st is None else st.data
+    @overload
+    def latest(self, key: SourceKey[T]) -> T | None: ...
+
+    @overload
+    def latest(self, key: str) -> Any: ...
+
+    def latest(self, key: Key) -> Any:
+        """The latest good sample of a source, or None (also when it is not of the key's type)."""
+        st = self.get(key)
+        data = None if st is None else st.data
+        if isinstance(key, SourceKey) and not isinstance(data, key.type):
+            return None
+        return data
 
     def all(self) -> list[SourceStatus]:
         with self._lock:
             return sorted(self._status.values(), key=lambda s: s.name)
 
-    def age_seconds(self, name: str) -> float | None:
-        st = self.get(name)
+    def age_seconds(self, key: Key) -> float | None:
+        st = self.get(key)
         if st is None or st.taken_at is None:
             return None
         return max(0.0, self._clock() - st.taken_at)

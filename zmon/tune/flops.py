@@ -16,6 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from zmon.providers import cuda
+from zmon.workload.options import denoiser_modules, unwrap
+
 log = logging.getLogger(__name__)
 
 GEMM_SIDE_CUDA = 8192
@@ -38,12 +44,8 @@ class FlopCount:
 
 def count_flops(pipe: Any, run_generation: Callable[[], Any], forwards: int | None) -> FlopCount:
     """Run one generation under FlopCounterMode; `forwards` = denoiser forwards per generation (records)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from zmon.tune.options import denoiser_name, unwrap
-
-    name = denoiser_name(pipe)
-    cls = type(unwrap(getattr(pipe, name))).__name__ if name else None
+    found = denoiser_modules(pipe)
+    cls = type(unwrap(found[0][1])).__name__ if found else None
     try:
         with FlopCounterMode(display=False) as counter:
             run_generation()
@@ -59,12 +61,10 @@ def count_flops(pipe: Any, run_generation: Callable[[], Any], forwards: int | No
 
 def estimate_flops(pipe: Any, width: int, height: int, text_tokens: int, forwards: int | None) -> FlopCount:
     """2 × parameters × tokens per denoiser forward (tokens: latent patches + text); attention not included."""
-    from zmon.tune.options import denoiser_name, unwrap
-
-    name = denoiser_name(pipe)
-    if name is None:
+    found = denoiser_modules(pipe)
+    if not found:
         return FlopCount(None, None, forwards, "params×tokens")
-    module = unwrap(getattr(pipe, name))
+    module = unwrap(found[0][1])
     params = sum(p.numel() for p in module.parameters())
     scale = int(getattr(pipe, "vae_scale_factor", 8) or 8)
     patch = 2  # Z-Image / Flux / SD3 patchify 2×2 latent pixels per token
@@ -88,17 +88,15 @@ class MatmulRate:
 
 def measure_matmul_rate(device: str, dtype: Any, seconds: float = RATE_SECONDS) -> MatmulRate:
     """Dense matmul throughput on the device in `dtype` (FLOP/s), timed after a warm-up."""
-    import torch
-
-    cuda = device.startswith("cuda")
-    side = GEMM_SIDE_CUDA if cuda else GEMM_SIDE_CPU
+    on_cuda = device.startswith("cuda")
+    side = GEMM_SIDE_CUDA if on_cuda else GEMM_SIDE_CPU
     a = torch.randn(side, side, device=device, dtype=dtype)
     b = torch.randn(side, side, device=device, dtype=dtype)
     flops_each = 2.0 * side**3
 
     def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize(torch.device(device))
+        if on_cuda:
+            cuda.synchronize(torch.device(device))
 
     for _ in range(3):
         torch.mm(a, b)

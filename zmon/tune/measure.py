@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-from zmon.profiling.stats import percentile
+from zmon.analysis.stats import percentile
 
 Verdict = Literal["faster", "slower", "no measurable gain"]
 

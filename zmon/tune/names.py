@@ -1,8 +1,9 @@
-"""Names `zmon tune` and the `model:` options accept, known without importing torch or diffusers.
+"""Names `zmon tune --variants` accepts, known without importing torch or diffusers.
 
-config.py validates `model.attention_backend` / `model.compile_mode` / `model.alloc_conf` against these, and
-the CLI rejects unknown `--variants` before anything heavy is imported (exit 2, listing the valid names).
-What is *runnable* on a given device is decided later, by probing (see zmon.tune.variants).
+The CLI rejects unknown `--variants` before anything heavy is imported (exit 2, listing the valid names).
+The attention backend and compile mode names are the configuration's (zmon.config validates
+`model.attention_backend` / `model.compile_mode` against them). What is *runnable* on a given device is
+decided later, by probing (see zmon.tune.variants).
 """
 
 from __future__ import annotations
@@ -10,37 +11,21 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Final
 
-# diffusers' attention dispatcher backends (diffusers.models.attention_dispatch.AttentionBackendName,
-# 0.36–0.42). A name the installed diffusers lacks is reported when it is applied, not here.
-ATTENTION_BACKENDS: Final[tuple[str, ...]] = (
-    "native",
-    "_native_cudnn",
-    "_native_efficient",
-    "_native_flash",
-    "_native_math",
-    "_native_npu",
-    "_native_xla",
-    "flex",
-    "flash",
-    "flash_varlen",
-    "flash_hub",
-    "flash_varlen_hub",
-    "flash_4_hub",
-    "_flash_3",
-    "_flash_varlen_3",
-    "_flash_3_hub",
-    "_flash_3_varlen_hub",
-    "aiter_fa2_hub",
-    "sage",
-    "sage_hub",
-    "sage_blackwell_hub",
-    "sage_varlen",
-    "_sage_qk_int8_pv_fp8_cuda",
-    "_sage_qk_int8_pv_fp8_cuda_sm90",
-    "_sage_qk_int8_pv_fp16_cuda",
-    "_sage_qk_int8_pv_fp16_triton",
-    "xformers",
-)
+from zmon.config import ATTENTION_BACKENDS, COMPILE_MODES
+
+__all__ = [
+    "ATTENTION_BACKENDS",
+    "ATTENTION_GROUP",
+    "ATTENTION_PREFIX",
+    "COMPILE_MODES",
+    "DEFAULT_ATTENTION_VARIANTS",
+    "OPT_IN_VARIANTS",
+    "VARIANT_NAMES",
+    "default_variant_names",
+    "parse_variants",
+    "valid_variant_names",
+]
+
 # Backends `zmon tune` tries when asked for the "attention" group: torch's own kernels (no extra package,
 # no download). Others are tried when named explicitly (attention:sage, ...) and skipped with the reason
 # when their package is missing. NPU/XLA backends need devices zmon does not drive.
@@ -51,14 +36,6 @@ DEFAULT_ATTENTION_VARIANTS: Final[tuple[str, ...]] = (
     "_native_efficient",
     "_native_math",
     "flex",
-)
-
-# torch.compile modes (None = "default"). reduce-overhead and max-autotune capture CUDA graphs.
-COMPILE_MODES: Final[tuple[str, ...]] = (
-    "default",
-    "reduce-overhead",
-    "max-autotune",
-    "max-autotune-no-cudagraphs",
 )
 
 ATTENTION_PREFIX: Final = "attention:"
@@ -115,22 +92,3 @@ def parse_variants(text: str | Iterable[str] | None) -> tuple[list[str], list[st
         return default_variant_names(), []
     return names, problems
 
-
-def alloc_conf_problem(value: str) -> str | None:
-    """Why a PYTORCH_CUDA_ALLOC_CONF string is unusable, or None. Items are 'key:value' separated by commas.
-
-    expandable_segments together with max_split_size_mb is refused: the maintainers advise against the
-    combination (splitting limits are meaningless for expandable segments).
-    """
-    items = [i.strip() for i in value.split(",") if i.strip()]
-    if not items:
-        return "empty; use null for the default allocator"
-    keys: dict[str, str] = {}
-    for item in items:
-        key, sep, val = item.partition(":")
-        if not sep or not key.strip() or not val.strip():
-            return f"{item!r} is not key:value (e.g. expandable_segments:True)"
-        keys[key.strip()] = val.strip()
-    if keys.get("expandable_segments", "").lower() in ("true", "1") and "max_split_size_mb" in keys:
-        return "expandable_segments and max_split_size_mb must not be combined"
-    return None

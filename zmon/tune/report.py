@@ -16,9 +16,9 @@ from typing import Any
 
 import yaml
 
+from zmon.analysis.diagnosis import format_value
+from zmon.analysis.html import CSS, _nice_ticks, _rect, _svg, _table, _text
 from zmon.config import deep_merge
-from zmon.profiling.diagnosis import format_value
-from zmon.profiling.html import CSS, _nice_ticks, _rect, _svg, _text
 from zmon.tune.measure import Spread
 from zmon.tune.runner import STAGE_KEYS, TuneResult, VariantResult
 
@@ -427,12 +427,6 @@ def output_chart(result: TuneResult) -> str:
         return "<p class='note'>No variant produced outputs to compare.</p>"
     return bar_chart(rows, unit="", label="PSNR against the baseline (dB; identical = 120)",
                      ref=result.tolerance_db)
-
-
-def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
-    head = "".join(f"<th>{escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td class='num'>{escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
 
 
 def render_html(result: TuneResult) -> str:

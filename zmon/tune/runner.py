@@ -20,7 +20,8 @@ Phases, on one loaded pipeline (the configured baseline):
      per variant, each warming up and measuring the same items; compared with the control.
   7. FLOPs of one baseline generation and the device's matmul rate → the compute floor.
 Switching is reversible (compiled wrappers and quantized copies are cached and swapped, attention backends
-set and restored, the prompt cache patched and removed), so variants are interleaved without reloading.
+set and restored, zmon's hooks registered around each block of generations), so variants are
+interleaved without reloading.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import json
 import logging
 import math
 import os
+import platform
 import random
 import subprocess
 import sys
@@ -38,13 +40,23 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal, TextIO
+from typing import Any, Final, Literal
 
+import torch
+
+from zmon.analysis.stats import median, windowed_mean
+from zmon.capture.environment import library_version
+from zmon.capture.inputs import GpuResolver, gpu_points
+from zmon.capture.profile import READY_TIMEOUT_SECONDS, Sampling, workload_spec
+from zmon.capture.progress import Progress
 from zmon.config import Config, deep_merge
-from zmon.instrumentation.records import GenerationRecord
-from zmon.profiling.runner import Progress
-from zmon.profiling.stats import median
-from zmon.tune import options as opt
+from zmon.exitcodes import EXIT_FAILURE, EXIT_OK
+from zmon.instrumentation import anatomy
+from zmon.instrumentation.prompt_cache import apply_prompt_cache
+from zmon.instrumentation.records import GenerationRecord, StageTiming
+from zmon.instrumentation.stages import StageTimingConfig, apply_stage_timing
+from zmon.providers import cuda
+from zmon.sampling import SampleHistory
 from zmon.tune.flops import FlopCount, MatmulRate, count_flops, estimate_flops, measure_matmul_rate
 from zmon.tune.measure import (
     OutputDiff,
@@ -62,12 +74,12 @@ from zmon.tune.measure import (
     warm_up,
 )
 from zmon.tune.variants import TuneContext, Variant, build_variant
+from zmon.workload import options as opt
+from zmon.workload.alloc_conf import ALLOC_CONF_ENV, NEW_ALLOC_CONF_ENV
+from zmon.workload.runner import Workload
 
 log = logging.getLogger(__name__)
 
-EXIT_OK = 0
-EXIT_NONE_RAN = 1
-EXIT_USAGE = 2
 STAGE_KEYS: Final = ("text_encode", "denoise", "vae_decode", "postprocess")
 WORKER_STARTUP_SECONDS: Final = 30.0  # a fresh process: imports, building or loading the pipeline, CUDA init
 DYNAMO_RECOMPILE_LIMIT: Final = 64  # variants share the denoiser's code object: 8 (torch's default) is too few
@@ -93,7 +105,6 @@ class TuneOptions:
     factory: str | None = None  # "module:function" that builds the pipeline in fresh processes (default: load)
     seed: int = 0  # of the per-round shuffles
     flops: bool = True
-    sample_gpu: bool = True  # NVML utilization during the measured generations (CUDA only)
 
     @property
     def per_round(self) -> int:
@@ -231,7 +242,8 @@ class TuneResult:
 
     @property
     def exit_code(self) -> int:
-        return EXIT_OK if self.baseline.status == "baseline" and self.measured else EXIT_NONE_RAN
+        """0 when the baseline and at least one variant were measured, else 1 (zmon.exitcodes)."""
+        return EXIT_OK if self.baseline.status == "baseline" and self.measured else EXIT_FAILURE
 
     def variant(self, name: str) -> VariantResult | None:
         return next((v for v in self.variants if v.name == name), None)
@@ -253,8 +265,6 @@ class TuneResult:
 
 def failure_reason(e: BaseException) -> str:
     """One line saying why a variant failed: out of memory, cannot compile, or the exception."""
-    import torch
-
     text = str(e).strip().splitlines()
     first = (text[0] if text else "")[:300]
     if isinstance(e, torch.OutOfMemoryError):
@@ -272,26 +282,24 @@ def failure_reason(e: BaseException) -> str:
 
 
 class Bench:
-    """Generations of the pipeline in its current state: the workload's item i, with the variants' call
-    overrides; stage timing is applied around each block (after the variants, so it hooks the modules they
-    swapped in) and removed before they are undone."""
+    """Generations of the pipeline in its current state: the workload's first item (its arguments built by
+    zmon.workload.runner.Workload, as `zmon run` and `zmon profile` build them) with the variants' call
+    overrides. zmon's hooks (stage timing, the prompt cache in force) are registered around each block of
+    generations, after the variants swapped their modules in, and removed before they are undone: the hook
+    registry hooks the denoiser modules present when a hook registers.
+
+    The pipeline is called here rather than through Workload.call, which turns every failure into a logged
+    status for the run loop: the tune needs the exception itself to say why a variant was rejected.
+    """
 
     def __init__(self, ctx: TuneContext, progress: Progress | None = None) -> None:
         self.ctx = ctx
         self.progress = progress or Progress(enabled=False)
-        self._images: list[Any] = []
-        if ctx.spec.img2img:
-            from PIL import Image
-
-            for p in ctx.spec.init_images:
-                with Image.open(p) as im:
-                    self._images.append(im.convert("RGB"))
+        self.workload = Workload(ctx.pipe, ctx.spec)
 
     def kwargs(self, seed_offset: int = 0, output_type: str | None = None) -> dict[str, Any]:
         """The workload's first item with seed + seed_offset (seed 0 when the workload's is random)."""
-        import torch
-
-        kw = self.ctx.spec.pipeline_kwargs(0, self._images)
+        kw = self.workload.kwargs(0)
         base = self.ctx.spec.seed if self.ctx.spec.seed is not None else 0
         kw["generator"] = torch.Generator("cpu").manual_seed(base + seed_offset)
         kw.update(self.ctx.overrides)
@@ -313,14 +321,21 @@ class Bench:
                 "seed": self.ctx.spec.seed if self.ctx.spec.seed is not None else 0}
 
     @contextlib.contextmanager
-    def timed(self, sink: list[GenerationRecord]) -> Iterator[None]:
-        from zmon.instrumentation.stages import StageTimingConfig, apply_stage_timing
-
-        handle = apply_stage_timing(self.ctx.pipe, StageTimingConfig(on_record=sink.append))
+    def instrumented(self, sink: list[GenerationRecord] | None = None) -> Iterator[None]:
+        """The prompt cache in force and (with a sink) stage timing on the pipeline for the block."""
+        cache = apply_prompt_cache(self.ctx.pipe, self.ctx.prompt_cache) if self.ctx.prompt_cache else None
         try:
-            yield
+            timing = None if sink is None else apply_stage_timing(
+                self.ctx.pipe, StageTimingConfig(on_record=sink.append)
+            )
+            try:
+                yield
+            finally:
+                if timing is not None:
+                    timing.remove()
         finally:
-            handle.remove()
+            if cache is not None:
+                cache.remove()
 
     def warm(self, rule: WarmupRule, label: str) -> WarmupResult:
         self.progress.start(f"warm-up {label} (at most)", rule.max_runs)
@@ -331,28 +346,27 @@ class Bench:
             return wall
 
         sink: list[GenerationRecord] = []
-        with self.timed(sink):
+        with self.instrumented(sink):
             result = warm_up(once, compile_counter, rule)
-        if result.runs < rule.max_runs:
+        if self.progress.in_progress:
             self.progress.finish()
         return result
 
     def outputs(self, count: int) -> list[Any]:
         """Decoded images (tensors in [0, 1], on the CPU) of the timed item with seeds seed … seed+count−1."""
-        import torch
-
         out = []
-        for k in range(count):
-            images = self.ctx.pipe(**self.kwargs(k, output_type="pt")).images
-            if not isinstance(images, torch.Tensor):
-                images = torch.stack([torch.as_tensor(x) for x in images])
-            out.append(images.detach().float().cpu().clone())
+        with self.instrumented():
+            for k in range(count):
+                images = self.ctx.pipe(**self.kwargs(k, output_type="pt")).images
+                if not isinstance(images, torch.Tensor):
+                    images = torch.stack([torch.as_tensor(x) for x in images])
+                out.append(images.detach().float().cpu().clone())
         return out
 
     def block(self, per_round: int) -> tuple[list[float], list[GenerationRecord]]:
         """One discarded generation after the switch, then `per_round` measured ones."""
         sink: list[GenerationRecord] = []
-        with self.timed(sink):
+        with self.instrumented(sink):
             self.progress.advance(self.call())
             first = len(sink)
             walls = []
@@ -384,10 +398,8 @@ def apply_all(ctx: TuneContext, variants: Sequence[Variant]) -> Callable[[], Non
 def _release_memory(ctx: TuneContext) -> None:
     """After a failure (out of the except block, so the failed call's frames are gone): free cached blocks."""
     if ctx.cuda:
-        import torch
-
         with contextlib.suppress(Exception):
-            torch.cuda.empty_cache()
+            cuda.empty_cache(cuda.load_torch_cuda())
 
 
 class Budget:
@@ -426,15 +438,17 @@ class Tuner:
         *,
         model_id: str | None = None,
         progress: Progress | None = None,
+        sampling: Sampling | None = None,
+        history: SampleHistory | None = None,
     ) -> None:
-        from zmon.profiling.runner import workload_spec
-
+        """`sampling` (a Monitor without HTTP, built by the composition root) feeds `history` while the tune
+        runs: each configuration's GPU utilization comes from the samples taken during its generations."""
         self.cfg = cfg
         self.options = options
         self.progress = progress or Progress(enabled=False)
         self.model_id = model_id or cfg.model.id
         spec = workload_spec(cfg, pipe, self.model_id)
-        device = opt.pipe_device(pipe)
+        device = anatomy.pipeline_device(pipe)
         dtype = str(opt.pipe_dtype(pipe)).removeprefix("torch.")
         self.ctx = TuneContext(
             pipe=pipe, cfg=cfg, spec=spec, model_id=self.model_id, device=device, dtype=dtype,
@@ -450,8 +464,12 @@ class Tuner:
         self.applied_any = False  # some variant was applied in process (the baseline is re-checked after)
         self.fatal = False  # an undo failed: the in-process pipeline is no longer the baseline
         self.reference: list[Any] = []
-        self._sampler: Any = None
-        self._gpu_samples: list[tuple[float, float | None]] = []
+        self.sampling = sampling
+        self.history = history
+        if cfg.workload.prompt_cache.enabled:
+            # The configured prompt cache is part of the baseline, as in `zmon run` (where the instrumentation
+            # applies it, not loading).
+            self.ctx.prompt_cache = cfg.workload.prompt_cache
 
     # -- helpers ---------------------------------------------------------------------------------------
 
@@ -466,33 +484,12 @@ class Tuner:
             compared_to="baseline (fresh process)" if v.fresh_process else "baseline",
         )
 
-    def _start_sampler(self, result: TuneResult) -> None:
-        if not (self.options.sample_gpu and self.ctx.cuda):
-            return
-        from zmon.profiling.runner import ResourceSampler, _providers
-
-        nvml, index, _, _ = _providers(self.ctx.device, lambda m: self.note(result, m))
-        if nvml is None or index is None:
-            return
-        self._nvml = nvml
-        self._sampler = ResourceSampler(self.cfg.profiling.sample_interval_seconds, nvml=nvml, nvml_index=index)
-        self._sampler.start()
-
-    def _stop_sampler(self) -> None:
-        if self._sampler is None:
-            return
-        self._sampler.stop()
-        self._gpu_samples = [(s.timestamp, s.util_ratio) for s in self._sampler.gpu_samples]
-        with contextlib.suppress(Exception):
-            self._nvml.close()
-        self._sampler = None
-
     def _gpu_util(self, m: Measurement | None) -> float | None:
-        from zmon.profiling.stats import windowed_mean
-
-        if m is None or not self._gpu_samples or not m.records:
+        """NVML utilization of the computing GPU over the measured generations (None off CUDA / unsampled)."""
+        if m is None or self.history is None or not m.records:
             return None
-        return windowed_mean(self._gpu_samples, m.windows())
+        points, _ = gpu_points(self.history, self.ctx.device, GpuResolver())
+        return windowed_mean([(p.timestamp, p.util_ratio) for p in points], m.windows())
 
     # -- phases ----------------------------------------------------------------------------------------
 
@@ -516,20 +513,18 @@ class Tuner:
         saved_limit = getattr(dynamo_config, limit_key) if limit_key else None
         if limit_key:
             setattr(dynamo_config, limit_key, max(int(saved_limit or 0), DYNAMO_RECOMPILE_LIMIT))
-        # The configured prompt cache is part of the baseline, as in `zmon run` (its instrumentation, not
-        # loading, applies it).
-        baseline_cache = None
-        if self.cfg.workload.prompt_cache.enabled:
-            from zmon.instrumentation.prompt_cache import apply_prompt_cache
-
-            baseline_cache = apply_prompt_cache(ctx.pipe, self.cfg.workload.prompt_cache)
-        self._start_sampler(result)
+        sampling = self.sampling
+        if sampling is not None:
+            sampling.start()
         try:
+            if sampling is not None and not sampling.wait_ready(READY_TIMEOUT_SECONDS):
+                self.note(result, "not every sampled source had a sample before the first generation")
             self._run(result)
         finally:
-            self._stop_sampler()
-            if baseline_cache is not None:
-                baseline_cache.remove()
+            if sampling is not None:
+                sampling.stop()
+                if failures := sampling.sample_failures():
+                    self.note(result, f"{failures} resource sample(s) failed")
             if limit_key:
                 setattr(dynamo_config, limit_key, saved_limit)
             result.elapsed_seconds = self.budget.elapsed()
@@ -892,7 +887,7 @@ class Tuner:
             self.progress.note(f"fresh process: {v.name}")
             env = v.env(self.ctx) if v.env else {}
             cfg = self.cfg.model_copy(update={"model": self.cfg.model.model_copy(
-                update={"alloc_conf": env.get(opt.ALLOC_CONF_ENV, self.cfg.model.alloc_conf)})})
+                update={"alloc_conf": env.get(ALLOC_CONF_ENV, self.cfg.model.alloc_conf)})})
             w = run_worker(cfg, env, self.options, self.model_id, label=v.name, timeout=self.budget.left())
             if w.error:
                 vr.status, vr.reason = ("skipped" if w.timed_out else "rejected"), w.error
@@ -910,8 +905,8 @@ class Tuner:
             floor = max(result.noise_floor or 0.0, noise_floor(control.measurement.round_medians, cs.p50))
             vr.verdict, vr.gain = judge(cs, vs, floor)
             vr.note = (vr.note + " " if vr.note else "") + (
-                f"ran in a fresh process with {opt.ALLOC_CONF_ENV}={w.alloc_conf or '(unset)'}, compared with a "
-                f"fresh-process control ({opt.ALLOC_CONF_ENV}={control.alloc_conf or '(unset)'}, p50 "
+                f"ran in a fresh process with {ALLOC_CONF_ENV}={w.alloc_conf or '(unset)'}, compared with a "
+                f"fresh-process control ({ALLOC_CONF_ENV}={control.alloc_conf or '(unset)'}, p50 "
                 f"{cs.p50:.4f} s, n={cs.n}); measured alone, not in combination with the in-process winners"
             )
             if vr.verdict == "faster" and (self.options.allow_lossy or not v.lossy):
@@ -921,8 +916,6 @@ class Tuner:
     # -- compute floor ---------------------------------------------------------------------------------
 
     def _compute_floor(self, result: TuneResult) -> None:
-        import torch
-
         ctx = self.ctx
         if not self.budget.allows(self._gen() * 2 + 1.0):
             self.note(result, "compute floor not measured: time budget")
@@ -966,10 +959,6 @@ def run_worker(
     """Run zmon.tune.worker in a fresh Python process with `env_extra` set before torch starts; it builds the
     pipeline (options.factory, else load from cfg), applies cfg's model options, warms up, measures
     options.rounds × per_round generations of the same timed item as the tune and returns the check outputs."""
-    import torch
-
-    from zmon.instrumentation.records import GenerationRecord, StageTiming
-
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="zmon-tune-") as tmp:
         spec_path = Path(tmp) / "spec.json"
@@ -984,9 +973,9 @@ def run_worker(
             "result": str(result_path),
             "outputs": str(outputs_path),
         }))
-        env = {k: v for k, v in os.environ.items() if k not in (opt.ALLOC_CONF_ENV, opt.NEW_ALLOC_CONF_ENV)}
+        env = {k: v for k, v in os.environ.items() if k not in (ALLOC_CONF_ENV, NEW_ALLOC_CONF_ENV)}
         if cfg.model.alloc_conf:
-            env[opt.ALLOC_CONF_ENV] = cfg.model.alloc_conf
+            env[ALLOC_CONF_ENV] = cfg.model.alloc_conf
         env.update(env_extra)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and Path(p).exists())
         try:
@@ -1021,32 +1010,19 @@ def run_worker(
 
 def _finish(progress: Progress) -> None:
     """End a bar whose phase stopped short (a failed configuration skips its remaining generations)."""
-    if getattr(progress, "_done", 0) < getattr(progress, "_total", 0):
+    if progress.in_progress:
         progress.finish()
 
 
 def _device_name(device: str) -> str | None:
     if device.startswith("cuda"):
         with contextlib.suppress(Exception):
-            import torch
-
-            return str(torch.cuda.get_device_name(torch.device(device)))
-    import platform
-
+            return cuda.device_name(torch.device(device))
     return platform.processor() or platform.machine() or None
 
 
 def _versions() -> dict[str, str | None]:
-    from importlib.metadata import version
-
-    out: dict[str, str | None] = {}
-    for pkg in ("torch", "diffusers", "transformers", "torchao"):
-        try:
-            out[pkg] = version(pkg)
-        except Exception:
-            out[pkg] = None
-    import platform
-
+    out = {pkg: library_version(pkg) for pkg in ("torch", "diffusers", "transformers", "torchao")}
     out["python"] = platform.python_version()
     return out
 
@@ -1071,53 +1047,12 @@ def tune_pipeline(
     *,
     model_id: str | None = None,
     progress: Progress | None = None,
+    sampling: Sampling | None = None,
+    history: SampleHistory | None = None,
 ) -> TuneResult:
     """Tune an already loaded (configured) pipeline; see the module docstring. The pipeline is left as it was
-    given (every variant is undone), except for compiled code caches."""
-    return Tuner(pipe, cfg, variants, options or TuneOptions(), model_id=model_id, progress=progress).run()
-
-
-# ------------------------------------------------------------------------------------------------ CLI body
-
-
-def tune_main(
-    cfg: Config,
-    variant_names: Sequence[str],
-    options: TuneOptions,
-    *,
-    out_dir: Path,
-    stdout: TextIO | None = None,
-    stderr: TextIO | None = None,
-) -> int:
-    """The body of `zmon tune` after validation: load, tune, write the reports, print the Markdown."""
-    from zmon.tune.report import render_markdown, write_reports
-    from zmon.workload.loading import load_pipeline
-    from zmon.workload.spec import WorkloadError
-
-    stdout = stdout or sys.stdout
-    progress = Progress(stderr or sys.stderr)
-    try:
-        progress.note(f"loading {cfg.model.id}")
-        loaded = load_pipeline(cfg.model, img2img=bool(cfg.workload.init_images))
-    except WorkloadError as e:  # includes ModelOptionsError: a configured option cannot apply here
-        for p in e.problems:
-            progress.note(f"error: {p}")
-        return EXIT_USAGE
-    except Exception as e:
-        log.debug("load failed", exc_info=True)
-        progress.note(f"error: cannot load {cfg.model.id}: {type(e).__name__}: {e}")
-        return EXIT_NONE_RAN
-    progress.note(f"loaded {loaded.class_name} on {loaded.device} ({loaded.dtype}) in {loaded.load_seconds:.2f} s")
-    try:
-        result = tune_pipeline(loaded.pipe, cfg, variant_names, options, model_id=loaded.model_id, progress=progress)
-    except WorkloadError as e:
-        for p in e.problems:
-            progress.note(f"error: {p}")
-        return EXIT_USAGE
-    paths = write_reports(result, out_dir)
-    stdout.write(render_markdown(result))
-    stdout.write("\n")
-    stdout.flush()
-    for fmt, path in paths.items():
-        progress.note(f"wrote {fmt}: {path}")
-    return result.exit_code
+    given (every variant is undone), except for compiled code caches. `sampling` feeds `history` meanwhile
+    (GPU utilization per configuration); without them nothing is sampled."""
+    tuner = Tuner(pipe, cfg, variants, options or TuneOptions(), model_id=model_id, progress=progress,
+                  sampling=sampling, history=history)
+    return tuner.run()

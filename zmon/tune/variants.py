@@ -3,7 +3,7 @@
 A `Variant` says what it is (description, exact or lossy, fresh process or not, the exclusive group it
 belongs to), when it cannot apply here (`check` returns the reason), how to switch it on for a loaded
 pipeline (`apply` returns the undo), and which configuration keys it stands for (`settings`: merged into
-the emitted config so `zmon run` applies the same thing through zmon.tune.options).
+the emitted config so `zmon run` applies the same thing through zmon.workload.options).
 
 | name | what | exact/lossy | how |
 |---|---|---|---|
@@ -13,7 +13,7 @@ the emitted config so `zmon run` applies the same thing through zmon.tune.option
 | compile_vae | torch.compile vae.decoder | exact | swap |
 | attention:<backend> | diffusers dispatcher backend | exact | set / restore backend |
 | channels_last | VAE in channels_last memory format | exact | convert / convert back |
-| prompt_cache | LRU of prompt embeddings | exact | patch / unpatch encode_prompt |
+| prompt_cache | LRU of prompt embeddings | exact | hook on encode_prompt around each block |
 | fp8 | torchao float8 dynamic quant of the denoiser's linears | lossy | quantized copy swapped in |
 | fewer_steps | the model card's fewest steps (distilled models) | lossy | call argument |
 | expandable_segments | allocator expandable segments | exact | fresh process (env before CUDA) |
@@ -27,8 +27,11 @@ from pathlib import Path
 from typing import Any, Final
 
 from zmon.config import Config, PromptCacheConfig
-from zmon.tune import options as opt
 from zmon.tune.names import ATTENTION_BACKENDS, ATTENTION_PREFIX, VARIANT_NAMES
+from zmon.workload import options as opt
+from zmon.workload.alloc_conf import ALLOC_CONF_ENV
+from zmon.workload.spec import WorkloadSpec
+from zmon.workload.tiny import is_builtin, is_complete
 
 Undo = Callable[[], None]
 
@@ -46,13 +49,18 @@ class TuneContext:
 
     pipe: Any
     cfg: Config  # the configuration the baseline was built from
-    spec: Any  # zmon.workload.spec.WorkloadSpec
+    spec: WorkloadSpec
     model_id: str
     device: str  # "cuda:0", "cpu"
     dtype: str  # "bfloat16", "float32"
-    compile_backend: str = opt.DEFAULT_COMPILE_BACKEND
+    compile_backend: Any = None  # None: zmon.workload.options.DEFAULT_COMPILE_BACKEND when applied
     cache: dict[Any, Any] = field(default_factory=dict)  # compiled / quantized modules, reused on re-apply
     overrides: dict[str, Any] = field(default_factory=dict)  # pipeline call arguments set by variants
+    # The prompt cache in force (the configured one, or the prompt_cache variant's). It is a hook in the
+    # pipeline's HookRegistry, which also hooks the denoiser modules present when it is registered, so the
+    # bench registers it around each block of generations, after the variants swapped their modules in, and
+    # removes it before they are undone (as zmon run instruments the pipeline after loading applied them).
+    prompt_cache: PromptCacheConfig | None = None
 
     @property
     def cuda(self) -> bool:
@@ -83,7 +91,7 @@ class Variant:
 
 
 def _denoiser(ctx: TuneContext) -> str | None:
-    return None if opt.denoiser_name(ctx.pipe) else f"{type(ctx.pipe).__name__} has no transformer or unet"
+    return None if opt.denoiser_modules(ctx.pipe) else f"{type(ctx.pipe).__name__} has no transformer or unet"
 
 
 def _compile_check(mode: str | None, cuda_only: bool) -> Callable[[TuneContext], str | None]:
@@ -136,11 +144,13 @@ def _prompt_cache_check(ctx: TuneContext) -> str | None:
 
 
 def _prompt_cache_apply(ctx: TuneContext) -> Undo:
-    from zmon.instrumentation.prompt_cache import apply_prompt_cache
+    previous = ctx.prompt_cache
+    ctx.prompt_cache = PromptCacheConfig(enabled=True, max_entries=ctx.cfg.workload.prompt_cache.max_entries)
 
-    max_entries = ctx.cfg.workload.prompt_cache.max_entries
-    handle = apply_prompt_cache(ctx.pipe, PromptCacheConfig(enabled=True, max_entries=max_entries))
-    return handle.remove
+    def undo() -> None:
+        ctx.prompt_cache = previous
+
+    return undo
 
 
 def _fp8_check(ctx: TuneContext) -> str | None:
@@ -153,8 +163,6 @@ def _fp8_check(ctx: TuneContext) -> str | None:
 
 def card_fewest_steps(model_id: str) -> tuple[int, str] | None:
     """(steps, source) when a model card documents fewer steps than usual for this (distilled) model."""
-    from zmon.workload.tiny import is_builtin, is_complete
-
     if is_builtin(model_id) or is_complete(Path(model_id).expanduser()):
         steps, _ = CARD_FEWEST_STEPS["z-image-turbo"]
         return steps, "the embedded model mimics Z-Image-Turbo's card: 8 DiT forwards"
@@ -291,7 +299,7 @@ _FIXED: Final[dict[str, Variant]] = {
             "process, compared with a fresh-process control)",
             check=_expandable_check,
             settings=lambda ctx: {"model": {"alloc_conf": expandable_alloc_conf(ctx.cfg.model.alloc_conf)}},
-            env=lambda ctx: {opt.ALLOC_CONF_ENV: expandable_alloc_conf(ctx.cfg.model.alloc_conf)},
+            env=lambda ctx: {ALLOC_CONF_ENV: expandable_alloc_conf(ctx.cfg.model.alloc_conf)},
             fresh_process=True,
         ),
     )

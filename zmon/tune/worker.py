@@ -18,33 +18,33 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 
-def _build(spec: dict[str, Any], cfg: Any) -> tuple[Any, str]:
+from zmon.capture.profile import workload_spec
+from zmon.config import Config
+from zmon.instrumentation import anatomy
+from zmon.tune.measure import WarmupRule
+from zmon.tune.runner import Bench, Measurement, TuneOptions, failure_reason
+from zmon.tune.variants import TuneContext
+from zmon.workload import options as opt
+from zmon.workload.alloc_conf import effective_alloc_conf, export_alloc_conf
+from zmon.workload.loading import load_pipeline
+
+
+def _build(spec: dict[str, Any], cfg: Config) -> tuple[Any, str]:
     """(pipeline with the config's model options applied, model id)."""
     factory = spec.get("factory")
     if factory:
-        from zmon.tune.options import apply_model_options, export_alloc_conf
-
         export_alloc_conf(cfg.model.alloc_conf)  # the parent set it already; this checks it
         module, _, name = str(factory).partition(":")
         pipe = getattr(importlib.import_module(module), name)()
-        apply_model_options(pipe, cfg.model)
+        opt.apply_model_options(pipe, cfg.model)
         return pipe, str(spec.get("model_id") or cfg.model.id)
-    from zmon.workload.loading import load_pipeline
-
     loaded = load_pipeline(cfg.model, img2img=bool(cfg.workload.init_images))
     return loaded.pipe, str(spec.get("model_id") or loaded.model_id)
 
 
 def run(spec: dict[str, Any]) -> dict[str, Any]:
-    import torch
-
-    from zmon.config import Config
-    from zmon.tune import options as opt
-    from zmon.tune.measure import WarmupRule
-    from zmon.tune.runner import Bench, Measurement, TuneOptions
-    from zmon.tune.variants import TuneContext
-
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     o = spec["options"]
@@ -56,15 +56,9 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         warmup=WarmupRule(**o["warmup"]),
     )
     pipe, model_id = _build(spec, cfg)
-    from zmon.profiling.runner import workload_spec
-
-    wspec = workload_spec(cfg, pipe, model_id)
-    ctx = TuneContext(pipe=pipe, cfg=cfg, spec=wspec, model_id=model_id, device=opt.pipe_device(pipe),
-                      dtype=str(opt.pipe_dtype(pipe)).removeprefix("torch."))
-    if cfg.workload.prompt_cache.enabled:
-        from zmon.instrumentation.prompt_cache import apply_prompt_cache
-
-        apply_prompt_cache(pipe, cfg.workload.prompt_cache)
+    ctx = TuneContext(pipe=pipe, cfg=cfg, spec=workload_spec(cfg, pipe, model_id), model_id=model_id,
+                      device=anatomy.pipeline_device(pipe), dtype=anatomy.dtype(pipe) or "float32",
+                      prompt_cache=cfg.workload.prompt_cache if cfg.workload.prompt_cache.enabled else None)
     bench = Bench(ctx)
     warm = bench.warm(options.warmup, "fresh")
     outputs = bench.outputs(options.check_items)
@@ -79,7 +73,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         "records": [dataclasses.asdict(r) for r in m.records],
         "warmup": warm.to_dict(),
         "device": ctx.device,
-        "alloc_conf": opt.effective_alloc_conf(),
+        "alloc_conf": effective_alloc_conf(),
     }
 
 
@@ -89,8 +83,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run(spec)
     except Exception as e:
-        from zmon.tune.runner import failure_reason
-
         result = {"error": failure_reason(e)}
     Path(spec["result"]).write_text(json.dumps(result))
     return 0

@@ -12,13 +12,15 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 from zmon.config import ModelConfig
+from zmon.providers import cuda
+from zmon.workload.alloc_conf import export_alloc_conf
+from zmon.workload.options import apply_model_options
 from zmon.workload.tiny import TINY_DEFAULTS, ensure_builtin, is_builtin, is_complete
 
 log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 _SHARD_RE = re.compile(r"-\d{5}-of-\d{5}$")
-DENOISER_NAMES = ("transformer", "unet")  # what torch.compile applies to, first present wins
 
 
 class ModelDefaults(TypedDict):
@@ -63,9 +65,7 @@ def resolve_device(device: str) -> str:
     """'auto' → 'cuda' when available, else 'cpu'; anything else unchanged."""
     if device != "auto":
         return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if cuda.is_available() else "cpu"
 
 
 def resolve_dtype(dtype: str, device: str) -> Any:
@@ -78,14 +78,12 @@ def resolve_dtype(dtype: str, device: str) -> Any:
 
 
 def load_pipeline(cfg: ModelConfig, *, img2img: bool = False) -> LoadedPipeline:
-    """Load cfg.id (building the embedded model first if needed), move it to the device, optionally compile.
+    """Load cfg.id (building the embedded model first if needed), move it to the device, apply the speed options.
 
     The class comes from the model's model_index.json (DiffusionPipeline auto-detection); img2img picks the
     image-to-image variant through AutoPipelineForImage2Image (ZImagePipeline → ZImageImg2ImgPipeline);
     cfg.pipeline_class, when set, is used as given and wins over both.
     """
-    from zmon.tune.options import apply_model_options, export_alloc_conf
-
     export_alloc_conf(cfg.alloc_conf)  # before torch initialises CUDA; raises if it is too late
     import diffusers
     import torch
@@ -128,7 +126,7 @@ def load_pipeline(cfg: ModelConfig, *, img2img: bool = False) -> LoadedPipeline:
             owner.enable_progress_bar()
     pipe.to(device)
     if device.startswith("cuda"):
-        torch.cuda.synchronize()  # count the host→device copies in the load time
+        cuda.synchronize()  # count the host→device copies in the load time
     load_seconds = time.perf_counter() - started
     pipe.set_progress_bar_config(disable=True)
 

@@ -43,8 +43,8 @@ from typing import Any
 
 from zmon.config import OomConfig
 from zmon.policy.actions import ActionResult, PolicyState, Remediator
-from zmon.providers.allocator import cuda_ready, load_torch_cuda
 from zmon.providers.base import SourceUnavailable
+from zmon.providers.cuda import MemoryHistory, cuda_ready, load_torch_cuda
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +85,19 @@ class OomHandler:
         self.remediator = remediator if remediator is not None else Remediator(torch_cuda)
         self.state = state
         self._torch_cuda = torch_cuda
+        self._history = MemoryHistory(torch_cuda)
         self._wall = wall
         self._lock = threading.Lock()
-        self.recording = False  # the allocator history is being recorded (snapshots possible)
         self.snapshots: list[Path] = []  # written by this handler, oldest first
         self.events: deque[OomEvent] = deque(maxlen=MAX_EVENTS)  # the latest, for logs and tests
         self._cap_logged = False
 
     # ------------------------------------------------------------------------------------ memory history
+
+    @property
+    def recording(self) -> bool:
+        """The allocator history is being recorded (snapshots possible)."""
+        return self._history.recording
 
     def start(self) -> bool:
         """Start recording the allocator history if a snapshot directory is configured and CUDA is in use.
@@ -104,16 +109,14 @@ class OomHandler:
             if self.recording or d is None:
                 return self.recording
             try:
-                cuda = load_torch_cuda(self._torch_cuda)
-                if not cuda_ready(cuda):
+                if not cuda_ready(load_torch_cuda(self._torch_cuda)):
                     log.info("workload.oom.memory_snapshot_dir is set but CUDA is not in use: no OOM snapshots")
                     return False
                 d.expanduser().mkdir(parents=True, exist_ok=True)
-                cuda.memory._record_memory_history(max_entries=self.config.max_entries, stacks="python")
+                self._history.start(self.config.max_entries)
             except (SourceUnavailable, OSError, RuntimeError, AttributeError) as e:
                 log.warning("cannot record the CUDA allocator history for OOM snapshots: %s", e)
                 return False
-            self.recording = True
         log.info("recording the CUDA allocator history (%d entries) for OOM snapshots in %s",
                  self.config.max_entries, d)
         return True
@@ -121,11 +124,8 @@ class OomHandler:
     def stop(self) -> None:
         """Stop recording (frees the history); idempotent."""
         with self._lock:
-            if not self.recording:
-                return
-            self.recording = False
             try:
-                load_torch_cuda(self._torch_cuda).memory._record_memory_history(enabled=None)
+                self._history.stop()
             except Exception as e:
                 log.warning("cannot stop recording the CUDA allocator history: %s", e)
 
@@ -149,7 +149,7 @@ class OomHandler:
                 return None
             path = d / f"oom-{int(self._wall())}-{generation}{'-retry' if attempt else ''}.pickle"
             try:
-                load_torch_cuda(self._torch_cuda).memory._dump_snapshot(str(path))
+                self._history.dump(path)
             except Exception as e:
                 log.warning("cannot write the OOM memory snapshot %s: %s", path, e)
                 return None

@@ -1,0 +1,1 @@
+"""Fault injection against a real zmon daemon (HTTP floods, idle connections, slow clients, bad input)."""

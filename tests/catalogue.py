@@ -1,0 +1,147 @@
+"""The metric catalogue read from the code, and the dashboard's queries: shared by the docs and ops tests."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tools import gen_dashboard
+
+ROOT = Path(__file__).resolve().parents[1]
+DASHBOARD = ROOT / "grafana" / "dashboards" / "zmon.json"
+PROVISIONING = ROOT / "grafana" / "provisioning"
+RECORDING_RULES = ROOT / "deploy" / "prometheus" / "zmon.recording.yml"
+DS = {"type": "prometheus", "uid": "${datasource}"}
+
+# -- metric catalogue: what zmon exports ---------------------------------------------------------------------
+
+_NAME = re.compile(r"^zmon_[a-z0-9_]+$")
+_SUFFIXES = {
+    "CounterMetricFamily": ("_total",),
+    "HistogramMetricFamily": ("_bucket", "_sum", "_count"),
+    "SummaryMetricFamily": ("_sum", "_count"),
+    "InfoMetricFamily": ("_info",),
+    "GaugeMetricFamily": ("",),
+}
+
+
+def _is_name(node: ast.AST) -> bool:
+    return isinstance(node, ast.Constant) and isinstance(node.value, str) and bool(_NAME.match(node.value))
+
+
+def _call_name(node: ast.Call) -> str:
+    f = node.func
+    return f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+
+
+@cache
+def code_families() -> dict[str, str]:
+    """{family name as written in zmon's source: its MetricFamily class}, read from the AST of the package.
+
+    A name passed straight to XMetricFamily("zmon_...") has that type. A name in a table (a tuple literal)
+    assigned to a variable whose name contains COUNTER, HISTOGRAM or INFO is of that type. Any other
+    "zmon_..." string constant is taken for a gauge (the tables of unlabelled gauges).
+    """
+    out: dict[str, str] = {}
+    for path in sorted((ROOT / "zmon").rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        typed: set[int] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and _call_name(node).endswith("MetricFamily") and node.args:
+                first = node.args[0]
+                if isinstance(first, ast.Constant) and _is_name(first):
+                    out[str(first.value)] = _call_name(node)
+                    typed.add(id(first))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Assign | ast.AnnAssign) and node.value is not None:
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                label = " ".join(t.id for t in targets if isinstance(t, ast.Name)).upper()
+                kind = next((k for k in ("COUNTER", "HISTOGRAM", "INFO") if k in label), None)
+                if kind is None:
+                    continue
+                for sub in ast.walk(node.value):
+                    if isinstance(sub, ast.Constant) and _is_name(sub):
+                        out.setdefault(str(sub.value), f"{kind.title()}MetricFamily")
+                        typed.add(id(sub))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and _is_name(node) and id(node) not in typed:
+                out.setdefault(str(node.value), "GaugeMetricFamily")
+    return out
+
+
+def recording_rule_names() -> set[str]:
+    data = yaml.safe_load(RECORDING_RULES.read_text())
+    return {r["record"] for g in data["groups"] for r in g["rules"] if "record" in r}
+
+
+@cache
+def exported_series_names() -> frozenset[str]:
+    """Series names zmon exposes: each family expanded by its type (counter _total, histogram _bucket/_sum/
+    _count, info _info), plus the recording rules shipped in deploy/prometheus."""
+    names = {name + suffix for name, kind in code_families().items() for suffix in _SUFFIXES[kind]}
+    return frozenset(names | recording_rule_names())
+
+
+# -- PromQL: metric names used by an expression -------------------------------------------------------------
+
+AGGREGATIONS = {"sum", "min", "max", "avg", "group", "stddev", "stdvar", "count", "count_values", "bottomk",
+                "topk", "quantile", "limitk", "limit_ratio"}
+KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "offset", "and", "or",
+            "unless", "atan2", "inf", "nan", "start", "end"}
+GRAFANA_RANGE_VARIABLES = re.compile(r"\$\{?__(rate_interval|interval|range)(_ms|_s)?\}?")
+
+
+def grafana_to_promql(expr: str, *, instance: str = ".*", gpu: str = ".*") -> str:
+    """Replace Grafana's variables with values Prometheus accepts (as the dashboard would send them)."""
+    expr = GRAFANA_RANGE_VARIABLES.sub("1m", expr)
+    return expr.replace("$instance", instance).replace("$gpu", gpu)
+
+
+def metric_names(expr: str) -> set[str]:
+    """Metric names selected by a PromQL expression (a small tokenizer, not a parser).
+
+    Drops string literals, label matchers {...}, ranges [...], grouping label lists by/on/ignoring/group_x
+    (...) and offsets; what remains is identifiers, numbers and operators. An identifier is a metric name
+    unless a '(' follows it (a function), or it is an aggregation or a keyword.
+    """
+    s = GRAFANA_RANGE_VARIABLES.sub("1m", expr)
+    s = re.sub(r'"(?:\\.|[^"\\])*"|\'(?:\\.|[^\'\\])*\'|`[^`]*`', '""', s)
+    s = re.sub(r"\{[^{}]*\}", " ", s)
+    s = re.sub(r"\[[^\]]*\]", " ", s)
+    s = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^()]*\)", r" \1 ", s)
+    s = re.sub(r"\boffset\s+-?[0-9a-zA-Z]+", " ", s)
+    names = set()
+    tokens = list(re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*|\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|\.\d+|\S", s))
+    for i, m in enumerate(tokens):
+        tok = m.group(0)
+        if not re.match(r"[A-Za-z_:]", tok):
+            continue
+        nxt = tokens[i + 1].group(0) if i + 1 < len(tokens) else ""
+        if nxt == "(" or tok in AGGREGATIONS or tok in KEYWORDS:
+            continue
+        names.add(tok)
+    return names
+
+
+def load_dashboard() -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(DASHBOARD.read_text())
+    return data
+
+
+def panels(d: dict[str, Any]) -> list[dict[str, Any]]:
+    return [p for p in d["panels"] if p["type"] != "row"]
+
+
+def all_queries(d: dict[str, Any]) -> list[tuple[str, str]]:
+    """(where, expr) of every panel target and annotation query."""
+    out = [(f"panel {title!r}", expr) for title, expr in gen_dashboard.queries(d)]
+    for a in d["annotations"]["list"]:
+        if a.get("expr"):
+            out.append((f"annotation {a['name']!r}", a["expr"]))
+    return out

@@ -1,0 +1,464 @@
+"""Profiling statistics, utilization attribution, facts and the diagnosis flowchart on synthetic data."""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import time
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from tests.fakes.profiles import (
+    CARD,
+    GB,
+    HEALTHY_UTIL,
+    T0,
+    gpu_env,
+    gpu_trace,
+    healthy_facts,
+    make_record,
+    make_records,
+)
+from zmon.analysis.diagnosis import PRIORITY, Diagnosis, Finding, diagnose, format_value
+from zmon.analysis.facts import (
+    CpuPoint,
+    EnvironmentFacts,
+    IoFacts,
+    MemoryFacts,
+    MultiGpuFacts,
+    ProfileFacts,
+    attribute_utilization,
+    build_facts,
+    cpu_points_from_counters,
+)
+from zmon.analysis.stats import backward_intervals, cv, percentile, stdev, summarize, windowed_mean
+from zmon.config import ProfilingConfig, Thresholds
+from zmon.instrumentation.records import GenerationRecord, StageTiming
+
+
+def finding(d: Diagnosis, kind: str) -> Finding:
+    return next(f for f in d.findings if f.kind == kind)
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 20, 101])
+def test_percentiles_and_spread_match_numpy_and_statistics(n: int) -> None:
+    rng = random.Random(n)
+    values = [rng.uniform(0.5, 3.0) for _ in range(n)]
+    for q in (0, 1, 50, 95, 99, 100):
+        assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)), rel=1e-12)
+    if n >= 2:
+        assert stdev(values) == pytest.approx(statistics.stdev(values), rel=1e-12)
+        assert cv(values) == pytest.approx(statistics.stdev(values) / statistics.fmean(values), rel=1e-12)
+    s = summarize(values)
+    assert s is not None
+    assert (s.n, s.min, s.max) == (n, min(values), max(values))
+    assert s.mean == pytest.approx(statistics.fmean(values))
+    assert s.p50 == pytest.approx(statistics.median(values))
+    assert s.p99 == pytest.approx(float(np.percentile(values, 99)))
+
+
+def test_statistics_of_nothing_are_none() -> None:
+    assert percentile([], 50) is None
+    assert summarize([]) is None
+    assert stdev([]) is None
+    assert stdev([2.0]) == 0.0
+    assert cv([0.0, 0.0]) is None  # mean 0: undefined, not 0
+    with pytest.raises(ValueError):
+        percentile([1.0], 101)
+
+
+def test_backward_intervals_cover_the_period_before_each_read() -> None:
+    assert backward_intervals([10.0, 11.0, 13.0]) == [(8.5, 10.0), (10.0, 11.0), (11.0, 13.0)]
+    assert backward_intervals([]) == []
+
+
+def test_windowed_mean_weights_by_overlap_and_skips_unknown() -> None:
+    samples = [(0.0, 0.0), (2.0, 0.4), (4.0, 0.8), (6.0, None)]
+    assert windowed_mean(samples, [(0.0, 1.0)]) == pytest.approx(0.4)
+    assert windowed_mean(samples, [(1.0, 3.0)]) == pytest.approx(0.6)  # half in each interval
+    assert windowed_mean(samples, [(0.0, 1.0), (3.0, 4.0)]) == pytest.approx(0.6)
+    assert windowed_mean(samples, [(4.5, 5.5)]) is None  # only the unknown sample covers it
+    assert windowed_mean([], [(0.0, 1.0)]) is None
+
+
+# ------------------------------------------------------------------------------------------------ attribution
+
+
+def test_attribute_utilization_with_hand_made_windows() -> None:
+    # Generation at t=100: text encode [100, 101), two steps [101, 103), VAE decode [103, 104).
+    record = GenerationRecord(
+        started_at=100.0,
+        total_seconds=4.0,
+        stages=(
+            StageTiming("text_encode", 1.0, 0.0),
+            StageTiming("denoise_step", 1.0, 1.0, 0),
+            StageTiming("denoise_step", 1.0, 2.0, 1),
+            StageTiming("vae_decode", 1.0, 3.0),
+        ),
+        steps=2,
+    )
+    # Each sample reports the second before it; the first (t=100) covers 99..100, outside the generation.
+    samples = [(100.0, 0.0), (101.0, 0.1), (102.0, 0.9), (103.0, 0.7), (104.0, 0.3), (105.0, 1.0)]
+    got = attribute_utilization([record], samples)
+    assert got["text_encode"] == pytest.approx(0.1)
+    assert got["denoise_step"] == pytest.approx(0.8)
+    assert got["vae_decode"] == pytest.approx(0.3)
+    assert got["generation"] == pytest.approx(0.5)
+    assert "postprocess" not in got
+
+    # Sparse, unsorted samples: one read covering 100..102 and one covering 102..104.
+    sparse = [(104.0, 0.8), (102.0, 0.4), (100.0, 0.0)]
+    got = attribute_utilization([record], sparse)
+    assert got["text_encode"] == pytest.approx(0.4)
+    assert got["denoise_step"] == pytest.approx(0.6)
+    assert got["vae_decode"] == pytest.approx(0.8)
+
+
+def test_cpu_points_from_counters() -> None:
+    samples = cpu_points_from_counters([(10.0, 5.0, None), (11.0, 6.5, 0.4), (13.0, 7.5, 0.2)])
+    assert samples == (
+        CpuPoint(10.0, None, None),
+        CpuPoint(11.0, 1.5, 0.4),
+        CpuPoint(13.0, 0.5, 0.2),
+    )
+
+
+# ------------------------------------------------------------------------------------------------ facts
+
+
+def test_build_facts_baseline_skips_warmup_but_keeps_first_generation() -> None:
+    records = make_records(11, scale=lambda i: 4.0 if i == 0 else 1.0)
+    failed = make_record(records[-1].started_at + 5, status="oom")
+    facts = build_facts([*records, failed], warmup=1, created_at=T0)
+    b = facts.baseline
+    assert (b.generations, b.warmup, b.failed_generations, b.oom_generations) == (10, 1, 1, 1)
+    assert b.totals_seconds == tuple(r.total_seconds for r in records[1:])
+    assert b.latency is not None and b.latency.p50 == pytest.approx(records[1].total_seconds)
+    assert facts.io.first_generation_seconds == pytest.approx(records[0].total_seconds)
+    assert facts.io.first_generation_slowdown == pytest.approx(
+        records[0].total_seconds / records[1].total_seconds
+    )
+    assert facts.environment.device == "cuda"
+    assert facts.multi_gpu is None
+
+
+def test_stage_split_shares_and_step_spread() -> None:
+    records = make_records(5, steps=lambda i: (0.1, 0.2, 0.1, 0.2))
+    facts = build_facts(records, created_at=T0)
+    st = facts.stages
+    total = records[0].total_seconds
+    assert [s.stage for s in st.stages] == ["text_encode", "denoise_step", "vae_decode", "postprocess"]
+    denoise = st.get("denoise_step")
+    assert denoise is not None and denoise.mean_seconds == pytest.approx(0.6)
+    assert denoise.share == pytest.approx(0.6 / total)
+    assert denoise.spans_per_generation == 4
+    assert st.unattributed_mean_seconds == pytest.approx(0.01)
+    assert sum(s.share for s in st.stages) + (st.unattributed_share or 0) == pytest.approx(1.0)
+    assert st.step_mean_seconds == pytest.approx(0.15)
+    assert st.step_cv == pytest.approx(statistics.stdev([0.1, 0.2, 0.1, 0.2]) / 0.15)
+    assert st.step_max_min_ratio == pytest.approx(2.0)
+    assert len(st.timeline) == 7 and st.timeline_total_seconds == pytest.approx(total)
+
+
+def test_run_cv_is_pooled_within_shapes() -> None:
+    # Two resolutions, each perfectly steady: mixing them must not read as run-to-run inconsistency.
+    small = make_records(6, width=512)
+    large = make_records(6, scale=lambda i: 3.0, width=1024)
+    large = [replace(r, started_at=r.started_at + 100) for r in large]
+    facts = build_facts(small + large, created_at=T0)
+    assert facts.baseline.latency is not None and facts.baseline.latency.cv is not None
+    assert facts.baseline.latency.cv > 0.4
+    assert facts.baseline.run_cv == pytest.approx(0.0, abs=1e-9)
+    assert facts.workload.distinct_shapes == 2
+
+
+def test_vram_fraction_prefers_nvml_then_allocator() -> None:
+    records = make_records(4)
+    samples = gpu_trace(records, HEALTHY_UTIL, memory=72 * GB)
+    nvml = build_facts(records, gpu_samples=samples, memory=MemoryFacts(card_total_bytes=CARD), created_at=T0)
+    assert (nvml.memory.vram_used_fraction, nvml.memory.vram_used_source) == (pytest.approx(0.9), "nvml")
+    records = [replace(r, peak_reserved_bytes=40 * GB) for r in records]
+    alloc = build_facts(records, memory=MemoryFacts(card_total_bytes=CARD), created_at=T0)
+    assert (alloc.memory.vram_used_fraction, alloc.memory.vram_used_source) == (
+        pytest.approx(0.5),
+        "allocator",
+    )
+    cpu = build_facts(make_records(3, device="cpu"), created_at=T0)
+    assert cpu.memory.vram_used_fraction is None and cpu.memory.vram_used_source is None
+
+
+def test_facts_json_round_trip() -> None:
+    facts = healthy_facts(
+        cpu_samples=cpu_points_from_counters([(T0 + i * 0.1, i * 0.09, 0.3) for i in range(50)]),
+        io=IoFacts(model_dir="/m", checkpoint_load_seconds=3.0, checkpoint_bytes=20 * GB, cache_state="warm"),
+        multi_gpu=MultiGpuFacts(2, nccl_time_share=0.1, speedup_vs_single=1.8),
+    )
+    text = json.dumps(facts.to_dict(), allow_nan=False)
+    again = ProfileFacts.from_dict(json.loads(text))
+    assert again == facts
+    d = diagnose(facts)
+    assert Diagnosis.from_dict(json.loads(json.dumps(d.to_dict()))) == d
+    with pytest.raises(ValueError, match="schema_version"):
+        ProfileFacts.from_dict({**facts.to_dict(), "schema_version": 99})
+
+
+# ------------------------------------------------------------------------------------------------ flowchart
+
+
+def test_flowchart_cpu_bound_on_low_gpu_utilization() -> None:
+    records = make_records()
+    util = {**HEALTHY_UTIL, "denoise_step": 0.55}
+    d = diagnose(healthy_facts(records, gpu_samples=gpu_trace(records, util)))
+    assert d.verdict == "cpu_bound"
+    assert [s.answer for s in d.steps] == ["yes"]
+    ev = d.steps[0].evidence[0]
+    assert (ev.figure, ev.threshold, ev.comparison, ev.holds) == (
+        "GPU utilization during diffusion",
+        0.8,
+        "<",
+        True,
+    )
+    assert ev.value == pytest.approx(0.55, abs=0.02)
+    assert "GPU utilization during diffusion" in d.summary and "< 80%" in d.summary
+    assert finding(d, "gpu_underutilization").active
+
+
+def test_flowchart_memory_bound_on_a_full_card() -> None:
+    records = make_records()
+    d = diagnose(
+        healthy_facts(records, gpu_samples=gpu_trace(records, HEALTHY_UTIL, idle=0.9, memory=76 * GB))
+    )
+    assert d.verdict == "memory_bound"
+    assert [s.answer for s in d.steps] == ["no", "yes"]
+    ev = d.steps[1].evidence[0]
+    assert ev.value == pytest.approx(0.95) and ev.threshold == 0.9 and ev.holds
+
+
+def test_flowchart_kernel_issue_on_uneven_steps() -> None:
+    d = diagnose(healthy_facts(make_records(steps=lambda i: (0.1, 0.25) * 4)))
+    assert d.verdict == "kernel_issue"
+    assert [s.answer for s in d.steps] == ["no", "no", "yes"]
+    assert finding(d, "kernel_optimization").active
+    assert "trace" in (finding(d, "kernel_optimization").fix or "")
+
+
+def test_flowchart_io_or_caching_on_inconsistent_runs() -> None:
+    d = diagnose(healthy_facts(make_records(scale=lambda i: (1.0, 1.4, 0.8, 1.2)[i % 4])))
+    assert d.verdict == "io_or_caching"
+    assert [s.answer for s in d.steps] == ["no", "no", "no", "yes"]
+    io = finding(d, "io_throttling")
+    assert io.active and "run-to-run CV" in (io.fix or "")
+
+
+def test_flowchart_optimized() -> None:
+    d = diagnose(healthy_facts())
+    assert d.verdict == "optimized"
+    assert [s.answer for s in d.steps] == ["no", "no", "no", "no"]
+    assert d.active_findings == ()
+    assert "hardware" in d.action
+
+
+def test_thresholds_are_configurable() -> None:
+    records = make_records()
+    facts = healthy_facts(records, gpu_samples=gpu_trace(records, {**HEALTHY_UTIL, "denoise_step": 0.55}))
+    assert diagnose(facts).verdict == "cpu_bound"
+    assert diagnose(facts, Thresholds(gpu_util_low=0.5)).verdict == "optimized"
+    assert diagnose(facts, Thresholds(gpu_util_low=0.5)).thresholds["gpu_util_low"] == 0.5
+
+
+# ------------------------------------------------------------------------------------------------ CPU-only
+
+
+def test_cpu_only_text_encoding_dominates_is_cpu_bound_with_prompt_cache_fix() -> None:
+    records = make_records(text=0.45, steps=lambda i: (0.07,) * 8, vae=0.05, device="cpu")
+    cpu = cpu_points_from_counters([(T0 - 1 + i * 0.05, i * 0.05 * 0.98, 0.5) for i in range(400)])
+    facts = build_facts(
+        records,
+        cpu_samples=cpu,
+        env=EnvironmentFacts(device="cpu", model_id="builtin:tiny-z-image"),
+        warmup=1,
+        created_at=T0,
+    )
+    assert not facts.utilization.gpu_measured
+    assert facts.utilization.process_cpu_by_stage["text_encode"] == pytest.approx(0.98)
+    d = diagnose(facts)
+    assert d.verdict == "cpu_bound"
+    step = d.steps[0]
+    assert step.answer == "yes" and "not measured" in step.basis
+    assert step.evidence[0].value is None and step.evidence[0].describe().endswith("not measured")
+    cpu_finding = d.active_findings[0]
+    assert cpu_finding.kind == "cpu_bound" and cpu_finding.priority == 1
+    share = facts.stages.share("text_encode")
+    assert share is not None
+    assert cpu_finding.fix == (
+        f"text encoding is {share:.0%} of the generation on cpu: enable the prompt-embedding cache "
+        "(workload.prompt_cache.enabled: true) or move the encoder to the GPU"
+    )
+    # Nothing GPU-specific fires on a CPU run.
+    for kind in ("gpu_underutilization", "memory_fragmentation", "compile_off", "multi_gpu_network"):
+        assert not finding(d, kind).active
+
+
+def test_cpu_only_without_dominant_cpu_stage_reports_not_measured() -> None:
+    facts = build_facts(
+        make_records(device="cpu"), env=EnvironmentFacts(device="cpu"), warmup=1, created_at=T0
+    )
+    d = diagnose(facts)
+    assert [s.answer for s in d.steps] == ["not_measured", "not_measured", "no", "no"]
+    assert d.verdict == "optimized"
+    assert finding(d, "gpu_underutilization").summary == "GPU utilization not measured"
+
+
+# ------------------------------------------------------------------------------------------------ findings
+
+
+def test_cpu_bound_finding_on_gpu_with_prompt_cache_already_on() -> None:
+    records = make_records(text=0.6)
+    records = [replace(r, prompt_cache_hit=(i % 10 == 0)) for i, r in enumerate(records)]
+    f = finding(diagnose(healthy_facts(records)), "cpu_bound")
+    assert f.active and (f.impact, f.effort, f.priority) == ("high", "low", 1)
+    assert (
+        "on cuda" in (f.fix or "") and "batches" in (f.fix or "") and "move the encoder" not in (f.fix or "")
+    )
+
+
+def test_memory_fragmentation_finding_with_default_allocator() -> None:
+    # allocated 20 GB of 30 GB reserved, 1 GB inactive split, 40 GB free on the card
+    mem = MemoryFacts(
+        card_total_bytes=CARD, reserved_unallocated_ratio=1 / 3, fragmentation_ratio=1 / 30,
+        headroom_bytes=50 * GB, alloc_retries=0, ooms=0,
+    )
+    d = diagnose(healthy_facts(memory=mem, env=gpu_env(alloc_conf="")))
+    f = d.active_findings[0]
+    assert f.kind == "memory_fragmentation" and (f.impact, f.effort, f.priority) == ("high", "low", 1)
+    assert f.fix is not None and f.fix.startswith(
+        "reserved-unallocated ratio 0.33 with the default allocator: "
+        "set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"
+    )
+    # Under expandable_segments the advice changes; retries alone are enough to fire.
+    mem2 = replace(mem, reserved_unallocated_ratio=0.1, alloc_retries=3)
+    f2 = finding(diagnose(healthy_facts(memory=mem2)), "memory_fragmentation")
+    assert f2.active and "expandable_segments:True:" not in (f2.fix or "") and "safe points" in (f2.fix or "")
+
+
+def test_io_throttling_finding() -> None:
+    io = IoFacts(model_dir="/slow", checkpoint_load_seconds=40.0, checkpoint_bytes=8 * GB, cache_state="cold")
+    records = make_records(scale=lambda i: 4.0 if i == 0 else 1.0)
+    facts = healthy_facts(records, io=io, env=gpu_env(compiled=False))
+    assert facts.io.checkpoint_read_bytes_per_second == pytest.approx(200e6)
+    f = finding(diagnose(facts), "io_throttling")
+    assert f.active and (f.impact, f.effort, f.priority) == ("medium", "low", 2)
+    held = {e.figure.split(" (")[0] for e in f.evidence if e.holds}
+    assert held == {
+        "checkpoint read throughput",
+        "checkpoint load time",
+        "first generation / steady-state median",
+    }
+    assert (
+        "200.0 MB/s" in (f.fix or "") and "/slow" in (f.fix or "") and "warm-up generation" in (f.fix or "")
+    )
+
+
+def test_small_checkpoint_throughput_is_shown_not_judged() -> None:
+    """3 MB in 0.2 s is 15 MB/s of fixed overhead, not a slow disk (the embedded model measured this)."""
+    io = IoFacts(model_dir="/m", checkpoint_load_seconds=0.2, checkpoint_bytes=3_000_000, cache_state="warm")
+    facts = healthy_facts(make_records(), io=io, env=gpu_env(compiled=True))
+    f = finding(diagnose(facts), "io_throttling")
+    assert not f.active
+    shown = [e for e in f.evidence if e.figure.startswith("checkpoint read throughput")]
+    assert shown and shown[0].holds is None and "not judged" in shown[0].figure
+    big = IoFacts(model_dir="/m", checkpoint_load_seconds=40.0, checkpoint_bytes=2 * GB, cache_state="warm")
+    assert finding(diagnose(healthy_facts(make_records(), io=big, env=gpu_env(compiled=True))),
+                   "io_throttling").active
+
+
+def test_first_generation_slowdown_under_compile_is_not_io() -> None:
+    facts = healthy_facts(make_records(scale=lambda i: 30.0 if i == 0 else 1.0), env=gpu_env(compiled=True))
+    f = finding(diagnose(facts), "io_throttling")
+    assert not f.active and "torch.compile" in f.evidence[3].figure
+
+
+def test_multi_gpu_network_finding() -> None:
+    d = diagnose(healthy_facts(multi_gpu=MultiGpuFacts(2, nccl_time_share=0.3, speedup_vs_single=1.3)))
+    f = finding(d, "multi_gpu_network")
+    assert f.active and (f.impact, f.effort, f.priority) == ("low", "high", 4)
+    assert "NCCL takes 30%" in (f.fix or "") and "1.30× instead of 2×" in (f.fix or "")
+    assert not finding(diagnose(healthy_facts()), "multi_gpu_network").active
+    assert healthy_facts(multi_gpu=MultiGpuFacts(1)).multi_gpu is None
+
+
+def test_misconfigurations_on_z_image_turbo() -> None:
+    records = make_records(steps=lambda i: (0.15,) * 50, guidance=5.0, cfg=True)
+    facts = healthy_facts(records, env=gpu_env(compiled=False))
+    d = diagnose(facts)
+    kinds = [f.kind for f in d.active_findings]
+    assert kinds == ["cfg_on_distilled", "excess_steps", "compile_off"]
+    assert "set workload.guidance_scale: 0.0" in (finding(d, "cfg_on_distilled").fix or "")
+    steps_fix = finding(d, "excess_steps").fix or ""
+    assert "50 steps on Tongyi-MAI/Z-Image-Turbo" in steps_fix and "workload.steps: 9" in steps_fix
+    assert "7.50 s to about 1.35 s" in steps_fix
+    assert "model.compile: true" in (finding(d, "compile_off").fix or "")
+    # A non-distilled model may use guidance and many steps.
+    d2 = diagnose(replace(facts, environment=gpu_env(model_id="stabilityai/stable-diffusion-3.5-large")))
+    assert not finding(d2, "cfg_on_distilled").active and not finding(d2, "excess_steps").active
+
+
+def test_findings_are_sorted_active_first_by_priority() -> None:
+    d = diagnose(healthy_facts(multi_gpu=MultiGpuFacts(4, nccl_time_share=0.5), env=gpu_env(compiled=False)))
+    active = d.active_findings
+    assert [f.kind for f in active] == ["compile_off", "multi_gpu_network"]
+    assert list(d.findings[: len(active)]) == list(active)
+    assert [f.priority for f in active] == sorted(f.priority for f in active)
+    assert all(f.fix is None for f in d.findings if not f.active)
+
+
+def test_priority_matrix_matches_the_article() -> None:
+    assert PRIORITY[("high", "low")] == 1
+    assert PRIORITY[("high", "medium")] == 2
+    assert PRIORITY[("medium", "low")] == 2
+    assert PRIORITY[("medium", "high")] == 3
+    assert PRIORITY[("low", "high")] == 4
+
+
+def test_format_value() -> None:
+    assert format_value(0.413, "ratio") == "41%"
+    assert format_value(180e6, "B/s") == "180.0 MB/s"
+    assert format_value(None, "s") == "not measured"
+    assert format_value(3.2, "x") == "3.20×"
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+def test_profiling_config_defaults_and_validation() -> None:
+    cfg = ProfilingConfig()
+    t = cfg.thresholds
+    assert (t.gpu_util_low, t.vram_high, t.step_cv_high, t.run_cv_high) == (0.8, 0.9, 0.15, 0.1)
+    assert (t.read_throughput_low, t.first_gen_slowdown_high, t.text_encode_share_high) == (500e6, 3.0, 0.25)
+    assert (t.cpu_busy_high, t.cache_ratio_high, t.fragmentation_high, t.nccl_share_high) == (0.9, 0.3, 0.3, 0.2)
+    assert (
+        ProfilingConfig.model_validate({"thresholds": {"gpu_util_low": 0.7}}).thresholds.gpu_util_low == 0.7
+    )
+    with pytest.raises(ValidationError):
+        ProfilingConfig.model_validate({"thresholds": {"gpu_util_lo": 0.7}})
+    with pytest.raises(ValidationError):
+        ProfilingConfig.model_validate({"thresholds": {"vram_high": 1.5}})
+
+
+# ------------------------------------------------------------------------------------------------ live use
+
+
+def test_rolling_window_is_fast() -> None:
+    records = make_records(300)
+    samples = gpu_trace(records, HEALTHY_UTIL, dt=0.1)
+    start = time.perf_counter()
+    facts = build_facts(records[-100:], gpu_samples=samples, env=gpu_env())
+    diagnose(facts)
+    assert time.perf_counter() - start < 1.0

@@ -1,0 +1,190 @@
+"""`zmon run`: start the monitor, load and instrument the pipeline, generate the workload, serve /metrics.
+
+The monitor starts first, so the model load itself is observed (disk, memory, GPU). The same in-process
+parts as `zmon.attach` watch the pipeline; zmon.workload's Runner generates.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from zmon.app.attach import add_in_process_sources, connect_in_process
+from zmon.app.instrument import Instrumentation, pipeline_facts
+from zmon.app.monitor import Monitor
+from zmon.app.parts import PolicyParts
+from zmon.collectors.generation import GenerationMetrics
+from zmon.config import Config
+from zmon.exitcodes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
+from zmon.instrumentation.boundaries import BoundaryListener
+from zmon.workload.loading import LoadedPipeline, load_pipeline, model_defaults, vae_scale_factor
+from zmon.workload.oom import OomHandler
+from zmon.workload.runner import Runner, RunResult, Workload
+from zmon.workload.spec import WorkloadError, WorkloadSpec, build_spec, recheck_resolutions, static_pipeline_class
+
+log = logging.getLogger(__name__)
+
+
+class RunSession:
+    """A loaded, instrumented pipeline, the monitor around it, and the runner; `run()` generates."""
+
+    def __init__(
+        self,
+        monitor: Monitor,
+        metrics: GenerationMetrics,
+        spec: WorkloadSpec,
+        loaded: LoadedPipeline,
+        instrumentation: Instrumentation,
+        *,
+        policy: PolicyParts | None = None,
+        oom: OomHandler | None = None,
+    ) -> None:
+        self.monitor = monitor
+        self.metrics = metrics
+        self.spec = spec
+        self.loaded = loaded
+        self.pipe = loaded.pipe
+        self.instrumentation = instrumentation
+        self.policy = policy
+        self.runner = Runner(Workload(loaded.pipe, spec), oom=oom)
+        instrumentation.owner = self
+        self._closed = False
+
+    @property
+    def oom(self) -> OomHandler | None:
+        """What an out-of-memory generation leads to (the runner's)."""
+        return self.runner.oom
+
+    @oom.setter
+    def oom(self, handler: OomHandler | None) -> None:
+        self.runner.oom = handler
+
+    def add_boundary_listener(self, listener: BoundaryListener) -> None:
+        """Call listener.generation_started()/generation_finished() around every pipeline call."""
+        self.instrumentation.boundaries.add(listener)
+
+    def remove_boundary_listener(self, listener: BoundaryListener) -> None:
+        self.instrumentation.boundaries.discard(listener)
+
+    def run(self, max_generations: int | None = None, stop_event: threading.Event | None = None) -> RunResult:
+        return self.runner.run(max_generations, stop_event)
+
+    def close(self) -> None:
+        """Remove the instrumentation, stop sampling and the server; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.runner.stop()
+        self.instrumentation.remove()
+        self.monitor.stop()
+
+
+def build_run(
+    cfg: Config,
+    *,
+    registry: CollectorRegistry | None = None,
+    serve_http: bool = True,
+    start: bool = True,
+) -> RunSession:
+    """Validate the workload, start the monitor (so the load itself is observed), load and instrument.
+
+    Raises WorkloadError listing every workload problem (before anything loads), and whatever loading
+    raises; the monitor is stopped on failure.
+    """
+    img2img = bool(cfg.workload.init_images)
+    class_name = static_pipeline_class(cfg)
+    # Known class: its defaults now; unknown (a hub id not cached locally): provisional, redone after load.
+    spec = build_spec(cfg, model_defaults(class_name, cfg.model.id) if class_name else {})
+
+    metrics = GenerationMetrics(model=cfg.model.id)
+    mon = Monitor(cfg.sampling, cfg.server, mode="run", registry=registry, serve_http=serve_http)
+    mon.add_collector("generation", metrics)
+    policy = add_in_process_sources(mon, cfg)
+    try:
+        if start:
+            mon.start()
+        log.info("loading %s%s", cfg.model.id, " (img2img)" if img2img else "")
+        loaded = load_pipeline(cfg.model, img2img=img2img)
+        log.info(
+            "loaded %s as %s on %s (%s) in %.2fs%s", loaded.model_id, loaded.class_name, loaded.device,
+            loaded.dtype, loaded.load_seconds,
+            f", {loaded.read_bytes_per_second / 1e6:.0f} MB/s" if loaded.read_bytes_per_second else "",
+        )
+        problems = recheck_resolutions(spec, vae_scale_factor(loaded.pipe))
+        if problems:
+            raise WorkloadError(problems)
+        if class_name is None:
+            spec = build_spec(cfg, model_defaults(loaded.pipe, cfg.model.id))
+        facts = pipeline_facts(loaded.pipe, loaded.model_id, distilled=spec.distilled)
+        facts.device, facts.dtype, facts.compiled = loaded.device, loaded.dtype, loaded.compiled
+        facts.load_seconds = loaded.load_seconds
+        facts.checkpoint_bytes = loaded.checkpoint_bytes
+        facts.read_bytes_per_second = loaded.read_bytes_per_second
+        metrics.set_pipeline(facts)
+        inst = Instrumentation(loaded.pipe, cfg.workload, metrics, model_id=loaded.model_id)
+        connect_in_process(mon, cfg, inst, policy)
+    except BaseException:
+        mon.stop()
+        raise
+    oom = OomHandler(
+        cfg.workload.oom,
+        remediator=policy.runner.remediator if policy is not None else None,
+        state=policy.runner.state if policy is not None else None,
+    )
+    return RunSession(mon, metrics, spec, loaded, inst, policy=policy, oom=oom)
+
+
+def run_main(cfg: Config, *, linger_seconds: float = 0.0) -> int:
+    """The body of `zmon run` (after validation): returns the exit code. Installs SIGTERM/SIGINT handlers:
+    the first signal stops after the current generation, a second one interrupts."""
+    stop = threading.Event()
+    previous = _install_stop_handlers(stop)
+    session: RunSession | None = None
+    try:
+        try:
+            session = build_run(cfg)
+        except WorkloadError as e:
+            for p in e.problems:
+                log.error("%s", p)
+            return EXIT_USAGE
+        except OSError as e:
+            log.error("cannot start: %s", e)
+            return EXIT_FAILURE
+        except Exception:
+            log.exception("cannot load %s", cfg.model.id)
+            return EXIT_FAILURE
+        result = session.run(stop_event=stop)
+        if linger_seconds > 0 and not stop.is_set():
+            log.info("done; serving /metrics for %.0fs more (SIGTERM to stop now)", linger_seconds)
+            stop.wait(linger_seconds)
+        return result.exit_code
+    except KeyboardInterrupt:
+        log.info("interrupted")
+        return EXIT_OK
+    finally:
+        if session is not None:
+            session.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _install_stop_handlers(stop: threading.Event) -> dict[int, Any]:
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is not threading.main_thread():
+        return previous
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        name = signal.Signals(signum).name
+        log.info("%s: stopping after the current generation (again to interrupt)", name)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous[sig] = signal.signal(sig, handler)
+    return previous

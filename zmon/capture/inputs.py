@@ -1,0 +1,151 @@
+"""Sampled snapshots → the analysis core's inputs, once for both `zmon profile` and the live diagnosis.
+
+`window_facts(records, history, ...)` is the one place facts are built from generation records and what the
+sampler saw meanwhile; the profile (its whole run) and the live diagnosis (a rolling window) both call it, so
+they judge the same workload the same way.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import replace
+
+from zmon.analysis.facts import (
+    CpuPoint,
+    EnvironmentFacts,
+    GpuPoint,
+    IoFacts,
+    MemoryFacts,
+    ProfileFacts,
+    build_facts,
+    cpu_points_from_counters,
+)
+from zmon.capture.environment import nvml_index_for
+from zmon.instrumentation.records import GenerationRecord
+from zmon.providers import cuda
+from zmon.providers.allocator import AllocatorSample
+from zmon.providers.nvml import GpuSample
+from zmon.sampling import SampleHistory
+from zmon.sampling.keys import ALLOCATOR, HOST, NVML, PROCESS
+
+
+class GpuResolver:
+    """Which NVML GPU a CUDA device is (asked once per device: CUDA's answer does not change)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[int, int | None] = {}
+
+    def nvml_index(self, device: str, gpus: Sequence[GpuSample]) -> int | None:
+        index = cuda.device_index(device)
+        if index is None or not gpus:
+            return None
+        if index not in self._cache:
+            self._cache[index] = nvml_index_for(index, gpus)
+        return self._cache[index]
+
+
+def gpu_points(
+    history: SampleHistory, device: str, resolver: GpuResolver, since: float | None = None
+) -> tuple[list[GpuPoint], GpuSample | None]:
+    """The computing card's utilization/memory reads, and its latest NVML reading (None off GPU)."""
+    samples = history.samples(NVML, since)
+    if not samples or not device.startswith("cuda"):
+        return [], None
+    index = resolver.nvml_index(device, samples[-1][1].gpus)
+    if index is None:
+        return [], None
+    out: list[GpuPoint] = []
+    latest: GpuSample | None = None
+    for t, sample in samples:
+        gpu = next((g for g in sample.gpus if g.index == index), None)
+        if gpu is not None and gpu.up:
+            out.append(GpuPoint(t, gpu.utilization_gpu_ratio, gpu.memory_used_bytes))
+            latest = gpu
+    return out, latest
+
+
+def cpu_points(history: SampleHistory, since: float | None = None) -> tuple[CpuPoint, ...]:
+    """Process cores busy (from cumulative CPU seconds) with the host's busy ratio at the same time.
+
+    Without a process source (zmon watch without a pid), the host's readings alone.
+    """
+    hosts = history.samples(HOST, since)
+    host_times = [t for t, _ in hosts]
+    processes = history.samples(PROCESS, since)
+    if not processes:
+        return cpu_points_from_counters((t, None, h.cpu_utilization_ratio) for t, h in hosts)
+
+    def host_at(t: float) -> float | None:
+        i = bisect.bisect_right(host_times, t) - 1
+        return hosts[i][1].cpu_utilization_ratio if i >= 0 else None
+
+    return cpu_points_from_counters(
+        (t, p.cpu_user_seconds + p.cpu_system_seconds, host_at(t))
+        if p.exists and p.cpu_user_seconds is not None and p.cpu_system_seconds is not None
+        else (t, None, host_at(t))
+        for t, p in processes
+    )
+
+
+def memory_facts(allocator: AllocatorSample | None, device: str, card_total_bytes: int | None) -> MemoryFacts:
+    """MemoryFacts from the caching allocator's latest sample of the computing device (empty off CUDA).
+
+    Peaks are left to the generation records (stage timing resets the peak statistics per generation).
+    """
+    index = cuda.device_index(device) if device.startswith("cuda") else None
+    dev = None if allocator is None or index is None else allocator.device(index)
+    if dev is None:
+        return MemoryFacts(card_total_bytes=card_total_bytes)
+    return MemoryFacts(
+        card_total_bytes=card_total_bytes if card_total_bytes is not None else dev.total_bytes,
+        reserved_unallocated_ratio=dev.reserved_unallocated_ratio,
+        fragmentation_ratio=dev.fragmentation_ratio,
+        headroom_bytes=dev.headroom_bytes,
+        alloc_retries=dev.alloc_retries,
+        ooms=dev.ooms,
+    )
+
+
+def window_facts(
+    records: Sequence[GenerationRecord],
+    history: SampleHistory,
+    *,
+    env: EnvironmentFacts,
+    resolver: GpuResolver,
+    io: IoFacts | None = None,
+    warmup: int = 0,
+    since: float | None = None,
+    created_at: float | None = None,
+    first_generation_in_window: bool = True,
+) -> ProfileFacts:
+    """Facts of consecutive generations (oldest first) and what the sampler saw since `since`.
+
+    The environment's card name and driver come from NVML when the caller could not tell; the card's
+    memory from NVML, else CUDA. `first_generation_in_window` False drops the first-generation slowdown
+    (a rolling window whose oldest generation is not the process's first).
+    """
+    device = env.device
+    gpu, latest = gpu_points(history, device, resolver, since)
+    nvml = history.latest(NVML)
+    if latest is not None and env.card_name is None:
+        env = replace(env, card_name=latest.name)
+    if nvml is not None and env.driver_version is None:
+        env = replace(env, driver_version=nvml.driver_version)
+    total = latest.memory_total_bytes if latest is not None else None
+    if total is None and (index := cuda.device_index(device)) is not None and device.startswith("cuda"):
+        ident = cuda.device_identity(index)
+        total = None if ident is None else ident.total_memory_bytes
+    facts = build_facts(
+        records,
+        gpu_samples=gpu,
+        cpu_samples=cpu_points(history, since),
+        memory=memory_facts(history.latest(ALLOCATOR), device, total),
+        io=io,
+        env=env,
+        warmup=warmup,
+        created_at=created_at,
+    )
+    if not first_generation_in_window:
+        facts = replace(facts, io=replace(facts.io, first_generation_seconds=None, first_generation_slowdown=None))
+    return facts

@@ -1,0 +1,130 @@
+"""Live diagnosis in the daemon: the profile's facts and rules over a rolling window of generations.
+
+The window holds the last `window_seconds` of generation records (fed as they are emitted) and reads the
+sampler's history (NVML, host, process, allocator) through the same `window_facts` the profile uses.
+`evaluate()` is cheap (a few ms for hundreds of generations); the composition root schedules it as the
+"diagnosis" source and stores what the zmon_bottleneck* collector exports.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+
+from zmon.analysis.diagnosis import diagnose
+from zmon.analysis.facts import EnvironmentFacts, IoFacts
+from zmon.analysis.live import LIVE_FIXES, VERDICTS, LiveSnapshot
+from zmon.capture.inputs import GpuResolver, window_facts
+from zmon.collectors.bottleneck import BottleneckState, FindingState
+from zmon.config import Thresholds
+from zmon.instrumentation.records import GenerationRecord
+from zmon.sampling import SampleHistory
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WINDOW_SECONDS = 300.0
+DEFAULT_INTERVAL_SECONDS = 10.0
+DEFAULT_MIN_GENERATIONS = 3
+HISTORY_MARGIN_SECONDS = 60.0  # samples a little older than the window cover the time before its first generation
+
+
+class LiveDiagnosis:
+    """A rolling window of generation records over a SampleHistory; `evaluate()` diagnoses it.
+
+    `observe(record)` takes every GenerationRecord (a record listener). `environment` describes the
+    pipeline (asked once, lazily: it reads the pipeline's parameters).
+    """
+
+    def __init__(
+        self,
+        history: SampleHistory,
+        thresholds: Thresholds | None = None,
+        *,
+        window_seconds: float = DEFAULT_WINDOW_SECONDS,
+        min_generations: int = DEFAULT_MIN_GENERATIONS,
+        environment: Callable[[], EnvironmentFacts | None] | None = None,
+        io: IoFacts | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if window_seconds <= 0:
+            raise ValueError("window_seconds must be > 0")
+        self.history = history
+        self.window_seconds = window_seconds
+        self.thresholds = thresholds or Thresholds()
+        self.min_generations = min_generations
+        self._environment = environment
+        self._env: EnvironmentFacts | None = None
+        self._io = io
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._records: deque[GenerationRecord] = deque()
+        self._first_record_at: float | None = None  # the process's first generation: first-gen slowdown
+        self._resolver = GpuResolver()
+        self.latest: LiveSnapshot | None = None
+
+    def observe(self, record: GenerationRecord) -> None:
+        with self._lock:
+            if self._first_record_at is None:
+                self._first_record_at = record.started_at
+            self._records.append(record)
+            self._prune(self._clock())
+
+    def _prune(self, now: float) -> None:
+        cutoff = now - self.window_seconds
+        while self._records and self._records[0].started_at < cutoff:
+            self._records.popleft()
+
+    def evaluate(self) -> LiveSnapshot:
+        """Diagnose the window now; never raises for lack of data (diagnosis None below min_generations)."""
+        now = self._clock()
+        with self._lock:
+            self._prune(now)
+            records = list(self._records)
+            first_in_window = bool(records) and records[0].started_at == self._first_record_at
+        ok = [r for r in records if r.status == "ok"]
+        if len(ok) < self.min_generations:
+            snap = LiveSnapshot(now, self.window_seconds, len(ok), self.min_generations, None, None)
+            self.latest = snap
+            return snap
+        device = Counter(r.device for r in ok).most_common(1)[0][0]
+        facts = window_facts(
+            records,
+            self.history,
+            env=self._env_facts(device),
+            resolver=self._resolver,
+            io=self._io,
+            since=now - self.window_seconds - HISTORY_MARGIN_SECONDS,
+            created_at=now,
+            first_generation_in_window=first_in_window,
+        )
+        snap = LiveSnapshot(
+            now, self.window_seconds, len(ok), self.min_generations, diagnose(facts, self.thresholds), facts
+        )
+        self.latest = snap
+        return snap
+
+    def evaluate_state(self) -> BottleneckState:
+        """`evaluate()` as the "diagnosis" source: what the zmon_bottleneck* families export."""
+        return bottleneck_state(self.evaluate())
+
+    def _env_facts(self, device: str) -> EnvironmentFacts:
+        if self._env is None and self._environment is not None:
+            try:
+                self._env = self._environment()
+            except Exception:
+                log.debug("environment facts unavailable", exc_info=True)
+        return self._env or EnvironmentFacts(device=device)
+
+
+def bottleneck_state(snap: LiveSnapshot) -> BottleneckState:
+    """What the zmon_bottleneck* families export of one evaluation."""
+    d = snap.diagnosis
+    if d is None:
+        return BottleneckState(snap.generations, None, VERDICTS, ())
+    findings = tuple(
+        FindingState(f.kind, f.active, f.priority, LIVE_FIXES.get(f.kind, f.title)) for f in d.findings
+    )
+    return BottleneckState(snap.generations, d.verdict, VERDICTS, findings)
