@@ -389,6 +389,10 @@ class Thresholds(_Section):
     latency_trend_high: float = Field(1.2, gt=1)  # late-run median / early-run median (slowing down)
     nccl_share_high: float = Field(0.2, ge=0, le=1)  # share of time in NCCL collectives
     scaling_efficiency_low: float = Field(0.75, gt=0, le=1)  # multi-GPU speedup / GPU count
+    untimed_share_high: float = Field(0.10, ge=0, le=1)  # generation time outside every timed stage
+    headroom_low: float = Field(0.10, ge=0, le=1)  # (device free + allocator cache) / card below this = pressure
+    io_read_rate_high: float = Field(100e6, gt=0)  # bytes/s read from storage during generations = I/O-bound
+    outlier_ratio_high: float = Field(3.0, gt=1)  # a run over this × the median is an outlier (left out)
 
     # field → (figure of zmon.rules.FIGURES, operator under which the finding fires)
     CONDITIONS: ClassVar[dict[str, tuple[str, Op]]] = {
@@ -407,6 +411,10 @@ class Thresholds(_Section):
         "latency_trend_high": ("latency_trend_ratio", ">"),
         "nccl_share_high": ("nccl_time_share_ratio", ">"),
         "scaling_efficiency_low": ("scaling_efficiency_ratio", "<"),
+        "untimed_share_high": ("untimed_share_ratio", ">"),
+        "headroom_low": ("torch_headroom_ratio", "<"),
+        "io_read_rate_high": ("generation_read_bytes_per_second", ">="),
+        "outlier_ratio_high": ("run_time_outlier_ratio", ">"),
     }
 
     # The reserved-unallocated (cache) ratio is judged against the policy rule of the same name: one knob.

@@ -107,6 +107,10 @@ FIGURES: dict[str, Figure] = {
     "latency_trend_ratio": Figure("median latency of the late runs / of the early runs", "x", "window"),
     "nccl_time_share_ratio": Figure("share of time in NCCL collectives", "ratio", "window"),
     "scaling_efficiency_ratio": Figure("multi-GPU speedup / GPU count", "ratio", "window"),
+    "untimed_share_ratio": Figure("share of a generation outside every timed stage", "ratio", "window"),
+    "generation_read_bytes_per_second": Figure("storage reads during generations", "B/s", "window"),
+    "run_time_outlier_ratio": Figure("a generation's time / the steady-state median", "x", "window"),
+    "gpu_idle_ratio": Figure("share of a generation the GPU sat idle", "ratio", "window"),
 }
 KNOWN_FIGURES: frozenset[str] = frozenset(FIGURES)
 SAMPLE_FIGURES: frozenset[str] = frozenset(k for k, f in FIGURES.items() if f.scope == "sample")

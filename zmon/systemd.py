@@ -134,6 +134,8 @@ class Watched(Protocol):
 
     def wait(self, timeout: float | None = None) -> bool: ...
 
+    def add_closer(self, close: Callable[[], None]) -> None: ...
+
 
 class SystemdHandle:
     """What attach_systemd wired: sends READY once, feeds the watchdog while sampling is alive.
@@ -209,9 +211,13 @@ class SystemdHandle:
             self._maybe_ready()
             if self._ready_sent:
                 self.tick()
+        self.stopping()
+
+    def stopping(self) -> None:
+        """STOPPING=1, once; the monitor's closers call it, so it is sent before the process can exit."""
         if not self._closed:
+            self._closed = True
             self.notifier.stopping()
-        self.close()
 
     def tick(self, now: float | None = None) -> None:
         """Send WATCHDOG=1 if due and no source is stuck.
@@ -284,6 +290,7 @@ def attach_systemd(
         return None
     handle = SystemdHandle(monitor, notifier, watchdog_interval(environ), clock)
     monitor.sampler.add_listener(handle.on_sample)
+    monitor.add_closer(handle.stopping)
 
     threading.Thread(target=handle.follow, name="zmon-systemd", daemon=True).start()
     log.info(

@@ -32,12 +32,13 @@ def test_markdown_leads_with_verdict_and_evidence() -> None:
     verdict_at = md.index("## Verdict: `cpu_bound`")
     assert verdict_at < md.index("## Findings") < md.index("## Baseline") < md.index("## Stages")
     assert md.index("## Stages") < md.index("## Memory") < md.index("## I/O") < md.index("## Environment")
-    assert "GPU utilization during diffusion 50% < 80%" in md
-    assert "CPU bottleneck: optimize data loading and prompt encoding" in md
+    assert "GPU utilization over whole generations 64% < 80%" in md
+    assert "## Verdict: `cpu_bound` (confidence high)" in md and "> 1 generation(s) left out" in md
+    assert "CPU bottleneck: optimize data loading, prompt encoding and output processing" in md
     # The first finding is the priority-1 CPU-side one, with its fix.
     first = md.index("### 1. ")
     assert md[first:].startswith("### 1. CPU-bound: data loading and prompt encoding (priority 1")
-    assert "**Fix:** text encoding is" in md
+    assert "**Fix:** the GPU is idle 36% of each generation, most of it in the denoise steps" in md
     assert "| text_encode | 0.500 s |" in md
 
 
@@ -49,7 +50,7 @@ def test_markdown_of_a_cpu_run_says_not_measured() -> None:
     )
     md = render_markdown(facts, diagnose(facts))
     assert "GPU utilization: not measured." in md
-    assert "| 1 | Is GPU utilization below the threshold during diffusion? | not measured |" in md
+    assert "| 1 | Is the GPU idle for more than the threshold over whole generations, with the CPU side behind it? | not measured |" in md
 
 
 def test_write_reports_and_load_profile_round_trip(tmp_path: Path) -> None:
@@ -62,7 +63,7 @@ def test_write_reports_and_load_profile_round_trip(tmp_path: Path) -> None:
         "html": "profile.html",
     }
     doc = json.loads(paths["json"].read_text())
-    assert (doc["kind"], doc["schema_version"]) == ("zmon.profile", 1)
+    assert (doc["kind"], doc["schema_version"]) == ("zmon.profile", 2)
     assert doc["diagnosis"]["verdict"] == "cpu_bound"
     assert load_profile(paths["json"]) == (facts, d)
     assert paths["md"].read_text() == render_markdown(facts, d)
@@ -75,9 +76,15 @@ def test_load_profile_rejects_other_documents(tmp_path: Path) -> None:
     facts = _facts()
     doc = profile_to_dict(facts, diagnose(facts))
     path = tmp_path / "p.json"
-    path.write_text(json.dumps({**doc, "schema_version": 2}))
-    with pytest.raises(ValueError, match="schema_version 2"):
+    path.write_text(json.dumps({**doc, "schema_version": 3}))
+    with pytest.raises(ValueError, match="schema_version 3"):
         load_profile(path)
+    # version 1 (before the excluded runs, gaps and GPM fields) still reads, with their defaults
+    old = {**doc, "schema_version": 1, "facts": {**doc["facts"], "schema_version": 1}}
+    del old["facts"]["baseline"]["excluded"], old["facts"]["stages"]["gaps"]
+    path.write_text(json.dumps(old))
+    facts1, _ = load_profile(path)
+    assert facts1.baseline.excluded == () and facts1.stages.gaps == ()
     path.write_text(json.dumps({**doc, "kind": "other"}))
     with pytest.raises(ValueError, match="not a zmon profile"):
         load_profile(path)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from zmon.analysis.facts import DENOISE, WHOLE_GENERATION, ProfileFacts, from_jsonable, to_jsonable
+from zmon.analysis.facts import DENOISE, GAP_PREFIX, WHOLE_GENERATION, ProfileFacts, from_jsonable, to_jsonable
 from zmon.config import CACHE_RULE, Thresholds
 from zmon.rules import compare
 
@@ -166,9 +167,16 @@ class Finding:
     evidence: tuple[Evidence, ...]
 
 
+Confidence = Literal["high", "medium", "low"]
+
+
 @dataclass(frozen=True)
 class Diagnosis:
-    """The flowchart verdict with its steps, and every finding (active first, by priority)."""
+    """The flowchart verdict with its steps, and every finding (active first, by priority).
+
+    `confidence` and `caveats` say how far the verdict describes the model rather than the host it ran on:
+    low on a CPU-only run or a host whose CPUs other processes kept busy.
+    """
 
     verdict: Verdict
     summary: str  # the verdict with the figure that decided it
@@ -176,6 +184,8 @@ class Diagnosis:
     steps: tuple[FlowStep, ...]  # the questions asked, up to the one that gave the verdict
     findings: tuple[Finding, ...]
     thresholds: dict[str, float]
+    confidence: Confidence = "high"
+    caveats: tuple[str, ...] = ()
 
     @property
     def active_findings(self) -> tuple[Finding, ...]:
@@ -230,6 +240,113 @@ def _cpu_side_evidence(f: ProfileFacts, t: Thresholds) -> tuple[Evidence, Eviden
     )
 
 
+def _window_label(key: str) -> str:
+    """A window key of the utilization facts in words: a stage, or the untimed time between two."""
+    if key.startswith(GAP_PREFIX):
+        return f"untimed time {key.removeprefix(GAP_PREFIX)}"
+    return "denoise steps" if key == DENOISE else key
+
+
+@dataclass(frozen=True)
+class IdleSpot:
+    """Where the GPU sits idle longest in a generation, and what the process was doing meanwhile."""
+
+    key: str  # a stage name or "gap:<name>"
+    idle_seconds: float  # per generation
+    idle_share: float  # of the whole generation
+    process_cores: float | None
+    read_bytes_per_second: float | None  # storage reads in that window (process, else all disks)
+
+    @property
+    def label(self) -> str:
+        return _window_label(self.key)
+
+
+def _idle_spot(f: ProfileFacts) -> IdleSpot | None:
+    u = f.utilization
+    total = f.baseline.latency.mean if f.baseline.latency else None
+    windows = {k: v for k, v in u.gpu_idle_seconds.items() if k != WHOLE_GENERATION}
+    if not windows or not total:
+        return None
+    key = max(windows, key=lambda k: windows[k])
+    reads = u.process_read_by_stage.get(key, u.disk_read_by_stage.get(key))
+    return IdleSpot(key, windows[key], windows[key] / total, u.process_cpu_by_stage.get(key), reads)
+
+
+def _waits_on_storage(spot: IdleSpot | None, t: Thresholds) -> bool:
+    """The GPU's idle time sits where the process reads from storage and its CPU is mostly waiting."""
+    if spot is None or spot.read_bytes_per_second is None:
+        return False
+    cpu_waiting = spot.process_cores is None or spot.process_cores < 0.5
+    return bool(t.check("io_read_rate_high", spot.read_bytes_per_second)) and cpu_waiting
+
+
+def _generation_reads(f: ProfileFacts) -> float | None:
+    """Storage reads during generations, bytes/s: the process's own where known, else every disk's."""
+    u = f.utilization
+    return u.process_read_by_stage.get(WHOLE_GENERATION, u.disk_read_by_stage.get(WHOLE_GENERATION))
+
+
+def _pressure(f: ProfileFacts, t: Thresholds) -> tuple[bool | None, tuple[Evidence, ...]]:
+    """Evidence that GPU memory is really under pressure: retries, OOMs, real fragmentation, low headroom.
+
+    The reserved-unallocated (cache) ratio is not pressure: it is memory the allocator keeps for reuse.
+    """
+    m = f.memory
+    headroom = _ratio(m.headroom_bytes, m.card_total_bytes)
+    evidence = (
+        check("allocator retries", _float(m.alloc_retries), ">", 0, "count"),
+        check("allocator OOMs", _float(m.ooms), ">", 0, "count"),
+        check("generations that ran out of memory", float(f.baseline.oom_generations), ">", 0, "count"),
+        measure(t, "fragmentation_high", "fragmentation (inactive split / reserved)", m.fragmentation_ratio, "ratio"),
+        measure(t, "headroom_low", "headroom (free + cache) / card", headroom, "ratio"),
+    )
+    if any(e.holds for e in evidence):
+        return True, evidence
+    if all(e.holds is None for e in evidence[:2] + evidence[3:]):
+        return None, evidence
+    return False, evidence
+
+
+def _cache_info(f: ProfileFacts, t: Thresholds) -> Evidence:
+    """The article's 30% ratio, shown against the policy rule's threshold: cache, not pressure by itself."""
+    return check(
+        f"reserved-unallocated (cache) ratio vs policy.rules.{CACHE_RULE}",
+        f.memory.reserved_unallocated_ratio,
+        "info",
+        t.cache_ratio_high,
+        "ratio",
+        name="torch_reserved_unallocated_ratio",
+    )
+
+
+def _io_evidence(f: ProfileFacts, t: Thresholds) -> tuple[bool, tuple[Evidence, ...]]:
+    """Slow checkpoint reads (of a checkpoint large enough to judge), a slow load, or storage reads during
+    generations. A slow first generation alone is warm-up, not I/O."""
+    io = f.io
+    state = io.cache_state
+    # A small checkpoint "reads" slowly because fixed costs (file opens, object construction) dominate: its
+    # throughput says nothing about the disk, so it is shown but not judged.
+    judged = bool(t.check("min_checkpoint_bytes", float(io.checkpoint_bytes or 0)))
+    ckpt = measure(
+        t,
+        "read_throughput_low",
+        f"checkpoint read throughput ({state} cache)"
+        + ("" if judged else f", checkpoint under {format_value(t.min_checkpoint_bytes, 'B')}: not judged"),
+        io.checkpoint_read_bytes_per_second,
+        "B/s",
+        judge=judged,
+    )
+    disk = measure(
+        t, "read_throughput_low", "sequential disk read of the model directory", io.disk_read_bytes_per_second, "B/s"
+    )
+    load = measure(t, "checkpoint_load_high", "checkpoint load time", io.checkpoint_load_seconds, "s")
+    reads = measure(t, "io_read_rate_high", "storage reads during generations", _generation_reads(f), "B/s")
+    first = info("first generation / steady-state median (warm-up, not I/O by itself)", io.first_generation_slowdown, "x")
+    evidence = (ckpt, disk, load, reads, first)
+    return bool(ckpt.holds or load.holds or reads.holds or (disk.holds and (ckpt.holds or load.holds))), evidence
+
+
 # ------------------------------------------------------------------------------------------------ flowchart
 
 
@@ -248,26 +365,50 @@ def _yes_no(evidence: Evidence) -> Answer:
 
 
 def _q_gpu_util(f: ProfileFacts, t: Thresholds) -> tuple[Answer, str, tuple[Evidence, ...]]:
-    util, name = _gpu_util_diffusion(f)
-    ev = measure(t, "gpu_util_low", name, util, "ratio")
+    """The whole generation counts: idle time in text encoding, output processing or between stages leaves
+    the GPU as idle as a slow denoise loop. Idle time spent waiting on storage is I/O's (question 4)."""
+    u = f.utilization
+    whole = u.gpu_by_stage.get(WHOLE_GENERATION)
+    ev = measure(t, "gpu_util_low", "GPU utilization over whole generations", whole, "ratio")
     if ev.holds is not None:
-        return _yes_no(ev), "NVML GPU utilization", (ev,)
+        diffusion, name = _gpu_util_diffusion(f)
+        spot = _idle_spot(f)
+        evidence: list[Evidence] = [ev, info(name, diffusion, "ratio")]
+        if spot is not None:
+            evidence += [
+                info(f"GPU idle in the {spot.label}, per generation", spot.idle_seconds, "s"),
+                info(f"process CPU in the {spot.label}", spot.process_cores, "cores"),
+            ]
+        if ev.holds and _waits_on_storage(spot, t):
+            assert spot is not None
+            evidence.append(info(f"storage reads in the {spot.label}", spot.read_bytes_per_second, "B/s"))
+            return "no", f"the GPU idles waiting on storage reads in the {spot.label} (see I/O)", tuple(evidence)
+        if ev.holds and spot is not None:
+            basis = f"NVML GPU utilization; the GPU idles {spot.idle_share:.0%} of each generation in the {spot.label}"
+            return "yes", basis, tuple(evidence)
+        return _yes_no(ev), "NVML GPU utilization over whole generations", tuple(evidence)
     # No GPU utilization (CPU-only run, or no NVML): the CPU-side stages' shares decide instead.
     text, post = _cpu_side_evidence(f, t)
-    cpu = info(
-        "process CPU during text encoding", f.utilization.process_cpu_by_stage.get("text_encode"), "cores"
-    )
-    evidence = (ev, text, post, cpu)
+    cpu = info("process CPU during text encoding", u.process_cpu_by_stage.get("text_encode"), "cores")
+    evidence_cpu = (ev, text, post, cpu)
     basis = f"stage shares on {_text_encoder_device(f)} (GPU utilization not measured)"
     if text.holds or post.holds:
-        return "yes", basis, evidence
-    return "not_measured", basis, evidence
+        return "yes", basis, evidence_cpu
+    return "not_measured", basis, evidence_cpu
 
 
 def _q_vram(f: ProfileFacts, t: Thresholds) -> tuple[Answer, str, tuple[Evidence, ...]]:
     src = f.memory.vram_used_source or "unknown source"
     ev = measure(t, "vram_high", "peak VRAM in use / card", f.memory.vram_used_fraction, "ratio")
-    return _yes_no(ev), f"peak memory in use ({src})", (ev,)
+    pressure, evidence = _pressure(f, t)
+    all_evidence = (ev, *evidence, _cache_info(f, t))
+    if ev.holds is None:
+        return "not_measured", f"peak memory in use ({src})", all_evidence
+    if ev.holds and pressure is None:
+        return "not_measured", f"the card is full ({src}); allocator pressure not measured", all_evidence
+    if ev.holds and not pressure:
+        return "no", f"the card is full ({src}) but without pressure: it is cache the allocator reuses", all_evidence
+    return ("yes" if ev.holds else "no"), f"peak memory in use ({src}) and allocator pressure", all_evidence
 
 
 def _q_steps(f: ProfileFacts, t: Thresholds) -> tuple[Answer, str, tuple[Evidence, ...]]:
@@ -276,24 +417,27 @@ def _q_steps(f: ProfileFacts, t: Thresholds) -> tuple[Answer, str, tuple[Evidenc
     return _yes_no(ev), "denoise step durations", (ev, ratio)
 
 
-def _q_runs(f: ProfileFacts, t: Thresholds) -> tuple[Answer, str, tuple[Evidence, ...]]:
-    b = f.baseline
-    ev = measure(t, "run_cv_high", "run-to-run CV (same shape)", b.run_cv, "cv")
-    n = info("baseline generations", float(b.generations), "count")
-    shapes = info("distinct shapes", float(f.workload.distinct_shapes), "count")
-    return _yes_no(ev), "generation times across runs", (ev, n, shapes)
+def _q_io(f: ProfileFacts, t: Thresholds) -> tuple[Answer, str, tuple[Evidence, ...]]:
+    found, evidence = _io_evidence(f, t)
+    runs = measure(t, "run_cv_high", "run-to-run CV (same shape)", f.baseline.run_cv, "cv")
+    evidence = (*evidence, runs)
+    if found:
+        return "yes", "model loading and storage reads", evidence
+    if all(e.holds is None for e in evidence[:4]):
+        return "not_measured", "model loading not measured, no storage reads seen", evidence
+    return "no", "model loading and storage reads", evidence
 
 
 FLOWCHART: tuple[FlowRule, ...] = (
     FlowRule(
         "cpu_bound",
-        "Is GPU utilization below the threshold during diffusion?",
-        "CPU bottleneck: optimize data loading and prompt encoding",
+        "Is the GPU idle for more than the threshold over whole generations, with the CPU side behind it?",
+        "CPU bottleneck: optimize data loading, prompt encoding and output processing",
         _q_gpu_util,
     ),
     FlowRule(
         "memory_bound",
-        "Is VRAM use above the threshold of the card?",
+        "Is VRAM use above the threshold of the card, under allocator pressure?",
         "memory bottleneck: quantize or offload (offloading trades VRAM for PCIe traffic)",
         _q_vram,
     ),
@@ -305,9 +449,9 @@ FLOWCHART: tuple[FlowRule, ...] = (
     ),
     FlowRule(
         "io_or_caching",
-        "Is generation time inconsistent across runs?",
+        "Does storage hold generations back (slow checkpoint reads, or reads while generating)?",
         "I/O or caching issue: optimize model loading and caching",
-        _q_runs,
+        _q_io,
     ),
 )
 OPTIMIZED_ACTION = "no bottleneck found: the system is optimized; consider faster hardware"
@@ -336,53 +480,84 @@ class FindingRule:
     evaluate: Callable[[ProfileFacts, Thresholds], Outcome]
 
 
-def _cpu_bound(f: ProfileFacts, t: Thresholds) -> Outcome:
-    util, util_name = _gpu_util_diffusion(f)
-    cores = f.utilization.process_cpu_by_stage.get(DENOISE)
-    text, post = _cpu_side_evidence(f, t)
-    gpu_low = measure(t, "gpu_util_low", util_name, util, "ratio")
-    cpu_busy = measure(t, "cpu_busy_high", "process CPU during diffusion", cores, "cores")
-    host = info("host CPU during generation", f.utilization.host_cpu_by_stage.get(WHOLE_GENERATION), "ratio")
-    evidence = (text, post, gpu_low, cpu_busy, host)
-    launch_bound = bool(gpu_low.holds and cpu_busy.holds)
-    if not (text.holds or post.holds or launch_bound):
-        return Outcome(False, "no CPU-side stage dominates the generation", evidence)
-
-    fixes = []
+def _stage_fix(stage_key: str, f: ProfileFacts) -> str:
+    """What to do about GPU idle time in one window."""
     device = _text_encoder_device(f)
-    if text.holds and text.value is not None:
+    if stage_key == "text_encode":
         hit = f.workload.prompt_cache_hit_ratio
         if hit is None:
             remedy = "enable the prompt-embedding cache (workload.prompt_cache.enabled: true)"
         else:
             remedy = f"the prompt cache hits only {hit:.0%} of prompts: encode prompts in batches"
-        if not device.startswith("cuda"):
-            remedy += " or move the encoder to the GPU"
-        fixes.append(f"text encoding is {text.value:.0%} of the generation on {device}: {remedy}")
+        return remedy + ("" if device.startswith("cuda") else f" or move the text encoder from {device} to the GPU")
+    if stage_key == "postprocess":
+        return ("move PNG encoding off the critical path (a worker thread or process) or return tensors "
+                "(output_type='pt')")
+    if stage_key == "vae_encode":
+        return "preprocess and encode init images ahead of time, or batch them"
+    if stage_key == "vae_decode":
+        return "decode on the GPU in the pipeline's dtype; consider compiling the VAE decoder (model.compile_vae)"
+    if stage_key == DENOISE:
+        if f.environment.compiled:
+            return ("work runs on the CPU inside the denoise loop (host hooks, callbacks, synchronisations): move it "
+                    "out of the loop, or capture CUDA graphs (a compile mode with graphs)")
+        return ("work runs on the CPU inside the denoise loop (host hooks, callbacks, kernel launches): move it "
+                "out of the loop, or torch.compile the transformer (model.compile: true)")
+    if stage_key.startswith(GAP_PREFIX):
+        return ("the GPU waits on untimed work between stages (host code, hooks, data preparation): find it in a "
+                "trace (POST /trace, or zmon profile --trace)")
+    return "move the CPU work of this stage off the critical path"
+
+
+def _cpu_bound(f: ProfileFacts, t: Thresholds) -> Outcome:
+    u = f.utilization
+    whole = measure(t, "gpu_util_low", "GPU utilization over whole generations", u.gpu_by_stage.get(WHOLE_GENERATION), "ratio")
+    text, post = _cpu_side_evidence(f, t)
+    spot = _idle_spot(f)
+    host = info("host CPU during generation", u.host_cpu_by_stage.get(WHOLE_GENERATION), "ratio")
+    if whole.holds is not None:
+        # On a GPU: idle time, and where it sits.
+        evidence: tuple[Evidence, ...] = (whole, text, post, host)
+        if spot is not None:
+            evidence = (
+                *evidence,
+                info(f"GPU idle in the {spot.label}, per generation", spot.idle_seconds, "s"),
+                info(f"process CPU in the {spot.label}", spot.process_cores, "cores"),
+            )
+        if not whole.holds:
+            return Outcome(False, "the GPU is busy over whole generations", evidence)
+        if _waits_on_storage(spot, t):
+            return Outcome(False, "the GPU waits on storage, not on the CPU (see I/O throttling)", evidence)
+        assert spot is not None
+        fix = (
+            f"the GPU is idle {1 - (whole.value or 0):.0%} of each generation, most of it in the {spot.label} "
+            f"({spot.idle_seconds:.3f} s per generation, {spot.idle_share:.0%}): {_stage_fix(spot.key, f)}"
+        )
+        return Outcome(True, f"the CPU side leaves the GPU idle in the {spot.label}", evidence, fix)
+    # CPU-only, or no NVML: the CPU-side stages' shares.
+    evidence = (text, post, whole, host)
+    if not (text.holds or post.holds):
+        return Outcome(False, "no CPU-side stage dominates the generation", evidence)
+    fixes = []
+    if text.holds and text.value is not None:
+        fixes.append(f"text encoding is {text.value:.0%} of the generation on {_text_encoder_device(f)}: {_stage_fix('text_encode', f)}")
     if post.holds and post.value is not None:
-        fixes.append(
-            f"output processing is {post.value:.0%} of the generation: move PNG encoding off the critical "
-            "path (a worker thread or process) or return tensors (output_type='pt')"
-        )
-    if launch_bound and util is not None and cores is not None:
-        fixes.append(
-            f"the GPU is {util:.0%} busy during diffusion while the process keeps {cores:.2f} cores busy: "
-            "kernel launches are the limit; torch.compile the transformer (model.compile: true) or raise "
-            "workload.batch_size"
-        )
+        fixes.append(f"output processing is {post.value:.0%} of the generation: {_stage_fix('postprocess', f)}")
     return Outcome(True, "the CPU side holds the generation back", evidence, "; ".join(fixes))
 
 
 def _gpu_underutilization(f: ProfileFacts, t: Thresholds) -> Outcome:
     util, name = _gpu_util_diffusion(f)
+    u = f.utilization
     low = measure(t, "gpu_util_low", name, util, "ratio")
-    whole = info(
-        "GPU utilization over whole generations", f.utilization.gpu_by_stage.get(WHOLE_GENERATION), "ratio"
+    cores = u.process_cpu_by_stage.get(DENOISE)
+    evidence = (
+        low,
+        measure(t, "cpu_busy_high", "process CPU during diffusion", cores, "cores"),
+        info("SM active during diffusion (GPM)", u.sm_active_by_stage.get(DENOISE), "ratio"),
+        info("tensor cores active during diffusion (GPM)", u.tensor_active_by_stage.get(DENOISE), "ratio"),
+        info("batch size", None if f.workload.batch_size is None else float(f.workload.batch_size), "count"),
     )
-    batch = info(
-        "batch size", None if f.workload.batch_size is None else float(f.workload.batch_size), "count"
-    )
-    evidence = (low, whole, batch)
     if low.holds is None:
         return Outcome(False, "GPU utilization not measured", evidence)
     if not low.holds:
@@ -392,6 +567,8 @@ def _gpu_underutilization(f: ProfileFacts, t: Thresholds) -> Outcome:
         fixes.append("raise workload.batch_size to give each kernel more work")
     if f.environment.compiled is False:
         fixes.append("torch.compile the transformer (model.compile: true) to cut launch gaps")
+    elif f.environment.compiled:
+        fixes.append("capture CUDA graphs (a compile mode with graphs) to cut the remaining launch gaps")
     fixes.append("find the gaps in a trace (torch.profiler, or nsys profile --trace=cuda,nvtx,osrt)")
     return Outcome(
         True,
@@ -403,93 +580,49 @@ def _gpu_underutilization(f: ProfileFacts, t: Thresholds) -> Outcome:
 
 def _memory_fragmentation(f: ProfileFacts, t: Thresholds) -> Outcome:
     m = f.memory
-    cached = check(
-        "reserved-unallocated ratio",
-        m.reserved_unallocated_ratio,
-        ">",
-        t.cache_ratio_high,
-        "ratio",
-        name="torch_reserved_unallocated_ratio",
-    )
-    frag = measure(t, "fragmentation_high", "fragmentation (inactive split / reserved)", m.fragmentation_ratio, "ratio")
-    retries = check("allocator retries", _float(m.alloc_retries), ">", 0, "count")
-    ooms = check("allocator OOMs", _float(m.ooms), ">", 0, "count")
-    oom_runs = check("generations that ran out of memory", float(f.baseline.oom_generations), ">", 0, "count")
+    pressure, evidence = _pressure(f, t)
     trend = measure(t, "latency_trend_high", "late / early median latency", f.baseline.trend_ratio, "x")
-    headroom = info("headroom (free + cached)", _float(m.headroom_bytes), "B")
-    evidence = (cached, frag, retries, ooms, oom_runs, trend, headroom)
-    if not any(e.holds for e in (cached, frag, retries, ooms, oom_runs)):
-        if all(e.holds is None for e in (cached, frag, retries, ooms)):
-            return Outcome(False, "allocator statistics not measured", evidence)
-        return Outcome(False, "the allocator shows no fragmentation pressure", evidence)
-
-    conf = f.environment.alloc_conf or ""
-    fixes = []
-    if cached.holds:
-        lead = f"reserved-unallocated ratio {m.reserved_unallocated_ratio:.2f}"
-    elif frag.holds:
-        lead = f"fragmentation ratio {m.fragmentation_ratio:.2f}"
+    evidence = (*evidence, _cache_info(f, t), trend)
+    if pressure is None:
+        return Outcome(False, "allocator statistics not measured", evidence)
+    if not pressure:
+        cache = m.reserved_unallocated_ratio
+        note = "" if cache is None else f" (the {cache:.0%} reserved-unallocated is cache the allocator reuses)"
+        return Outcome(False, "the allocator shows no memory pressure" + note, evidence)
+    retries, ooms, oom_runs, frag, headroom = evidence[:5]
+    if frag.holds:
+        lead = f"fragmentation ratio {m.fragmentation_ratio:.2f} (inactive split / reserved)"
     elif retries.holds or ooms.holds:
         lead = f"{m.alloc_retries or 0} allocator retries and {m.ooms or 0} OOMs"
-    else:
+    elif oom_runs.holds:
         lead = f"{f.baseline.oom_generations} generations ran out of memory"
-    if m.headroom_bytes is not None and (ooms.holds or oom_runs.holds):
+    else:
+        lead = f"headroom down to {format_value(headroom.value, 'ratio')} of the card"
+    if m.headroom_bytes is not None:
         lead += f" with {format_value(m.headroom_bytes, 'B')} of headroom"
+    conf = f.environment.alloc_conf or ""
+    fixes = []
     if "max_split_size_mb" in conf:
-        fixes.append(
-            "drop max_split_size_mb from PYTORCH_CUDA_ALLOC_CONF (never combine it with expandable_segments)"
-        )
+        fixes.append("drop max_split_size_mb from PYTORCH_CUDA_ALLOC_CONF (never combine it with expandable_segments)")
     if not _expandable(f):
         allocator = "the default allocator" if not conf else f"PYTORCH_CUDA_ALLOC_CONF={conf}"
         fixes.insert(0, f"{lead} with {allocator}: set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
     else:
         fixes.insert(0, f"{lead} under expandable_segments")
-    fixes.append(
-        "empty_cache only at safe points between generations (zmon policy), and pre-warm the largest shape"
-    )
+    fixes.append("empty_cache only at safe points between generations (zmon policy), and pre-warm the largest shape")
     if trend.holds:
-        fixes.append(
-            f"latency grew {f.baseline.trend_ratio:.2f}× over the run: compare before/after a cleared cache"
-        )
+        fixes.append(f"latency grew {f.baseline.trend_ratio:.2f}× over the run: compare before/after a cleared cache")
     return Outcome(True, "the caching allocator is under pressure", evidence, "; ".join(fixes))
 
 
 def _io_throttling(f: ProfileFacts, t: Thresholds) -> Outcome:
+    found, evidence = _io_evidence(f, t)
+    if not found:
+        if all(e.holds is None for e in evidence[:4]):
+            return Outcome(False, "model loading not measured; no storage reads during generations", evidence)
+        return Outcome(False, "model loading and storage look healthy", evidence)
+    ckpt, disk, load, reads, _first = evidence
     io = f.io
-    state = io.cache_state
-    # A small checkpoint "reads" slowly because fixed costs (file opens, object construction) dominate: its
-    # throughput says nothing about the disk, so it is shown but not judged.
-    judged = bool(t.check("min_checkpoint_bytes", float(io.checkpoint_bytes or 0)))
-    ckpt = measure(
-        t,
-        "read_throughput_low",
-        f"checkpoint read throughput ({state} cache)"
-        + ("" if judged else f", checkpoint under {format_value(t.min_checkpoint_bytes, 'B')}: not judged"),
-        io.checkpoint_read_bytes_per_second,
-        "B/s",
-        judge=judged,
-    )
-    disk = measure(
-        t, "read_throughput_low", "sequential disk read of the model directory", io.disk_read_bytes_per_second, "B/s"
-    )
-    load = measure(t, "checkpoint_load_high", "checkpoint load time", io.checkpoint_load_seconds, "s")
-    compiled = bool(f.environment.compiled)
-    # Under torch.compile the first generation includes compilation (~40 s on H100): not an I/O symptom.
-    first = measure(
-        t,
-        "first_gen_slowdown_high",
-        "first generation / steady-state median" + (" (includes torch.compile)" if compiled else ""),
-        io.first_generation_slowdown,
-        "x",
-        judge=not compiled,
-    )
-    runs = measure(t, "run_cv_high", "run-to-run CV (same shape)", f.baseline.run_cv, "cv")
-    evidence = (ckpt, disk, load, first, runs)
-    if not any(e.holds for e in evidence):
-        if all(e.holds is None for e in (ckpt, disk, load)):
-            return Outcome(False, "model loading not measured; generation times are steady", evidence)
-        return Outcome(False, "model loading and generation times look healthy", evidence)
-
     fixes = []
     slow = min((e.value for e in (ckpt, disk) if e.holds and e.value is not None), default=None)
     if slow is not None:
@@ -501,20 +634,34 @@ def _io_throttling(f: ProfileFacts, t: Thresholds) -> Outcome:
         )
     if load.holds and io.checkpoint_load_seconds is not None:
         fixes.append(
-            f"loading takes {io.checkpoint_load_seconds:.1f} s from a {state} cache: warm the page cache "
+            f"loading takes {io.checkpoint_load_seconds:.1f} s from a {io.cache_state} cache: warm the page cache "
             "before start (vmtouch -t, or read the files once) and keep the process resident"
         )
-    if first.holds and io.first_generation_slowdown is not None:
+    if reads.holds and reads.value is not None:
+        spot = _idle_spot(f)
+        where = f", while the GPU idles in the {spot.label}" if spot is not None and _waits_on_storage(spot, t) else ""
         fixes.append(
-            f"the first generation takes {io.first_generation_slowdown:.1f}× the steady state: run a warm-up "
-            "generation at start-up before taking traffic"
+            f"generations read {format_value(reads.value, 'B/s')} from storage{where}: keep what each request "
+            "loads (weights, LoRAs, inputs) in memory or on faster storage, or prefetch it"
         )
-    if runs.holds and f.baseline.run_cv is not None:
-        fixes.append(
-            f"run-to-run CV {f.baseline.run_cv:.2f}: look for page-cache eviction, swapping, offloading or "
-            "other tenants on the GPU"
-        )
-    return Outcome(True, "loading or caching slows generations down", evidence, "; ".join(fixes))
+    return Outcome(True, "storage holds loading or generations back", evidence, "; ".join(fixes))
+
+
+def _latency_variance(f: ProfileFacts, t: Thresholds) -> Outcome:
+    runs = measure(t, "run_cv_high", "run-to-run CV (same shape)", f.baseline.run_cv, "cv")
+    found, _ = _io_evidence(f, t)
+    evidence = (runs, info("steady-state generations", float(f.baseline.generations), "count"))
+    if not runs.holds:
+        return Outcome(False, "generation times are steady", evidence)
+    if found:
+        return Outcome(False, "run-to-run variance explained by storage (see I/O throttling)", evidence)
+    return Outcome(
+        True,
+        "generation times vary from run to run with no I/O behind it",
+        evidence,
+        f"run-to-run CV {f.baseline.run_cv:.2f}: look for other tenants on the GPU or CPU, throttled clocks "
+        "(zmon_gpu_clock_event_active), swapping, or a varying workload (prompt lengths, resolutions)",
+    )
 
 
 def _kernel_optimization(f: ProfileFacts, t: Thresholds) -> Outcome:
@@ -524,9 +671,7 @@ def _kernel_optimization(f: ProfileFacts, t: Thresholds) -> Outcome:
     step = info("mean step time", s.step_mean_seconds, "s")
     evidence = (cv, ratio, step)
     if not cv.holds:
-        return Outcome(
-            False, "step times are even" if cv.holds is False else "fewer than 2 steps timed", evidence
-        )
+        return Outcome(False, "step times are even" if cv.holds is False else "fewer than 2 steps timed", evidence)
     fix = (
         f"step times vary within a generation (CV {s.step_cv:.2f}"
         + (f", slowest/fastest {s.step_max_min_ratio:.1f}×" if s.step_max_min_ratio else "")
@@ -536,6 +681,47 @@ def _kernel_optimization(f: ProfileFacts, t: Thresholds) -> Outcome:
     if f.environment.compiled:
         fix += "; check for recompiles (TORCH_LOGS=recompiles)"
     return Outcome(True, "some denoise steps take much longer than others", evidence, fix)
+
+
+def _untimed_work(f: ProfileFacts, t: Thresholds) -> Outcome:
+    s = f.stages
+    share = measure(t, "untimed_share_high", "time outside every timed stage", s.unattributed_share, "ratio")
+    gap = s.gaps[0] if s.gaps else None
+    evidence: tuple[Evidence, ...] = (share,)
+    if gap is not None:
+        idle = f.utilization.gpu_idle_seconds.get(GAP_PREFIX + gap.name)
+        evidence = (*evidence, info(f"largest untimed gap: {gap.name}", gap.mean_seconds, "s"),
+                    info(f"GPU idle during {gap.name}", idle, "s"))
+    if not share.holds or gap is None:
+        return Outcome(False, "the timed stages cover the generation", evidence)
+    return Outcome(
+        True,
+        f"{s.unattributed_share:.0%} of each generation runs outside every timed stage, most of it {gap.name}",
+        evidence,
+        f"{gap.mean_seconds:.3f} s per generation ({gap.share:.0%}) runs {gap.name}, outside the stages zmon can "
+        "time: host code, hooks or data preparation between pipeline stages; find it in a trace (POST /trace, "
+        "or zmon profile --trace) and move it off the critical path",
+    )
+
+
+def _recompiles(f: ProfileFacts, t: Thresholds) -> Outcome:
+    re = [x for x in f.baseline.excluded if x.kind == "compile" and x.reason.startswith("recompile")]
+    evidence = (
+        info("graphs compiled during the generations", float(f.baseline.compiles), "count"),
+        info("generations that recompiled", float(len(re)), "count"),
+    )
+    # One recompile after the first compile is torch.compile's automatic dynamic shapes at work: expected.
+    if len(re) < 2:
+        return Outcome(False, "no repeated recompiles", evidence)
+    worst = max(re, key=lambda x: x.seconds)
+    causes = "; ".join(dict.fromkeys(x.reason.split(": ", 1)[-1] for x in re))
+    return Outcome(
+        True,
+        f"{len(re)} recompiles during serving, the slowest {worst.seconds:.1f} s",
+        evidence,
+        f"{len(re)} recompiles ({causes}): pad prompts to a fixed length (max_sequence_length), serve a few fixed "
+        "resolution buckets, or mark the varying dimensions dynamic (torch._dynamo.mark_dynamic / dynamic=True)",
+    )
 
 
 def _multi_gpu_network(f: ProfileFacts, t: Thresholds) -> Outcome:
@@ -614,13 +800,17 @@ def _compile_off(f: ProfileFacts, t: Thresholds) -> Outcome:
         True,
         f"torch.compile is off on {env.device}",
         ev,
-        "torch.compile is off on the GPU: set model.compile: true (H100, 1024², 8 steps: 1.39 s → 0.90 s per "
-        "image, after ~40 s of compile and warm-up)",
+        "torch.compile is off on the GPU: set model.compile: true (H200, full-size Z-Image, 1024², 9 steps: "
+        "1.43 s → 0.98 s per image, after ~90 s of compile and warm-up; zmon tune measures it on yours)",
     )
 
 
 def _float(v: int | None) -> float | None:
     return None if v is None else float(v)
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    return None if num is None or den is None or den <= 0 else num / den
 
 
 RULES: tuple[FindingRule, ...] = (
@@ -630,6 +820,10 @@ RULES: tuple[FindingRule, ...] = (
         "gpu_underutilization", "GPU underutilization", "bottleneck", "high", "medium", _gpu_underutilization
     ),
     FindingRule("io_throttling", "I/O throttling", "bottleneck", "medium", "low", _io_throttling),
+    FindingRule("untimed_work", "Work outside every timed stage", "bottleneck", "medium", "low", _untimed_work),
+    FindingRule(
+        "latency_variance", "Run-to-run variance without I/O", "bottleneck", "medium", "medium", _latency_variance
+    ),
     FindingRule(
         "kernel_optimization",
         "Kernel / operator efficiency",
@@ -643,7 +837,8 @@ RULES: tuple[FindingRule, ...] = (
         "cfg_on_distilled", "CFG on a distilled model", "misconfiguration", "high", "low", _cfg_on_distilled
     ),
     FindingRule("excess_steps", "More steps than the model needs", "misconfiguration", "high", "low", _excess_steps),
-    FindingRule("compile_off", "torch.compile off on GPU", "misconfiguration", "medium", "low", _compile_off),
+    FindingRule("compile_off", "torch.compile off on GPU", "misconfiguration", "high", "low", _compile_off),
+    FindingRule("recompiles", "Repeated recompiles while serving", "misconfiguration", "high", "low", _recompiles),
 )
 
 
@@ -684,6 +879,7 @@ def diagnose(facts: ProfileFacts, thresholds: Thresholds | None = None) -> Diagn
             )
         )
     findings.sort(key=lambda x: (not x.active, x.priority))
+    confidence, caveats = _confidence(facts, t)
     return Diagnosis(
         verdict=verdict,
         summary=summary,
@@ -691,4 +887,44 @@ def diagnose(facts: ProfileFacts, thresholds: Thresholds | None = None) -> Diagn
         steps=tuple(steps),
         findings=tuple(findings),
         thresholds={**t.model_dump(), CACHE_RULE: t.cache_ratio_high},
+        confidence=confidence,
+        caveats=caveats,
     )
+
+
+MIN_STEADY_GENERATIONS = 5  # fewer: the statistics are thin
+
+
+def _confidence(f: ProfileFacts, t: Thresholds) -> tuple[Confidence, tuple[str, ...]]:
+    """How much the verdict says about the model, and why not more."""
+    env, u, b = f.environment, f.utilization, f.baseline
+    caveats: list[str] = []
+    level = 2  # 2 high, 1 medium, 0 low
+    if not env.on_gpu:
+        level = 0
+        caveats.append(
+            "CPU-only run: GPU utilization, GPU memory and kernels are not measured, and the timings describe "
+            "this host running the model on its CPU, not the model on a GPU"
+        )
+    host = u.host_cpu_by_stage.get(WHOLE_GENERATION)
+    cores = u.process_cpu_by_stage.get(WHOLE_GENERATION)
+    if host is not None and env.cpu_count and bool(t.check("cpu_busy_high", host)):
+        busy = host * env.cpu_count
+        own = cores or 0.0
+        if own < 0.6 * busy:
+            level = 0
+            caveats.append(
+                f"the host's CPUs were {host:.0%} busy and this process used {own:.1f} of {busy:.1f} busy cores: "
+                "other processes compete for the CPU, so times and step variance describe the host's load, "
+                "not the model"
+            )
+    if env.on_gpu and not u.gpu_measured:
+        level = min(level, 1)
+        caveats.append("GPU utilization not measured (no NVML, or the GPU could not be identified)")
+    if b.generations < MIN_STEADY_GENERATIONS:
+        level = min(level, 1)
+        caveats.append(f"only {b.generations} steady-state generation(s): the statistics are thin")
+    if b.excluded:
+        kinds = ", ".join(f"{n} {k}" for k, n in Counter(x.kind for x in b.excluded).items())
+        caveats.append(f"{len(b.excluded)} generation(s) left out of the steady state ({kinds}); see the excluded runs")
+    return ("low", "medium", "high")[level], tuple(caveats)

@@ -15,7 +15,8 @@ from typing import Any, Literal, TypeVar, Union
 from zmon.analysis.stats import Summary, Window, cv, mean, median, rate, stdev, summarize, windowed_mean
 from zmon.instrumentation.records import STAGES, GenerationRecord, StageTiming
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)  # version 2 only added fields (their defaults read version 1 files)
 # Key of `attribute_utilization` results covering each whole generation (all stages and the gaps between).
 WHOLE_GENERATION = "generation"
 DENOISE: str = "denoise_step"
@@ -32,8 +33,21 @@ class GpuPoint:
     """One NVML read of the profiled card. Utilization is NVML's average over the period before the read."""
 
     timestamp: float  # unix seconds
-    util_ratio: float | None = None  # 0..1 (nvidia-smi utilization.gpu / 100)
+    util_ratio: float | None = None  # 0..1 (nvidia-smi utilization.gpu / 100): "a kernel was running"
     memory_used_bytes: int | None = None  # whole card, all processes (nvidia-smi memory.used)
+    # GPM (Hopper and later), over the period before the read: how busy the SMs, tensor cores and DRAM were.
+    sm_active_ratio: float | None = None
+    tensor_active_ratio: float | None = None
+    dram_bandwidth_ratio: float | None = None
+
+
+@dataclass(frozen=True)
+class IoPoint:
+    """Storage reads over the period before the read (rates, bytes per second)."""
+
+    timestamp: float  # unix seconds
+    disk_read_bytes_per_second: float | None = None  # every disk, every process
+    process_read_bytes_per_second: float | None = None  # the profiled process, from storage (page-cache misses)
 
 
 @dataclass(frozen=True)
@@ -126,6 +140,21 @@ class BaselineFacts:
     images_per_second: float | None
     # Median latency of the last third of the baseline / that of the first third (≥ 6 runs): > 1 = slowing.
     trend_ratio: float | None
+    # Generations left out of every steady-state figure (warm-up, compiles, cold start, outliers), and why.
+    excluded: tuple[ExcludedRun, ...] = ()
+    compiles: int = 0  # graphs torch.compile produced during all the generations seen
+
+
+@dataclass(frozen=True)
+class ExcludedRun:
+    """A generation the steady state leaves out: reported on its own, never the base of a verdict."""
+
+    index: int  # position among the generations seen (0 = the first)
+    started_at: float  # unix seconds
+    seconds: float
+    ratio_to_median: float | None  # its time / the steady-state median
+    kind: Literal["warmup", "compile", "cold", "outlier"]
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -139,12 +168,22 @@ class StageStat:
 
 
 @dataclass(frozen=True)
+class GapStat:
+    """Time between two timed stages (or before the first / after the last), averaged over the baseline."""
+
+    name: str  # e.g. "text_encode → denoise", "start → text_encode", "postprocess → end"
+    mean_seconds: float
+    share: float  # of the mean generation time
+
+
+@dataclass(frozen=True)
 class StageSplit:
-    """Where a generation's time goes, down to the denoise steps."""
+    """Where a generation's time goes, down to the denoise steps, and the time outside every stage."""
 
     stages: tuple[StageStat, ...] = ()
-    unattributed_mean_seconds: float | None = None  # generation time outside every timed stage
+    unattributed_mean_seconds: float | None = None  # generation time outside every timed stage (untimed)
     unattributed_share: float | None = None
+    gaps: tuple[GapStat, ...] = ()  # where the untimed time sits, largest first
     step_mean_seconds: float | None = None  # pooled over every denoise step
     step_std_seconds: float | None = None
     # Spread of step durations *within* a generation: CV per generation, averaged over generations.
@@ -164,17 +203,30 @@ class StageSplit:
 
 @dataclass(frozen=True)
 class UtilizationFacts:
-    """GPU and CPU use attributed to stage windows (keys: stage names and "generation")."""
+    """GPU, CPU and storage use attributed to windows: keys are stage names, "generation" (whole
+    generations) and "gap:<name>" (the untimed time between stages, see GapStat)."""
 
     gpu_by_stage: dict[str, float] = field(default_factory=dict)  # NVML util ratio 0..1
     process_cpu_by_stage: dict[str, float] = field(default_factory=dict)  # cores busy
     host_cpu_by_stage: dict[str, float] = field(default_factory=dict)  # ratio of all cores 0..1
     gpu_samples: tuple[GpuPoint, ...] = ()
     cpu_samples: tuple[CpuPoint, ...] = ()
+    sm_active_by_stage: dict[str, float] = field(default_factory=dict)  # GPM, 0..1
+    tensor_active_by_stage: dict[str, float] = field(default_factory=dict)  # GPM, 0..1
+    dram_bandwidth_by_stage: dict[str, float] = field(default_factory=dict)  # GPM, 0..1
+    disk_read_by_stage: dict[str, float] = field(default_factory=dict)  # bytes/s, all disks
+    process_read_by_stage: dict[str, float] = field(default_factory=dict)  # bytes/s, this process
+    # Mean seconds per generation the GPU sat idle in each window: (1 − utilization) × its mean duration.
+    gpu_idle_seconds: dict[str, float] = field(default_factory=dict)
+    io_samples: tuple[IoPoint, ...] = ()
 
     @property
     def gpu_measured(self) -> bool:
         return any(s.util_ratio is not None for s in self.gpu_samples)
+
+    @property
+    def gpm_measured(self) -> bool:
+        return any(s.sm_active_ratio is not None for s in self.gpu_samples)
 
 
 @dataclass(frozen=True)
@@ -249,7 +301,7 @@ class ProfileFacts:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ProfileFacts:
         version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_SCHEMA_VERSIONS:
             raise ValueError(
                 f"profile facts schema_version {version!r} is not supported (expected {SCHEMA_VERSION})"
             )
@@ -259,14 +311,45 @@ class ProfileFacts:
 # ------------------------------------------------------------------------------------------------ building
 
 
+GAP_PREFIX = "gap:"
+_GAP_MIN_SECONDS = 1e-4  # shorter gaps are rounding between adjacent marks
+
+
+def _block(stage: str) -> str:
+    return "denoise" if stage == DENOISE else stage
+
+
+def gaps(record: GenerationRecord) -> list[tuple[str, float, float]]:
+    """(name, start offset, seconds) of the time in a generation outside every timed stage.
+
+    Named after the stages around it ("text_encode → denoise"; "start →" and "→ end" at the edges); the
+    denoise steps count as one block, since each step starts where the previous one ended.
+    """
+    out: list[tuple[str, float, float]] = []
+    cursor, previous = 0.0, "start"
+    for s in sorted(record.stages, key=lambda t: t.start_offset_seconds):
+        if s.start_offset_seconds - cursor > _GAP_MIN_SECONDS:
+            out.append((f"{previous} → {_block(s.stage)}", cursor, s.start_offset_seconds - cursor))
+        end = s.start_offset_seconds + s.seconds
+        if end >= cursor:
+            cursor, previous = end, _block(s.stage)
+    if record.total_seconds - cursor > _GAP_MIN_SECONDS:
+        out.append((f"{previous} → end", cursor, record.total_seconds - cursor))
+    return out
+
+
 def stage_windows(records: Iterable[GenerationRecord]) -> dict[str, list[Window]]:
-    """Unix-time windows of each stage (and of each whole generation, under WHOLE_GENERATION)."""
+    """Unix-time windows of each stage, of each whole generation (WHOLE_GENERATION) and of each gap between
+    stages ("gap:<name>")."""
     out: dict[str, list[Window]] = {}
     for r in records:
         out.setdefault(WHOLE_GENERATION, []).append((r.started_at, r.started_at + r.total_seconds))
         for s in r.stages:
             start = r.started_at + s.start_offset_seconds
             out.setdefault(s.stage, []).append((start, start + s.seconds))
+        for name, offset, seconds in gaps(r):
+            start = r.started_at + offset
+            out.setdefault(GAP_PREFIX + name, []).append((start, start + seconds))
     return out
 
 
@@ -335,7 +418,10 @@ def _run_cv(records: Sequence[GenerationRecord]) -> float | None:
 
 
 def _baseline(
-    records: Sequence[GenerationRecord], all_records: Sequence[GenerationRecord], warmup: int
+    records: Sequence[GenerationRecord],
+    all_records: Sequence[GenerationRecord],
+    warmup: int,
+    excluded: Sequence[ExcludedRun] = (),
 ) -> BaselineFacts:
     totals = [r.total_seconds for r in records]
     third = len(totals) // 3
@@ -355,6 +441,8 @@ def _baseline(
         run_cv=_run_cv(records),
         images_per_second=_ratio(images, sum(totals)),
         trend_ratio=trend,
+        excluded=tuple(excluded),
+        compiles=sum(r.compiles or 0 for r in all_records),
     )
 
 
@@ -371,6 +459,16 @@ def _stage_split(records: Sequence[GenerationRecord]) -> StageSplit:
         spans = sum(1 for r in records for s in r.stages if s.stage == stage) / n
         stats.append(StageStat(stage, stage_mean, _ratio(stage_mean, mean_total) or 0.0, spans))
     unattributed = max(0.0, mean_total - sum(s.mean_seconds for s in stats))
+    gap_totals: dict[str, float] = {}
+    for r in records:
+        for name, _offset, seconds in gaps(r):
+            gap_totals[name] = gap_totals.get(name, 0.0) + seconds
+    gap_stats = tuple(
+        sorted(
+            (GapStat(name, total / n, _ratio(total / n, mean_total) or 0.0) for name, total in gap_totals.items()),
+            key=lambda g: -g.mean_seconds,
+        )
+    )
 
     per_gen_steps = [r.step_seconds() for r in records]
     pooled = [x for steps in per_gen_steps for x in steps]
@@ -384,6 +482,7 @@ def _stage_split(records: Sequence[GenerationRecord]) -> StageSplit:
         stages=tuple(stats),
         unattributed_mean_seconds=unattributed,
         unattributed_share=_ratio(unattributed, mean_total),
+        gaps=gap_stats,
         step_mean_seconds=mean(pooled),
         step_std_seconds=stdev(pooled),
         step_cv=mean(step_cvs),
@@ -425,21 +524,109 @@ def _complete_memory(
     )
 
 
+def _trigger(record: GenerationRecord, previous: GenerationRecord | None) -> str:
+    """Why a compiled denoiser compiled during this generation, as far as the records tell."""
+    if previous is None:
+        return "first compile"
+    changes = []
+    if record.text_tokens != previous.text_tokens and None not in (record.text_tokens, previous.text_tokens):
+        changes.append(f"prompt length changed {previous.text_tokens} → {record.text_tokens} tokens")
+    if (record.width, record.height) != (previous.width, previous.height):
+        changes.append(f"resolution changed {previous.width}x{previous.height} → {record.width}x{record.height}")
+    if record.batch_size != previous.batch_size:
+        changes.append(f"batch changed {previous.batch_size} → {record.batch_size}")
+    if record.steps != previous.steps:
+        changes.append(f"steps changed {previous.steps} → {record.steps}")
+    return "; ".join(changes) or "no input change seen (TORCH_LOGS=recompiles tells which guard failed)"
+
+
+def split_runs(
+    records: Sequence[GenerationRecord],
+    warmup: int,
+    *,
+    outlier_ratio: float = 3.0,
+    first_is_cold: bool = True,
+    max_outlier_share: float = 0.25,
+) -> tuple[list[GenerationRecord], list[ExcludedRun]]:
+    """The steady-state generations, and those left out with the reason.
+
+    Left out: the first `warmup`; every generation during which torch.compile produced a graph (a compile
+    or a recompile: its time is mostly compilation); the first generation when it is the process's first
+    (`first_is_cold`) and over 1.5× the median of the rest (a cold start: lazy initialisation, autotuning,
+    page cache); and slow outliers over `outlier_ratio` × the median — but never more than
+    `max_outlier_share` of the runs, since a workload that is often slow is slow, not an outlier.
+    """
+    ok = [(i, r) for i, r in enumerate(records) if r.status == "ok"]
+    excluded: dict[int, tuple[str, str]] = {}
+    previous: GenerationRecord | None = None
+    compiled_before = False
+    for i, r in ok:
+        if r.compiles:
+            what = "recompile" if compiled_before else "compile"
+            graphs = f"{r.compiles} graph{'s' if r.compiles > 1 else ''}"
+            reason = f"{what} ({graphs}): {_trigger(r, previous)}"
+            excluded[i] = ("warmup", f"warm-up generation, {reason}") if i < warmup else ("compile", reason)
+            compiled_before = True
+        elif i < warmup:
+            excluded[i] = ("warmup", "warm-up generation")
+        previous = r
+    rest = [(i, r) for i, r in ok if i not in excluded]
+    if len(rest) >= 3:
+        if first_is_cold and rest[0][0] == 0:
+            others = median([r.total_seconds for _, r in rest[1:]]) or 0.0
+            if others > 0 and rest[0][1].total_seconds > 1.5 * others:
+                excluded[0] = ("cold", f"cold start: {rest[0][1].total_seconds / others:.1f}× the steady state")
+                rest = rest[1:]
+        med = median([r.total_seconds for _, r in rest]) or 0.0
+        slow = sorted(
+            ((r.total_seconds, i) for i, r in rest if med > 0 and r.total_seconds > outlier_ratio * med), reverse=True
+        )
+        for seconds, i in slow[: int(max_outlier_share * len(rest))]:
+            excluded[i] = ("outlier", f"slow outlier: {seconds / med:.1f}× the median")
+    steady = [r for i, r in ok if i not in excluded]
+    steady_median = median([r.total_seconds for r in steady]) if steady else None
+    runs = [
+        ExcludedRun(
+            index=i,
+            started_at=records[i].started_at,
+            seconds=records[i].total_seconds,
+            ratio_to_median=_ratio(records[i].total_seconds, steady_median),
+            kind=kind,  # type: ignore[arg-type]
+            reason=reason,
+        )
+        for i, (kind, reason) in sorted(excluded.items())
+    ]
+    return steady, runs
+
+
+def _mean_windows(records: Sequence[GenerationRecord]) -> dict[str, float]:
+    """Mean seconds per generation of each window key of `stage_windows` (0 where a generation lacks it)."""
+    n = max(1, len(records))
+    out: dict[str, float] = {}
+    for key, windows in stage_windows(records).items():
+        out[key] = sum(b - a for a, b in windows) / n
+    return out
+
+
 def build_facts(
     records: Sequence[GenerationRecord],
     *,
     gpu_samples: Iterable[GpuPoint] = (),
     cpu_samples: Iterable[CpuPoint] = (),
+    io_samples: Iterable[IoPoint] = (),
     memory: MemoryFacts | None = None,
     io: IoFacts | None = None,
     env: EnvironmentFacts | None = None,
     multi_gpu: MultiGpuFacts | None = None,
     warmup: int = 0,
     created_at: float | None = None,
+    outlier_ratio: float = 3.0,
+    first_is_cold: bool = True,
 ) -> ProfileFacts:
     """Facts from the records of consecutive generations (oldest first) and what was sampled meanwhile.
 
-    The first `warmup` records and every failed record are left out of the baseline; the very first record
+    The steady state leaves out the first `warmup` records, failed ones, compiles and recompiles, a cold first
+    generation and slow outliers (`split_runs`); those are reported as excluded runs. The very first record
     is still compared with the steady state (first-generation slowdown). Pure apart from the default
     `created_at` (now), so a live daemon can call it on a rolling window.
     """
@@ -447,18 +634,33 @@ def build_facts(
         raise ValueError("warmup must be >= 0")
     gpu = tuple(sorted(gpu_samples, key=lambda s: s.timestamp))
     cpu = tuple(sorted(cpu_samples, key=lambda s: s.timestamp))
-    base = [r for r in records[warmup:] if r.status == "ok"]
+    ios = tuple(sorted(io_samples, key=lambda s: s.timestamp))
+    base, excluded = split_runs(records, warmup, outlier_ratio=outlier_ratio, first_is_cold=first_is_cold)
     environment = env or EnvironmentFacts(device=records[0].device if records else "cpu")
 
+    def by(points: Sequence[Any], attr: str) -> dict[str, float]:
+        return attribute_utilization(base, [(p.timestamp, getattr(p, attr)) for p in points])
+
+    gpu_util = by(gpu, "util_ratio")
+    durations = _mean_windows(base)
     utilization = UtilizationFacts(
-        gpu_by_stage=attribute_utilization(base, [(s.timestamp, s.util_ratio) for s in gpu]),
-        process_cpu_by_stage=attribute_utilization(base, [(s.timestamp, s.process_cores) for s in cpu]),
-        host_cpu_by_stage=attribute_utilization(base, [(s.timestamp, s.host_ratio) for s in cpu]),
+        gpu_by_stage=gpu_util,
+        process_cpu_by_stage=by(cpu, "process_cores"),
+        host_cpu_by_stage=by(cpu, "host_ratio"),
         gpu_samples=gpu,
         cpu_samples=cpu,
+        sm_active_by_stage=by(gpu, "sm_active_ratio"),
+        tensor_active_by_stage=by(gpu, "tensor_active_ratio"),
+        dram_bandwidth_by_stage=by(gpu, "dram_bandwidth_ratio"),
+        disk_read_by_stage=by(ios, "disk_read_bytes_per_second"),
+        process_read_by_stage=by(ios, "process_read_bytes_per_second"),
+        gpu_idle_seconds={
+            key: durations[key] * max(0.0, 1.0 - util) for key, util in gpu_util.items() if key in durations
+        },
+        io_samples=ios,
     )
 
-    baseline = _baseline(base, records, warmup)
+    baseline = _baseline(base, records, warmup, excluded)
     steady = baseline.latency.p50 if baseline.latency else None
     first = records[0].total_seconds if records and records[0].status == "ok" else None
     io_in = io or IoFacts()

@@ -9,11 +9,13 @@ from html import escape
 from zmon.analysis.diagnosis import Diagnosis, Finding, format_value
 from zmon.analysis.facts import ProfileFacts
 from zmon.analysis.rows import (
+    EXCLUDED_HEADER,
     STAGE_HEADER,
     baseline_rows,
     created,
     environment_rows,
     evidence_text,
+    excluded_rows,
     headline,
     io_rows,
     memory_rows,
@@ -49,6 +51,7 @@ h3 { font-size: 15px; margin: 0 0 6px; }
 .card { background: #fff; border: 1px solid #dde1e6; border-radius: 8px; padding: 14px 18px; margin: 10px 0; }
 .verdict { border-left: 8px solid var(--vc); }
 .verdict .name { font: 600 24px ui-monospace, monospace; color: var(--vc); }
+.caveat { background: #fff6e0; border-left: 4px solid #e0a800; padding: 4px 8px; margin: 4px 0; }
 .badge { display: inline-block; border-radius: 10px; padding: 0 8px; font-size: 12px; color: #fff;
          background: #5f6b76; margin-right: 6px; }
 .p1 { background: #c0392b; } .p2 { background: #d68910; }
@@ -379,11 +382,13 @@ def render_html(facts: ProfileFacts, diagnosis: Diagnosis) -> str:
         f"<title>zmon profile: {escape(headline(facts))}</title>",
         f"<style>{CSS}</style></head><body><main>",
         f"<h1>zmon profile: {escape(headline(facts))}</h1>",
-        f"<div class='meta'>{escape(created(facts))} · {facts.baseline.generations} measured generations "
-        f"after {facts.baseline.warmup} warm-up</div>",
+        f"<div class='meta'>{escape(created(facts))} · {facts.baseline.generations} steady-state generations "
+        f"({len(facts.baseline.excluded)} left out: warm-up, compiles, outliers)</div>",
         f"<section class='card verdict' id='verdict' style='--vc:{color}'>",
-        f"<div>Verdict</div><div class='name'>{escape(d.verdict)}</div>",
-        f"<p><b>{escape(d.action)}</b></p><p>{escape(d.summary)}</p>{steps}</section>",
+        f"<div>Verdict (confidence {escape(d.confidence)})</div><div class='name'>{escape(d.verdict)}</div>",
+        f"<p><b>{escape(d.action)}</b></p><p>{escape(d.summary)}</p>",
+        "".join(f"<p class='caveat'>{escape(c)}</p>" for c in d.caveats),
+        f"{steps}</section>",
         f"<h2>Findings</h2>{findings}",
         f"<details><summary>Checks that found nothing ({len(inactive)})</summary>{not_found}</details>",
         "<h2>Where the time goes</h2>",
@@ -393,7 +398,10 @@ def render_html(facts: ProfileFacts, diagnosis: Diagnosis) -> str:
         f"{_kv_table(step_rows(facts))}</div>",
         "<h2>Latency</h2>",
         f"<div class='card'><h3>Distribution</h3>{latency_histogram(facts)}{latency_sequence(facts)}",
-        f"{_kv_table(baseline_rows(facts))}</div>",
+        f"{_kv_table(baseline_rows(facts))}",
+        (f"<h3>Left out of the steady state</h3>{_table(EXCLUDED_HEADER, excluded_rows(facts))}"
+         if facts.baseline.excluded else ""),
+        "</div>",
         "<h2>Utilization and memory over time</h2>",
         "<p class='meta'>Shaded: measured generations.</p>",
         f"<div class='card'><h3>GPU utilization</h3>{gpu_chart(facts)}</div>",

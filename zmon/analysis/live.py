@@ -28,6 +28,9 @@ LIVE_FIXES: Mapping[str, str] = {
     "points, pre-warm the largest shape",
     "gpu_underutilization": "raise the batch size, torch.compile the transformer, find the gaps in a trace",
     "io_throttling": "keep the model resident on fast storage (NVMe, safetensors) and warm up before serving",
+    "untimed_work": "find the work between stages in a trace (POST /trace) and move it off the critical path",
+    "latency_variance": "look for other tenants on the GPU or CPU, throttled clocks, swapping or a varying workload",
+    "recompiles": "pad prompts to a fixed length, serve fixed resolution buckets, or mark the varying dims dynamic",
     "kernel_optimization": "capture a trace (POST /trace) and look for synchronisations, throttled clocks or "
     "recompiles",
     "multi_gpu_network": "use NVLink-connected GPUs, larger per-GPU batches, fewer synchronisation points",

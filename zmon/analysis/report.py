@@ -8,14 +8,16 @@ from pathlib import Path
 from typing import Any
 
 from zmon.analysis.diagnosis import Diagnosis
-from zmon.analysis.facts import SCHEMA_VERSION, ProfileFacts
+from zmon.analysis.facts import READABLE_SCHEMA_VERSIONS, SCHEMA_VERSION, ProfileFacts
 from zmon.analysis.html import render_html
 from zmon.analysis.rows import (
+    EXCLUDED_HEADER,
     STAGE_HEADER,
     baseline_rows,
     created,
     environment_rows,
     evidence_text,
+    excluded_rows,
     headline,
     io_rows,
     memory_rows,
@@ -45,7 +47,7 @@ def profile_from_dict(data: Mapping[str, Any]) -> tuple[ProfileFacts, Diagnosis]
     """Parse a profile.json document; ValueError for another kind or schema version."""
     if data.get("kind") != PROFILE_KIND:
         raise ValueError(f"not a zmon profile (kind {data.get('kind')!r})")
-    if data.get("schema_version") != SCHEMA_VERSION:
+    if data.get("schema_version") not in READABLE_SCHEMA_VERSIONS:
         raise ValueError(
             f"profile schema_version {data.get('schema_version')!r} is not supported "
             f"(expected {SCHEMA_VERSION})"
@@ -107,16 +109,18 @@ def render_markdown(facts: ProfileFacts, diagnosis: Diagnosis) -> str:
     out = [
         f"# zmon profile: {headline(facts)}",
         "",
-        f"{created(facts)}, {facts.baseline.generations} measured generations after {facts.baseline.warmup} "
-        "warm-up.",
+        f"{created(facts)}, {facts.baseline.generations} steady-state generations "
+        f"({len(facts.baseline.excluded)} left out: warm-up, compiles, outliers).",
         "",
-        f"## Verdict: `{d.verdict}`",
+        f"## Verdict: `{d.verdict}` (confidence {d.confidence})",
         "",
         f"**{d.action}**",
         "",
         d.summary,
         "",
     ]
+    if d.caveats:
+        out += [*(f"> {c}" for c in d.caveats), ""]
     flow_rows = [
         (str(i), s.question, s.answer.replace("_", " "), s.basis, "; ".join(evidence_text(s.evidence)))
         for i, s in enumerate(d.steps, 1)
@@ -145,6 +149,8 @@ def render_markdown(facts: ProfileFacts, diagnosis: Diagnosis) -> str:
         )
         out.append("")
     out += _section("Baseline", ("figure", "value"), baseline_rows(facts))
+    if facts.baseline.excluded:
+        out += _section("Left out of the steady state", EXCLUDED_HEADER, excluded_rows(facts))
     out += _section("Stages", STAGE_HEADER, stage_rows(facts))
     out += [*_table(("denoise steps", "value"), step_rows(facts)), ""]
     if not facts.utilization.gpu_measured:

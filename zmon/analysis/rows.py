@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from zmon.analysis.diagnosis import Evidence, format_value
-from zmon.analysis.facts import WHOLE_GENERATION, ProfileFacts
+from zmon.analysis.facts import GAP_PREFIX, WHOLE_GENERATION, ProfileFacts
 
 
 def fmt(value: float | None, unit: str) -> str:
@@ -48,42 +48,60 @@ def baseline_rows(facts: ProfileFacts) -> list[tuple[str, str]]:
     return rows
 
 
-def stage_rows(facts: ProfileFacts) -> list[tuple[str, ...]]:
-    """(stage, mean, share, spans/gen, GPU util, process CPU, host CPU) per stage, then the rest."""
+def _window_cells(facts: ProfileFacts, key: str) -> tuple[str, ...]:
+    """GPU busy and idle, GPM activity, CPU and storage reads in one window (a stage, a gap, or "generation")."""
     u = facts.utilization
+    gpm = ""
+    if u.gpm_measured:
+        gpm = " / ".join(
+            fmt(by.get(key), "ratio")
+            for by in (u.sm_active_by_stage, u.tensor_active_by_stage, u.dram_bandwidth_by_stage)
+        )
+    reads = u.process_read_by_stage.get(key, u.disk_read_by_stage.get(key))
+    return (
+        fmt(u.gpu_by_stage.get(key), "ratio"),
+        fmt(u.gpu_idle_seconds.get(key), "s"),
+        gpm or "-",
+        fmt(u.process_cpu_by_stage.get(key), "cores"),
+        fmt(u.host_cpu_by_stage.get(key), "ratio"),
+        fmt(reads, "B/s"),
+    )
+
+
+def stage_rows(facts: ProfileFacts) -> list[tuple[str, ...]]:
+    """Per stage, per untimed gap, then the whole generation: time, share, and what the GPU, the CPU and
+    storage did meanwhile (the whole-generation timeline)."""
     rows: list[tuple[str, ...]] = []
     for s in facts.stages.stages:
         rows.append(
-            (
-                s.stage,
-                fmt(s.mean_seconds, "s"),
-                fmt(s.share, "ratio"),
-                f"{s.spans_per_generation:g}",
-                fmt(u.gpu_by_stage.get(s.stage), "ratio"),
-                fmt(u.process_cpu_by_stage.get(s.stage), "cores"),
-                fmt(u.host_cpu_by_stage.get(s.stage), "ratio"),
-            )
+            (s.stage, fmt(s.mean_seconds, "s"), fmt(s.share, "ratio"), f"{s.spans_per_generation:g}",
+             *_window_cells(facts, s.stage))
         )
-    st = facts.stages
-    if st.unattributed_mean_seconds is not None:
-        unattributed = fmt(st.unattributed_mean_seconds, "s"), fmt(st.unattributed_share, "ratio")
-        rows.append(("(outside stages)", *unattributed, "", "", "", ""))
+    for g in facts.stages.gaps:
+        rows.append(
+            (f"(untimed) {g.name}", fmt(g.mean_seconds, "s"), fmt(g.share, "ratio"), "",
+             *_window_cells(facts, GAP_PREFIX + g.name))
+        )
     if facts.baseline.latency is not None:
         rows.append(
-            (
-                "whole generation",
-                fmt(facts.baseline.latency.mean, "s"),
-                "100%",
-                "",
-                fmt(u.gpu_by_stage.get(WHOLE_GENERATION), "ratio"),
-                fmt(u.process_cpu_by_stage.get(WHOLE_GENERATION), "cores"),
-                fmt(u.host_cpu_by_stage.get(WHOLE_GENERATION), "ratio"),
-            )
+            ("whole generation", fmt(facts.baseline.latency.mean, "s"), "100%", "",
+             *_window_cells(facts, WHOLE_GENERATION))
         )
     return rows
 
 
-STAGE_HEADER = ("stage", "mean", "share", "spans / gen", "GPU util", "process CPU", "host CPU")
+STAGE_HEADER = (
+    "stage", "mean", "share", "spans / gen", "GPU util", "GPU idle", "SM / tensor / DRAM (GPM)",
+    "process CPU", "host CPU", "storage reads",
+)
+EXCLUDED_HEADER = ("generation", "time", "× median", "why")
+
+
+def excluded_rows(facts: ProfileFacts) -> list[tuple[str, ...]]:
+    """Generations left out of the steady state, with the reason (never the base of a verdict)."""
+    return [
+        (f"#{x.index}", fmt(x.seconds, "s"), fmt(x.ratio_to_median, "x"), x.reason) for x in facts.baseline.excluded
+    ]
 
 
 def step_rows(facts: ProfileFacts) -> list[tuple[str, str]]:

@@ -59,7 +59,8 @@ class Monitor:
         self.http = App(self.registry, self.store.ready, server.auth.token, cache=self.render_cache)
         self.server: Server | None = None
         self._serve_http = serve_http
-        self._stopped = threading.Event()
+        self._stopping = threading.Event()  # stop() has begun
+        self._stopped = threading.Event()  # stop() has finished: sources closed, the server down
 
     @property
     def max_backoff_seconds(self) -> float:
@@ -122,19 +123,24 @@ class Monitor:
             log.info("serving /metrics on %s/metrics", self.server.url)
 
     def stop(self) -> None:
-        if self._stopped.is_set():
+        """Stop serving and sampling, then run the closers (newest first); idempotent."""
+        if self._stopping.is_set():
             return
-        self._stopped.set()
-        if self.server is not None:
-            self.server.shutdown()
-        self.sampler.shutdown()
-        for close in reversed(self._closers):
-            try:
-                close()
-            except Exception:
-                log.exception("closing a source failed")
+        self._stopping.set()
+        try:
+            if self.server is not None:
+                self.server.shutdown()
+            self.sampler.shutdown()
+            for close in reversed(self._closers):
+                try:
+                    close()
+                except Exception:
+                    log.exception("closing a source failed")
+        finally:
+            self._stopped.set()
 
     def wait(self, timeout: float | None = None) -> bool:
+        """True once stop() has finished (so a caller that then exits loses nothing stop() had to do)."""
         return self._stopped.wait(timeout)
 
     # -- what `zmon profile` asks of its sampler -----------------------------------------------------

@@ -35,7 +35,7 @@ from zmon.instrumentation.records import GenerationRecord
 from zmon.instrumentation.stages import StageTimingHandle
 from zmon.policy import PolicyRunner
 from zmon.sampling import SampleHistory, SnapshotStore
-from zmon.sampling.keys import ALLOCATOR, HOST, NVML, PROCESS
+from zmon.sampling.keys import ALLOCATOR, DISK, HOST, NVML, PROCESS
 from zmon.server import HTTPError, Request, Response
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ def add_live_diagnosis(
     pipeline (once, lazily).
     """
     history = SampleHistory(
-        mon.store, (NVML, HOST, PROCESS, ALLOCATOR), max_age_seconds=window_seconds + HISTORY_MARGIN_SECONDS
+        mon.store, (NVML, HOST, PROCESS, ALLOCATOR, DISK), max_age_seconds=window_seconds + HISTORY_MARGIN_SECONDS
     )
     mon.sampler.add_listener(history.on_sample)
     environment: Callable[[], EnvironmentFacts | None] | None = None

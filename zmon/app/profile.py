@@ -20,7 +20,7 @@ from zmon.capture.progress import Progress
 from zmon.config import Config
 from zmon.exitcodes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from zmon.sampling import SampleHistory
-from zmon.sampling.keys import ALLOCATOR, HOST, NVML, PROCESS
+from zmon.sampling.keys import ALLOCATOR, DISK, HOST, NVML, PROCESS
 from zmon.workload.spec import WorkloadError
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,8 @@ def profile_monitor(cfg: Config, *, nvml: Any | None = None, torch_cuda: Any | N
             "host": s.host.model_copy(update={"interval_seconds": every, "per_cpu": False}),
             "process": s.process.model_copy(update={"interval_seconds": every}),
             "allocator": s.allocator.model_copy(update={"interval_seconds": every}),
-            "disk": s.disk.model_copy(update={"enabled": False}),
+            # storage reads during the generations (the I/O question), every tick
+            "disk": s.disk.model_copy(update={"interval_seconds": every, "paths": []}),
             "network": s.network.model_copy(update={"enabled": False}),
         }
     )
@@ -44,7 +45,7 @@ def profile_monitor(cfg: Config, *, nvml: Any | None = None, torch_cuda: Any | N
     add_nvml_sources(mon, sampling.nvml, watched_pid=None, nvml=nvml)
     add_host_sources(mon, sampling, watched_pid=os.getpid())
     add_allocator_source(mon, sampling.allocator, torch_cuda=torch_cuda)
-    history = SampleHistory(mon.store, (NVML, HOST, PROCESS, ALLOCATOR))
+    history = SampleHistory(mon.store, (NVML, HOST, PROCESS, ALLOCATOR, DISK))
     mon.sampler.add_listener(history.on_sample)
     return mon, history
 

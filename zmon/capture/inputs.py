@@ -16,18 +16,20 @@ from zmon.analysis.facts import (
     EnvironmentFacts,
     GpuPoint,
     IoFacts,
+    IoPoint,
     MemoryFacts,
     ProfileFacts,
     build_facts,
     cpu_points_from_counters,
 )
+from zmon.analysis.stats import rate
 from zmon.capture.environment import nvml_index_for
 from zmon.instrumentation.records import GenerationRecord
 from zmon.providers import cuda
 from zmon.providers.allocator import AllocatorSample
 from zmon.providers.nvml import GpuSample
 from zmon.sampling import SampleHistory
-from zmon.sampling.keys import ALLOCATOR, HOST, NVML, PROCESS
+from zmon.sampling.keys import ALLOCATOR, DISK, HOST, NVML, PROCESS
 
 
 class GpuResolver:
@@ -60,7 +62,16 @@ def gpu_points(
     for t, sample in samples:
         gpu = next((g for g in sample.gpus if g.index == index), None)
         if gpu is not None and gpu.up:
-            out.append(GpuPoint(t, gpu.utilization_gpu_ratio, gpu.memory_used_bytes))
+            out.append(
+                GpuPoint(
+                    t,
+                    gpu.utilization_gpu_ratio,
+                    gpu.memory_used_bytes,
+                    sm_active_ratio=gpu.sm_active_ratio,
+                    tensor_active_ratio=gpu.tensor_active_ratio,
+                    dram_bandwidth_ratio=gpu.dram_bandwidth_utilization_ratio,
+                )
+            )
             latest = gpu
     return out, latest
 
@@ -86,6 +97,27 @@ def cpu_points(history: SampleHistory, since: float | None = None) -> tuple[CpuP
         else (t, None, host_at(t))
         for t, p in processes
     )
+
+
+def io_points(history: SampleHistory, since: float | None = None) -> tuple[IoPoint, ...]:
+    """Storage read rates between consecutive samples: every disk (DISK) and the process (PROCESS)."""
+    out: dict[float, IoPoint] = {}
+    previous: tuple[float, float] | None = None
+    for t, d in history.samples(DISK, since):
+        total = (t, float(sum(dev.read_bytes for dev in d.devices)))
+        out[t] = IoPoint(t, disk_read_bytes_per_second=rate(previous, total))
+        previous = total
+    previous = None
+    for t, p in history.samples(PROCESS, since):
+        if not p.exists or p.read_bytes is None:
+            previous = None
+            continue
+        point = (t, float(p.read_bytes))
+        own = rate(previous, point)
+        previous = point
+        base = out.get(t, IoPoint(t))
+        out[t] = IoPoint(t, base.disk_read_bytes_per_second, own)
+    return tuple(out[t] for t in sorted(out))
 
 
 def memory_facts(allocator: AllocatorSample | None, device: str, card_total_bytes: int | None) -> MemoryFacts:
@@ -118,6 +150,7 @@ def window_facts(
     since: float | None = None,
     created_at: float | None = None,
     first_generation_in_window: bool = True,
+    outlier_ratio: float = 3.0,
 ) -> ProfileFacts:
     """Facts of consecutive generations (oldest first) and what the sampler saw since `since`.
 
@@ -140,11 +173,14 @@ def window_facts(
         records,
         gpu_samples=gpu,
         cpu_samples=cpu_points(history, since),
+        io_samples=io_points(history, since),
         memory=memory_facts(history.latest(ALLOCATOR), device, total),
         io=io,
         env=env,
         warmup=warmup,
         created_at=created_at,
+        outlier_ratio=outlier_ratio,
+        first_is_cold=first_generation_in_window,
     )
     if not first_generation_in_window:
         facts = replace(facts, io=replace(facts.io, first_generation_seconds=None, first_generation_slowdown=None))

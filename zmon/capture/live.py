@@ -99,6 +99,7 @@ class LiveDiagnosis:
             since=now - self.window_seconds - HISTORY_MARGIN_SECONDS,
             created_at=now,
             first_generation_in_window=first_in_window,
+            outlier_ratio=self.thresholds.outlier_ratio_high,
         )
         snap = LiveSnapshot(
             now, self.window_seconds, len(ok), self.min_generations, diagnose(facts, self.thresholds), facts

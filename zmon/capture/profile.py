@@ -223,7 +223,8 @@ def profile_pipeline(
     if failures:
         note(f"{failures} resource sample(s) failed")
     facts = window_facts(
-        records[: warmup + runs], history, env=env, resolver=GpuResolver(), io=io, warmup=warmup
+        records[: warmup + runs], history, env=env, resolver=GpuResolver(), io=io, warmup=warmup,
+        outlier_ratio=prof.thresholds.outlier_ratio_high,
     )
     if env.on_gpu and not facts.utilization.gpu_measured:
         note(f"GPU utilization not sampled: NVML is unavailable or cannot tell which GPU is {env.device}")

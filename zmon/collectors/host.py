@@ -183,6 +183,12 @@ class ProcessCollector:
             if value is not None:
                 cpu.add_metric([mode], value)
         yield cpu
+        if s.read_bytes is not None:
+            yield CounterMetricFamily(
+                "zmon_process_storage_read_bytes",
+                "Bytes the watched process read from storage (page-cache misses), since it started.",
+                value=float(s.read_bytes),
+            )
         yield from _gauges(
             [
                 (

@@ -53,6 +53,8 @@ def record_to_dict(record: GenerationRecord, *, model: str) -> dict[str, Any]:
         "peak_allocated_bytes": record.peak_allocated_bytes,
         "peak_reserved_bytes": record.peak_reserved_bytes,
         "prompt_cache_hit": record.prompt_cache_hit,
+        "text_tokens": record.text_tokens,
+        "compiles": record.compiles,
         "timing_method": record.timing_method,
     }
 

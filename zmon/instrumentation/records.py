@@ -40,6 +40,8 @@ class GenerationRecord:
     peak_allocated_bytes: int | None = None  # CUDA only
     peak_reserved_bytes: int | None = None  # CUDA only
     prompt_cache_hit: bool | None = None
+    text_tokens: int | None = None  # longest text-embedding sequence the encoder returned (None: not seen)
+    compiles: int | None = None  # graphs torch.compile produced during the call (a recompile if > 0 when warm)
     error: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
 

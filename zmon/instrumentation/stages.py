@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -85,6 +86,8 @@ class _CallState:
     last_step_end: int | None = None  # mark where the previous denoise step ended: the next one starts there
     steps: int = 0
     forwards: int = 0
+    text_tokens: int | None = None
+    graphs_before: int = 0
     generation_ranges: tuple[Any, ...] = ()
 
     def mark(self) -> int:
@@ -180,10 +183,15 @@ class StageTimingHandle(PipelineHook):
                 return inner(*args, **kwargs)
             span = state.begin_call(stage)
             try:
-                return inner(*args, **kwargs)
+                result = inner(*args, **kwargs)
             finally:
                 state.end(span)
                 del state.open[stage]
+            if stage == "text_encode":
+                tokens = _sequence_length(result)
+                if tokens is not None:
+                    state.text_tokens = max(tokens, state.text_tokens or 0)
+            return result
 
         return wrap
 
@@ -227,6 +235,7 @@ class StageTimingHandle(PipelineHook):
             events=cuda.EventTimeline(device) if use_events else None,
         )
         state.generation_ranges = _open_ranges("generation", on_cuda) if state.nvtx else ()
+        state.graphs_before = compiled_graphs()
         ctx.state[self.name] = state
         state.mark()
 
@@ -294,6 +303,8 @@ class StageTimingHandle(PipelineHook):
             peak_allocated_bytes=peak_alloc,
             peak_reserved_bytes=peak_reserved,
             prompt_cache_hit=all(lookups) if lookups else None,
+            text_tokens=state.text_tokens,
+            compiles=max(0, compiled_graphs() - state.graphs_before),
             error=error,
             extra={"pipeline": self._original_class_name(), "denoiser_forwards": str(state.forwards)},
         )
@@ -357,6 +368,37 @@ def apply_stage_timing(pipe: Any, config: StageTimingConfig | None = None) -> St
 
 # ---------------------------------------------------------------------------------------------------------
 # Helpers.
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile (dynamo) has produced in this process so far; 0 when it was never used.
+
+    Read around each generation: a difference is a compile or a recompile during that call (the cause of
+    a 70× outlier when a prompt of a new length arrives at a compiled denoiser).
+    """
+    dynamo = sys.modules.get("torch._dynamo.utils")
+    if dynamo is None:
+        return 0
+    try:
+        return int(dynamo.counters["stats"]["unique_graphs"])
+    except Exception:
+        return 0
+
+
+def _sequence_length(result: Any, depth: int = 0) -> int | None:
+    """The text-embedding sequence length in what encode_prompt returned: [seq, dim] tensors (Z-Image: a
+    list of them, one per prompt) or a [batch, seq, dim] tensor (most pipelines); None when there is none."""
+    if isinstance(result, torch.Tensor):
+        if result.dim() == 2:
+            return int(result.shape[0])
+        if result.dim() == 3:
+            return int(result.shape[1])
+        return None
+    if isinstance(result, (list, tuple)) and depth < 3:
+        found = [n for item in result if (n := _sequence_length(item, depth + 1)) is not None]
+        if found:
+            return found[0] if depth == 0 else max(found)
+    return None
 
 
 def _resolve_offsets(state: _CallState) -> tuple[list[float], Any]:

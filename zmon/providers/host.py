@@ -265,6 +265,8 @@ class ProcessSample:
     open_fds: int | None = None  # None where unsupported (Windows) or denied (another user's process)
     open_files: int | None = None  # regular files open; None if denied
     start_time_seconds: float | None = None  # unix seconds; changes when the pid is reused
+    # Bytes read from storage (Linux /proc/<pid>/io read_bytes: page-cache misses, not cached reads).
+    read_bytes: int | None = None
 
 
 class ProcessProvider:
@@ -291,6 +293,7 @@ class ProcessProvider:
                     return ProcessSample(self.pid, exists=False)
                 cpu = proc.cpu_times()
                 mem = proc.memory_info()
+                io = self._optional(getattr(proc, "io_counters", None))
                 return ProcessSample(
                     pid=self.pid,
                     exists=True,
@@ -303,6 +306,7 @@ class ProcessProvider:
                     open_fds=self._optional(getattr(proc, "num_fds", None)),
                     open_files=self._optional(lambda: len(proc.open_files())),
                     start_time_seconds=float(proc.create_time()),
+                    read_bytes=None if io is None else int(io.read_bytes),
                 )
         except ps.NoSuchProcess:  # includes ZombieProcess
             return ProcessSample(self.pid, exists=False)
