@@ -1,9 +1,8 @@
 """Names `zmon tune --variants` accepts, known without importing torch or diffusers.
 
 The CLI rejects unknown `--variants` before anything heavy is imported (exit 2, listing the valid names).
-The attention backend and compile mode names are the configuration's (zmon.config validates
-`model.attention_backend` / `model.compile_mode` against them). What is *runnable* on a given device is
-decided later, by probing (see zmon.tune.variants).
+The attention backend names are the configuration's (zmon.config validates `model.attention_backend`
+against them). What is *runnable* on a given device is decided later, by probing (see zmon.tune.variants).
 """
 
 from __future__ import annotations
@@ -11,13 +10,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Final
 
-from zmon.config import ATTENTION_BACKENDS, COMPILE_MODES
+from zmon.config import ATTENTION_BACKENDS
 
 __all__ = [
     "ATTENTION_BACKENDS",
     "ATTENTION_GROUP",
     "ATTENTION_PREFIX",
-    "COMPILE_MODES",
     "DEFAULT_ATTENTION_VARIANTS",
     "OPT_IN_VARIANTS",
     "VARIANT_NAMES",
