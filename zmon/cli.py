@@ -8,6 +8,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from zmon.config import DEFAULT_LISTEN, Config, ConfigError, load_config
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     _add_profiling_parsers(sub)
+    _add_tune_parser(sub)
 
     c = sub.add_parser("check-config", help="validate a configuration file; lists every error, exit 2 if any")
     c.add_argument("file", metavar="FILE")
@@ -122,12 +124,27 @@ def cmd_watch(args: argparse.Namespace) -> int:
     return watch_main(cfg)
 
 
+def _export_alloc_conf(cfg: Config) -> bool:
+    """model.alloc_conf → PYTORCH_CUDA_ALLOC_CONF before anything imports torch; False (printed) if refused."""
+    from zmon.workload.alloc_conf import ModelOptionsError, export_alloc_conf  # torch-free
+
+    try:
+        export_alloc_conf(cfg.model.alloc_conf)
+    except ModelOptionsError as e:
+        for p in e.problems:
+            print(f"error: {p}", file=sys.stderr)
+        return False
+    return True
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     extra: dict[str, Any] = {}
     if args.max_generations is not None:
         extra["workload"] = {"max_generations": args.max_generations}
     cfg = _load(args, extra)
     setup_logging(cfg)
+    if not _export_alloc_conf(cfg):
+        return EXIT_USAGE
     from zmon.workload.spec import validate_workload  # torch-free: problems are reported before any load
 
     problems = validate_workload(cfg)
@@ -212,6 +229,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
         prof["output_dir"] = args.out
     cfg = _load(args, {"profiling": prof} if prof else None)
     setup_logging(cfg)
+    if not _export_alloc_conf(cfg):
+        return EXIT_USAGE
     from zmon.workload.spec import validate_workload  # torch-free: problems are reported before any load
 
     problems = validate_workload(cfg)
@@ -264,6 +283,75 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- zmon tune ------------------------------------------------------------------------------------------------
+
+
+def _add_tune_parser(sub: Any) -> None:
+    t = sub.add_parser(
+        "tune",
+        help="try the speed fixes (compile, attention backends, prompt cache, ...) on the configured pipeline, "
+        "time them fairly, check outputs, write the fastest proven configuration",
+    )
+    t.add_argument("--config", "-c", metavar="FILE", help="YAML configuration (see config.example.yaml)")
+    t.add_argument(
+        "--variants", metavar="LIST",
+        help="comma-separated variant names (default: all but compile_max_autotune); 'attention' = torch's "
+        "attention backends; --variants help lists them",
+    )
+    t.add_argument("--runs", type=_positive_int, default=6, metavar="N",
+                   help="measured generations per configuration, split over the rounds (default 6)")
+    t.add_argument("--rounds", type=_positive_int, default=3, metavar="R",
+                   help="interleaved timing rounds (default 3)")
+    t.add_argument("--out", metavar="DIR", default="zmon-tune", help="report directory (default zmon-tune)")
+    t.add_argument("--max-seconds", type=float, metavar="S",
+                   help="wall-clock budget; phases that would not fit are skipped and listed")
+    t.add_argument("--allow-lossy", action="store_true",
+                   help="let lossy winners (fp8, fewer_steps) into the combination and the snippet")
+    t.add_argument("--max-warmup", type=_positive_int, default=12, metavar="N",
+                   help="warm-up generations at most per configuration (default 12)")
+    t.add_argument("--min-psnr", type=float, metavar="DB",
+                   help="PSNR exact variants must reach against the baseline (default: 30 dB bf16/fp16, 60 float32)")
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from zmon.tune.names import parse_variants, valid_variant_names
+
+    if args.variants is not None and args.variants.strip() in ("help", "list"):
+        print("\n".join(valid_variant_names()))
+        return EXIT_OK
+    names, problems = parse_variants(args.variants)
+    cfg = _load(args)
+    setup_logging(cfg)
+    from zmon.workload.spec import validate_workload  # torch-free: problems are reported before any load
+
+    problems += validate_workload(cfg)
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        problems.append(f"--out: {out} exists and is not a directory")
+    if args.max_seconds is not None and args.max_seconds <= 0:
+        problems.append(f"--max-seconds: must be > 0, got {args.max_seconds}")
+    if args.min_psnr is not None and args.min_psnr <= 0:
+        problems.append(f"--min-psnr: must be > 0 dB, got {args.min_psnr}")
+    if problems:
+        print(f"error: {len(problems)} error(s)", file=sys.stderr)
+        for p in problems:
+            print(f"  - {p}", file=sys.stderr)
+        if any(p.startswith("unknown variant") for p in problems):
+            print(f"valid variants: {', '.join(valid_variant_names())}", file=sys.stderr)
+        return EXIT_USAGE
+    if not _export_alloc_conf(cfg):
+        return EXIT_USAGE
+    from zmon.app.tune import tune_main  # lazy: imports torch / diffusers
+    from zmon.tune.measure import WarmupRule
+    from zmon.tune.runner import TuneOptions
+
+    options = TuneOptions(
+        runs=args.runs, rounds=args.rounds, max_seconds=args.max_seconds, allow_lossy=args.allow_lossy,
+        warmup=WarmupRule(max_runs=args.max_warmup), min_psnr_db=args.min_psnr,
+    )
+    return tune_main(cfg, names, options, out_dir=out)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -283,6 +371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_compare(args)
         if args.command == "diagnose":
             return cmd_diagnose(args)
+        if args.command == "tune":
+            return cmd_tune(args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -210,6 +210,63 @@ class LoggingConfig(_Section):
     format: Literal["text", "json"] = "text"
 
 
+# Values of the `model:` speed options, known without importing torch or diffusers (what *runs* on a device is
+# probed when the option is applied, zmon.workload.options). diffusers' attention dispatcher backends
+# (diffusers.models.attention_dispatch.AttentionBackendName, 0.36–0.42); one the installed diffusers lacks is
+# reported when it is applied, not here.
+ATTENTION_BACKENDS: tuple[str, ...] = (
+    "native",
+    "_native_cudnn",
+    "_native_efficient",
+    "_native_flash",
+    "_native_math",
+    "_native_npu",
+    "_native_xla",
+    "flex",
+    "flash",
+    "flash_varlen",
+    "flash_hub",
+    "flash_varlen_hub",
+    "flash_4_hub",
+    "_flash_3",
+    "_flash_varlen_3",
+    "_flash_3_hub",
+    "_flash_3_varlen_hub",
+    "aiter_fa2_hub",
+    "sage",
+    "sage_hub",
+    "sage_blackwell_hub",
+    "sage_varlen",
+    "_sage_qk_int8_pv_fp8_cuda",
+    "_sage_qk_int8_pv_fp8_cuda_sm90",
+    "_sage_qk_int8_pv_fp16_cuda",
+    "_sage_qk_int8_pv_fp16_triton",
+    "xformers",
+)
+# torch.compile modes (null = "default"). reduce-overhead and max-autotune capture CUDA graphs.
+COMPILE_MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def alloc_conf_problem(value: str) -> str | None:
+    """Why a PYTORCH_CUDA_ALLOC_CONF string is unusable, or None. Items are 'key:value' separated by commas.
+
+    expandable_segments together with max_split_size_mb is refused: the maintainers advise against the
+    combination (splitting limits are meaningless for expandable segments).
+    """
+    items = [i.strip() for i in value.split(",") if i.strip()]
+    if not items:
+        return "empty; use null for the default allocator"
+    keys: dict[str, str] = {}
+    for item in items:
+        key, sep, val = item.partition(":")
+        if not sep or not key.strip() or not val.strip():
+            return f"{item!r} is not key:value (e.g. expandable_segments:True)"
+        keys[key.strip()] = val.strip()
+    if keys.get("expandable_segments", "").lower() in ("true", "1") and "max_split_size_mb" in keys:
+        return "expandable_segments and max_split_size_mb must not be combined"
+    return None
+
+
 class ModelConfig(_Section):
     """Which pipeline `zmon run` / `zmon profile` load (owned by zmon.workload.loading)."""
 
@@ -221,12 +278,41 @@ class ModelConfig(_Section):
     variant: str | None = None
     pipeline_class: str | None = None  # override auto-detection, e.g. "ZImageImg2ImgPipeline"
     compile: bool = False  # torch.compile the denoiser (transformer/unet)
-    compile_mode: str | None = None
+    compile_mode: str | None = None  # null = torch's default; reduce-overhead / max-autotune capture CUDA graphs
+    # Speed options `zmon tune` measures (applied by zmon.workload.options.apply_model_options at load time).
+    compile_vae: bool = False  # torch.compile the VAE decoder (vae.decoder)
+    attention_backend: str | None = None  # diffusers attention dispatcher backend; null = diffusers' default
+    channels_last_vae: bool = False  # VAE weights and activations in channels_last memory format
+    fp8: bool = False  # torchao float8 dynamic quantization of the denoiser's linear layers (lossy; CUDA cc >= 8.9)
+    # Exported as PYTORCH_CUDA_ALLOC_CONF before torch initialises CUDA, e.g. "expandable_segments:True".
+    alloc_conf: str | None = None
     cache_dir: Path = Path("~/.cache/zmon")  # where the embedded model is written once
     local_files_only: bool = False
     # torch intra-op threads (CPU work: text encoder offloaded to CPU, the embedded model); null = torch's
     # default (one per core). On a small busy host, 1 avoids oversubscription (measured 20x on 2 loaded cores).
     cpu_threads: int | None = Field(None, gt=0)
+
+    @field_validator("compile_mode")
+    @classmethod
+    def _check_compile_mode(cls, v: str | None) -> str | None:
+        if v is not None and v not in COMPILE_MODES:
+            raise ValueError(f"unknown compile mode {v!r}; valid: {', '.join(COMPILE_MODES)}")
+        return v
+
+    @field_validator("attention_backend")
+    @classmethod
+    def _check_attention_backend(cls, v: str | None) -> str | None:
+        if v is not None and v not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {v!r}; valid: {', '.join(ATTENTION_BACKENDS)}")
+        return v
+
+    @field_validator("alloc_conf")
+    @classmethod
+    def _check_alloc_conf(cls, v: str | None) -> str | None:
+        problem = None if v is None else alloc_conf_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
 
 
 class PromptCacheConfig(_Section):

@@ -15,8 +15,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "zmon"
 # External modules that may be imported inside a function: heavy (seconds to import) or needed by one
-# path only, so that `zmon watch` and `zmon check-config` never load them.
-LAZY_OK = ("torch", "diffusers", "transformers", "tokenizers", "huggingface_hub", "PIL", "pynvml", "importlib")
+# path only, so that `zmon watch` and `zmon check-config` never load them. torchao is optional (not a dependency):
+# only `model.fp8` / the tune's fp8 variant import it, and say so when it is missing.
+LAZY_OK = (
+    "torch", "diffusers", "transformers", "tokenizers", "huggingface_hub", "PIL", "pynvml", "importlib", "torchao",
+)
 
 
 def _modules() -> list[tuple[str, Path]]:

@@ -45,7 +45,13 @@ class Progress:
         last = f"  last {seconds:.3f} s" if seconds is not None else ""
         self._write(f"\r{self._label:<10} [{bar}] {self._done}/{self._total}{last}")
 
+    @property
+    def in_progress(self) -> bool:
+        """True between start() and the phase's last generation: a phase that stopped short needs finish()."""
+        return self._done < self._total
+
     def finish(self) -> None:
+        self._total = self._done  # ended here, short or not
         elapsed = time.monotonic() - self._started
         if self._tty:
             self._write(f"  ({elapsed:.1f} s)\n")

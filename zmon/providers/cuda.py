@@ -11,6 +11,7 @@ Tests inject a fake `torch.cuda` where a function takes `torch_cuda` (tests/fake
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,52 @@ def cuda_ready(torch_cuda: Any) -> bool:
         return False
     is_init = getattr(torch_cuda, "is_initialized", None)
     return bool(is_init()) if is_init is not None else True
+
+
+def initialized() -> bool:
+    """True when this process has initialised CUDA. Never imports torch: without it, nothing was initialised.
+
+    Used before CUDA starts (model.alloc_conf is read once, at initialisation), so it must not be what
+    imports torch or creates a context.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return False
+    try:
+        return bool(torch.cuda.is_initialized())
+    except Exception:
+        return False
+
+
+def set_allocator_settings(conf: str) -> bool:
+    """Hand PYTORCH_CUDA_ALLOC_CONF-style settings to an imported torch whose CUDA is not initialised yet.
+
+    Where a torch parses its allocator configuration before initialisation, the environment alone would come
+    too late; the runtime setter (torch.cuda.memory._set_allocator_settings) applies it. Returns whether it
+    was called; never imports torch and never raises.
+    """
+    torch = sys.modules.get("torch")
+    setter = getattr(getattr(getattr(torch, "cuda", None), "memory", None), "_set_allocator_settings", None)
+    if setter is None:
+        return False
+    try:
+        if not torch.cuda.is_available():  # type: ignore[union-attr]
+            return False
+        setter(conf)
+    except Exception:
+        return False
+    return True
+
+
+def capability(device: Any) -> tuple[int, int]:
+    """(major, minor) compute capability of a CUDA device (e.g. (9, 0) for an H100/H200)."""
+    major, minor = load_torch_cuda().get_device_capability(device)
+    return int(major), int(minor)
+
+
+def device_name(device: Any) -> str:
+    """The CUDA device's product name (e.g. "NVIDIA H200")."""
+    return str(load_torch_cuda().get_device_name(device))
 
 
 def synchronize(device: Any = None) -> None:

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 from zmon.config import ModelConfig
-from zmon.instrumentation.anatomy import denoisers
 from zmon.providers import cuda
+from zmon.workload.alloc_conf import export_alloc_conf
+from zmon.workload.options import apply_model_options
 from zmon.workload.tiny import TINY_DEFAULTS, ensure_builtin, is_builtin, is_complete
 
 log = logging.getLogger(__name__)
@@ -77,12 +78,13 @@ def resolve_dtype(dtype: str, device: str) -> Any:
 
 
 def load_pipeline(cfg: ModelConfig, *, img2img: bool = False) -> LoadedPipeline:
-    """Load cfg.id (building the embedded model first if needed), move it to the device, optionally compile.
+    """Load cfg.id (building the embedded model first if needed), move it to the device, apply the speed options.
 
     The class comes from the model's model_index.json (DiffusionPipeline auto-detection); img2img picks the
     image-to-image variant through AutoPipelineForImage2Image (ZImagePipeline → ZImageImg2ImgPipeline);
     cfg.pipeline_class, when set, is used as given and wins over both.
     """
+    export_alloc_conf(cfg.alloc_conf)  # before torch initialises CUDA; raises if it is too late
     import diffusers
     import torch
 
@@ -128,14 +130,8 @@ def load_pipeline(cfg: ModelConfig, *, img2img: bool = False) -> LoadedPipeline:
     load_seconds = time.perf_counter() - started
     pipe.set_progress_bar_config(disable=True)
 
-    compiled = False
-    if cfg.compile:
-        for name, module in denoisers(pipe):
-            if isinstance(module, torch.nn.Module):
-                setattr(pipe, name, torch.compile(module, mode=cfg.compile_mode))
-                compiled = True
-        if not compiled:
-            log.warning("model.compile: %s has no transformer or unet to compile", type(pipe).__name__)
+    # compile, compile_vae, attention_backend, channels_last_vae, fp8: one function, shared with zmon tune.
+    compiled = apply_model_options(pipe, cfg).compiled
 
     if local_dir is None:
         local_dir = _hub_snapshot(cfg.id)
