@@ -535,7 +535,7 @@ def merge_rules(value: Any) -> Any:
         rule = {"name": name, **base, **over}
         if "threshold" in over and "clear" not in over and "clear" in base:
             with contextlib.suppress(TypeError, ValueError):  # an invalid threshold: validation reports it
-                rule["clear"] = float(base["clear"]) + float(over["threshold"]) - float(base["threshold"])
+                rule["clear"] = round(float(base["clear"]) + float(over["threshold"]) - float(base["threshold"]), 12)
         merged[name] = rule
     for name, over in value.items():
         if name not in defaults:
