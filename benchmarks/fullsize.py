@@ -11,7 +11,9 @@ import time
 from typing import Any
 
 
-def build_full_z_image(device: str = "cuda", dtype: Any = None) -> Any:
+def build_full_z_image(device: str = "cuda", dtype: Any = None, seed: int = 0) -> Any:
+    """Seeded, so every process builds the same weights: `zmon tune` compares a fresh process's images with
+    this one's (unseeded, expandable_segments' fresh process measured 13.5 dB PSNR against the baseline)."""
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline
     from diffusers.models import ZImageTransformer2DModel
@@ -21,6 +23,7 @@ def build_full_z_image(device: str = "cuda", dtype: Any = None) -> Any:
 
     dtype = dtype or torch.bfloat16
     t0 = time.perf_counter()
+    torch.manual_seed(seed)  # seeds the CPU and every CUDA device's generator
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:

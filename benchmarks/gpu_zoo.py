@@ -338,7 +338,7 @@ def main() -> int:
         print(f"{case.name}: {d.verdict} ({'ok' if ok else 'WRONG: ' + note}) in {time.monotonic() - t0:.0f} s",
               flush=True)
         (out / "zoo.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    if time.monotonic() - started < args.max_seconds + 60:
+    if args.overhead_pairs > 0 and time.monotonic() - started < args.max_seconds + 60:
         summary["overhead"] = overhead(pipe, base_cfg, args.overhead_pairs, 3)
     (out / "zoo.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     lines = [
