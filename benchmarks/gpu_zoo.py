@@ -261,6 +261,7 @@ def overhead(pipe: Any, cfg: Config, pairs: int, block: int) -> dict[str, Any]:
         mon, _ = profile_monitor(cfg)
         timing = apply_stage_timing(pipe, StageTimingConfig())
         mon.start()
+        mon.wait_ready(30.0)  # as zmon profile does: first samples (NVML init, GPM warm-up) before timing
         try:
             profiled += [work.call(p * block + k).seconds for k in range(block)]
         finally:
