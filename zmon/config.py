@@ -208,6 +208,9 @@ class SamplingConfig(_Section):
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
+    # `zmon run`: one status line (generations, failures, images/s, p50 latency, policy actions) this often;
+    # 0 = none.
+    status_interval_seconds: float = Field(30.0, ge=0)
 
 
 class ModelConfig(_Section):

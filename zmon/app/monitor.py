@@ -106,9 +106,11 @@ class Monitor:
         """True once /metrics is bound (always True for a monitor that serves no HTTP)."""
         return self.server is not None or not self._serve_http
 
-    def mark_unavailable(self, key: Key, reason: str) -> None:
-        """A source that cannot exist here: logged once, exported as zmon_collector_available 0."""
-        log.warning("%s unavailable: %s — continuing without it", key_name(key), reason)
+    def mark_unavailable(self, key: Key, reason: str, *, expected: bool = False) -> None:
+        """A source that cannot exist here: logged once (INFO when `expected`, e.g. no GPU on a CPU host;
+        else WARNING), exported as zmon_collector_available 0."""
+        log.log(logging.INFO if expected else logging.WARNING, "%s unavailable: %s — continuing without it",
+                key_name(key), reason)
         self.store.mark_unavailable(key_name(key), reason)
 
     def start(self) -> None:
