@@ -42,10 +42,10 @@ def fetch_diagnosis(url: str, timeout: float = 5.0) -> dict[str, Any]:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
             body = resp.read()
     except urllib.error.HTTPError as e:
-        reason = _error_text(e)
+        text = _error_text(e)
         if e.code == 404:
-            reason += " (a live diagnosis is served by `zmon run` and `zmon.attach`, not by `zmon watch`)"
-        raise DiagnosisUnavailable(f"{url}: HTTP {e.code}: {reason}") from None
+            text += " (a live diagnosis is served by `zmon run` and `zmon.attach`, not by `zmon watch`)"
+        raise DiagnosisUnavailable(f"{url}: HTTP {e.code}: {text}") from None
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
         raise DiagnosisUnavailable(f"cannot reach {url}: {reason}") from None
