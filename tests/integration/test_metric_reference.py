@@ -15,7 +15,6 @@ clock-event reasons, …): the exposition must stay within them, and the README 
 from __future__ import annotations
 
 import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,65 +24,13 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.catalogue import README, Row, readme_rows
 from tests.fakes.cuda_allocator import GIB, FakeTorchCuda
 from tests.fakes.nvml import GPM_GEMM, WORKLOAD_PID, FakeNvml, make_mixed
 from zmon.config import Config, ListenAddress
 
 ROOT = Path(__file__).resolve().parents[2]
-README = ROOT / "README.md"
 MODEL = "builtin:tiny-z-image"
-
-# -- the README side ---------------------------------------------------------------------------------------
-
-_ROW = re.compile(r"^\|(?P<names>[^|]*`zmon_[^|]*)\|(?P<type>[^|]*)\|(?P<labels>[^|]*)\|(?P<meaning>.*)\|\s*$")
-_FEATURE = re.compile(r"\(only with `([a-z0-9_.]+)`")
-BASE = ("model", "resolution", "device")  # "+ base" in the README
-
-
-@dataclass(frozen=True)
-class Row:
-    names: tuple[frozenset[str], ...]  # per documented name: every reading of a `_suffix` shorthand
-    kind: str
-    labels: dict[str, frozenset[str] | None]  # label → listed values (None: not enumerated)
-    feature: str | None
-    line: str
-
-
-_SECTION_FEATURE = re.compile(r"^Every family in this table: \(only with `([a-z0-9_.]+)`")
-
-
-def readme_rows(text: str | None = None) -> list[Row]:
-    """Rows of the README's metric tables (first cell names zmon_ families). A line "Every family in this
-    table: (only with `X`)" above a table marks its rows that carry no marker of their own."""
-    rows = []
-    section_feature: str | None = None
-    for line in (text if text is not None else README.read_text()).splitlines():
-        if line.startswith("#"):
-            section_feature = None
-        if (sm := _SECTION_FEATURE.match(line)) is not None:
-            section_feature = sm[1]
-        m = _ROW.match(line)
-        if not m:
-            continue
-        names: list[frozenset[str]] = []
-        base = ""
-        for tok in re.findall(r"`([a-z0-9_]+)`", m["names"]):
-            if tok.startswith("zmon_"):
-                names.append(frozenset({tok}))
-                base = tok
-            elif tok.startswith("_") and base:  # `_suffix` replaces some trailing words of the previous name
-                parts = base.split("_")
-                names.append(frozenset("_".join(parts[:k]) + tok for k in range(2, len(parts))))
-        labels: dict[str, frozenset[str] | None] = {}
-        for label, values in re.findall(r"([a-z_]+)(?:\s*\(([^)]*)\))?", m["labels"]):
-            if label == "base":  # `base` labels: model, resolution, device
-                labels.update(dict.fromkeys(BASE))
-            else:
-                labels[label] = frozenset(v.strip() for v in values.split(",")) if values else None
-        f = _FEATURE.search(m["meaning"])
-        rows.append(Row(tuple(names), m["type"].strip(), labels, f[1] if f else section_feature, line))
-    return rows
-
 
 # -- the code side -----------------------------------------------------------------------------------------
 
