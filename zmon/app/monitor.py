@@ -23,6 +23,8 @@ from zmon.config import SamplingConfig, ServerConfig
 from zmon.sampling import Sampler, SnapshotStore, SourceSpec
 from zmon.sampling.store import Key, key_name
 from zmon.server import App, Limits, RenderCache, Server
+from zmon.server.runbooks import PATH as RUNBOOKS_PATH
+from zmon.server.runbooks import runbooks_handler
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,8 @@ class Monitor:
         self.render_cache = RenderCache(lambda: self._collectors)
         self.sampler.add_listener(lambda source, ok: self.render_cache.warm(source) if ok else None)
         self.http = App(self.registry, self.store.ready, server.auth.token, cache=self.render_cache)
+        # The target of every alert's runbook_url (alerting.runbook_base_url, the shipped Prometheus rules).
+        self.http.add_route(RUNBOOKS_PATH, runbooks_handler, methods=("GET", "HEAD"))
         self.server: Server | None = None
         self._serve_http = serve_http
         self._stopped = threading.Event()
