@@ -4,7 +4,7 @@ Starts `zmon run` on the embedded tiny model (CPU) and a Prometheus scraping it 
 recording rules), waits, then runs every panel's queries through /api/v1/query_range and writes a
 self-contained HTML page of inline SVG line charts plus a PNG screenshot of it (headless chromium):
 
-    .venv/bin/python tools/render_panels.py --seconds 90 --out docs/
+    .venv-dev/bin/python tools/render_panels.py --seconds 90 --out docs/
 
 The output is labelled as what it is: a rendering of query results, not a Grafana screenshot.
 """
