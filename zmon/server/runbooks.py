@@ -15,6 +15,8 @@ from importlib import resources
 from zmon.alerting.alertmanager import RUNBOOKS_PATH as PATH
 from zmon.server.core import Request, Response
 
+__all__ = ["PATH", "page", "render_html", "runbooks_handler"]
+
 ANCHOR_PREFIX = "runbook-"
 _PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>zmon runbooks</title>
