@@ -30,8 +30,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tests.catalogue import grafana_to_promql, load_dashboard, metric_names  # noqa: E402
 from tests.services import get_json, prometheus, zmon_process  # noqa: E402
-from tests.test_dashboard import grafana_to_promql, load_dashboard, metric_names  # noqa: E402
 
 PROM_RULES = ROOT / "deploy" / "prometheus"
 GPU_ONLY_PREFIXES = ("zmon_gpu_", "zmon_nvml_", "zmon_torch_")

@@ -65,8 +65,8 @@ def test_dashboard_identity_and_variables() -> None:
         assert v["type"] == "query" and v["datasource"] == DS
         assert v["definition"].startswith("label_values(") and v["query"]["query"] == v["definition"]
     rows = [p["title"] for p in d["panels"] if p["type"] == "row"]
-    assert rows == ["Overview", "Stages", "Model loading", "GPU", "GPU efficiency (GPM, Hopper+)", "PyTorch allocator", "Host",
-                    "Bottleneck verdicts", "zmon self-health"]
+    assert rows == ["Overview", "Stages", "Model loading", "GPU", "GPU efficiency (GPM, Hopper+)", "PyTorch allocator",
+                    "Host", "Bottleneck verdicts", "zmon self-health"]
 
 
 def test_panels_are_well_formed() -> None:

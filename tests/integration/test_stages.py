@@ -469,7 +469,9 @@ def test_registry_orders_hooks_by_priority_and_restores_in_any_order(
     assert pipe([]) == [bottom]
 
 
-def test_step_timer_starts_before_a_host_pre_hook_and_steps_tile(fresh_pipe: Any, records: list[GenerationRecord]) -> None:
+def test_step_timer_starts_before_a_host_pre_hook_and_steps_tile(
+    fresh_pipe: Any, records: list[GenerationRecord]
+) -> None:
     """Work a host hooks onto the denoiser (a pre-hook registered before zmon's) is inside the steps."""
     slow = 0.02
 

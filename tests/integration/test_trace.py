@@ -136,7 +136,9 @@ def daemon(
     })
     mon = Monitor(cfg.sampling, cfg.server, mode="run", registry=CollectorRegistry(auto_describe=False))
     inst = Instrumentation(tiny_pipe, cfg.workload, GenerationMetrics(model="tiny"), model_id="tiny")
-    controller = add_trace_endpoint(mon, cfg.profiling.trace, boundaries=inst.boundaries, stage_timing=inst.stage_timing)
+    controller = add_trace_endpoint(
+        mon, cfg.profiling.trace, boundaries=inst.boundaries, stage_timing=inst.stage_timing
+    )
     assert controller is not None
     mon.start()
     try:
@@ -199,5 +201,7 @@ def test_trace_endpoint_auth_validation_and_capture(daemon: Any, torch_single_th
 
 def test_trace_endpoint_is_absent_unless_enabled() -> None:
     cfg = Config()
-    mon = Monitor(cfg.sampling, cfg.server, mode="run", registry=CollectorRegistry(auto_describe=False), serve_http=False)
+    mon = Monitor(
+        cfg.sampling, cfg.server, mode="run", registry=CollectorRegistry(auto_describe=False), serve_http=False
+    )
     assert add_trace_endpoint(mon, TraceConfig(), boundaries=Boundaries(), stage_timing=None) is None

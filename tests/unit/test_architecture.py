@@ -51,9 +51,15 @@ def test_torch_cuda_is_called_only_from_providers() -> None:
             continue
         tree = ast.parse(path.read_text(), str(path))
         for node in ast.walk(tree):
-            attr = isinstance(node, ast.Attribute) and node.attr == "cuda" and isinstance(node.value, ast.Name | ast.Attribute)
+            attr = (
+                isinstance(node, ast.Attribute)
+                and node.attr == "cuda"
+                and isinstance(node.value, ast.Name | ast.Attribute)
+            )
             chain = ast.unparse(node) if attr else ""
-            imported = isinstance(node, ast.ImportFrom) and (node.module or "").startswith(("torch.cuda", "torch.backends"))
+            imported = isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                ("torch.cuda", "torch.backends")
+            )
             if chain in ("torch.cuda", "torch.backends.cuda") or imported:
                 offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert not offenders, offenders

@@ -26,13 +26,17 @@ from zmon.workload.spec import WorkloadError
 log = logging.getLogger(__name__)
 
 
-def profile_monitor(cfg: Config, *, nvml: Any | None = None, torch_cuda: Any | None = None) -> tuple[Monitor, SampleHistory]:
+def profile_monitor(
+    cfg: Config, *, nvml: Any | None = None, torch_cuda: Any | None = None
+) -> tuple[Monitor, SampleHistory]:
     """A Monitor without HTTP sampling this process at `profiling.sample_interval_seconds`, and its history."""
     every = cfg.profiling.sample_interval_seconds
     s = cfg.sampling
     sampling = s.model_copy(
         update={
-            "nvml": s.nvml.model_copy(update={"interval_seconds": every, "slow_interval_seconds": 0, "processes": False}),
+            "nvml": s.nvml.model_copy(
+                update={"interval_seconds": every, "slow_interval_seconds": 0, "processes": False}
+            ),
             "host": s.host.model_copy(update={"interval_seconds": every, "per_cpu": False}),
             "process": s.process.model_copy(update={"interval_seconds": every}),
             "allocator": s.allocator.model_copy(update={"interval_seconds": every}),

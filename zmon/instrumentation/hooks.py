@@ -241,7 +241,9 @@ class HookRegistry:
 
     # -- dispatch --------------------------------------------------------------------------------------
 
-    def _dispatch(self, target: Target, inner: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def _dispatch(
+        self, target: Target, inner: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
         ctx = self.context()
         call: Callable[..., Any] = inner
         for hook in reversed(self._ordered):  # innermost first, so the outermost wraps everything
