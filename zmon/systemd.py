@@ -8,7 +8,8 @@ that is set.
 `attach_systemd(monitor)` wires it to a Monitor (anything `Watched`): READY=1 once the store is ready (first good
 sample of every enabled source), WATCHDOG=1 (from the sampler's listener, and a small thread that keeps the
 pace) only while every source keeps completing its attempts, so a sampler stuck in a blocking call stops
-feeding the watchdog and systemd restarts zmon; STOPPING=1 when the monitor stops. Without $NOTIFY_SOCKET it does nothing.
+feeding the watchdog and systemd restarts zmon; STOPPING=1 when the monitor stops. Without $NOTIFY_SOCKET it
+does nothing.
 """
 
 from __future__ import annotations
