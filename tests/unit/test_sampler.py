@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -271,3 +272,34 @@ def test_a_stuck_sample_is_reported_once(caplog: pytest.LogCaptureFixture, monke
     stuck = [r for r in caplog.records if "stuck?" in r.getMessage()]
     assert len(stuck) == 1 and stuck[0].levelno == logging.WARNING
     assert any("the stuck sample returned" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("expected", [True, False])
+def test_an_absent_source_is_info_when_expected_else_a_warning(
+    expected: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No GPU on a CPU host is nothing wrong (INFO, with the reason); a GPU host whose CUDA cannot start is."""
+    import logging
+
+    from zmon.providers.base import SourceUnavailable
+
+    def absent() -> None:
+        raise SourceUnavailable("CUDA is not available (no NVIDIA GPU on this host)", expected=expected)
+
+    sampler = Sampler(SnapshotStore())
+    sampler.add(SourceSpec("allocator", absent, 1.0))
+    with caplog.at_level(logging.INFO, logger="zmon.sampling"):
+        sampler.run_once("allocator")
+    (rec,) = [r for r in caplog.records if "unavailable" in r.getMessage()]
+    assert rec.levelno == (logging.INFO if expected else logging.WARNING)
+    assert "no NVIDIA GPU on this host" in rec.getMessage()
+
+
+def test_nvidia_devices_present_reads_the_device_nodes(tmp_path: Path) -> None:
+    from zmon.providers.base import nvidia_devices_present
+
+    dev = tmp_path
+    (dev / "nvidiactl").touch()  # the control node alone is no GPU
+    assert not nvidia_devices_present(str(dev))
+    (dev / "nvidia0").touch()
+    assert nvidia_devices_present(str(dev))
