@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import re
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ DASHBOARD = ROOT / "grafana" / "dashboards" / "zmon.json"
 PROVISIONING = ROOT / "grafana" / "provisioning"
 RECORDING_RULES = ROOT / "deploy" / "prometheus" / "zmon.recording.yml"
 DS = {"type": "prometheus", "uid": "${datasource}"}
+README = ROOT / "README.md"
 
 # -- metric catalogue: what zmon exports ---------------------------------------------------------------------
 
@@ -145,3 +147,55 @@ def all_queries(d: dict[str, Any]) -> list[tuple[str, str]]:
         if a.get("expr"):
             out.append((f"annotation {a['name']!r}", a["expr"]))
     return out
+
+
+# -- the README side ---------------------------------------------------------------------------------------
+
+_ROW = re.compile(r"^\|(?P<names>[^|]*`zmon_[^|]*)\|(?P<type>[^|]*)\|(?P<labels>[^|]*)\|(?P<meaning>.*)\|\s*$")
+_FEATURE = re.compile(r"\(only with `([a-z0-9_.]+)`")
+BASE = ("model", "resolution", "device")  # "+ base" in the README
+
+
+@dataclass(frozen=True)
+class Row:
+    names: tuple[frozenset[str], ...]  # per documented name: every reading of a `_suffix` shorthand
+    kind: str
+    labels: dict[str, frozenset[str] | None]  # label → listed values (None: not enumerated)
+    feature: str | None
+    line: str
+
+
+_SECTION_FEATURE = re.compile(r"^Every family in this table: \(only with `([a-z0-9_.]+)`")
+
+
+def readme_rows(text: str | None = None) -> list[Row]:
+    """Rows of the README's metric tables (first cell names zmon_ families). A line "Every family in this
+    table: (only with `X`)" above a table marks its rows that carry no marker of their own."""
+    rows = []
+    section_feature: str | None = None
+    for line in (text if text is not None else README.read_text()).splitlines():
+        if line.startswith("#"):
+            section_feature = None
+        if (sm := _SECTION_FEATURE.match(line)) is not None:
+            section_feature = sm[1]
+        m = _ROW.match(line)
+        if not m:
+            continue
+        names: list[frozenset[str]] = []
+        base = ""
+        for tok in re.findall(r"`([a-z0-9_]+)`", m["names"]):
+            if tok.startswith("zmon_"):
+                names.append(frozenset({tok}))
+                base = tok
+            elif tok.startswith("_") and base:  # `_suffix` replaces some trailing words of the previous name
+                parts = base.split("_")
+                names.append(frozenset("_".join(parts[:k]) + tok for k in range(2, len(parts))))
+        labels: dict[str, frozenset[str] | None] = {}
+        for label, values in re.findall(r"([a-z_]+)(?:\s*\(([^)]*)\))?", m["labels"]):
+            if label == "base":  # `base` labels: model, resolution, device
+                labels.update(dict.fromkeys(BASE))
+            else:
+                labels[label] = frozenset(v.strip() for v in values.split(",")) if values else None
+        f = _FEATURE.search(m["meaning"])
+        rows.append(Row(tuple(names), m["type"].strip(), labels, f[1] if f else section_feature, line))
+    return rows

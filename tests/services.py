@@ -26,12 +26,12 @@ def free_port() -> int:
 
 def require_binary(*names: str) -> str:
     """Path of the first of `names` on the PATH (or beside this Python). Missing: the test fails, never skips:
-    the test setup installs every binary the suite needs (bash .ci/setup --services)."""
+    the test setup installs every binary the suite needs (bash scripts/setup dev --services)."""
     for n in names:
         p = shutil.which(n) or shutil.which(n, path=str(Path(sys.executable).parent))
         if p:
             return p
-    pytest.fail(f"{' / '.join(names)} not installed: run `bash .ci/setup --services` (the test setup installs it)")
+    pytest.fail(f"{' / '.join(names)} not installed: run `make test` (or `bash scripts/setup dev --services`)")
 
 
 def wait_http(url: str, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None) -> None:

@@ -28,6 +28,17 @@ INST = 'instance=~"$instance"'
 GPU = 'instance=~"$instance", gpu=~"$gpu"'
 RATE = "$__rate_interval"
 
+NEEDS_GPU = "an NVIDIA GPU seen through NVML (sampling.nvml.enabled)"
+NEEDS_GPM = "a Hopper or later GPU with NVML GPM (sampling.nvml.gpm, sampling.nvml.enabled)"
+NEEDS_CUDA = "CUDA in the watched process: zmon run or zmon.attach on a GPU (sampling.allocator.enabled)"
+NEEDS_DIAGNOSIS = "zmon run or zmon.attach (not zmon watch) and a few generations in the 5-minute window"
+NEEDS_PCIE = "an NVIDIA GPU (sampling.nvml.enabled) and the slow NVML job (sampling.nvml.slow_interval_seconds > 0)"
+NEEDS_PROCESSES = "an NVIDIA GPU (sampling.nvml.enabled) with sampling.nvml.processes"
+NEEDS_NVLINK = "NVLink-connected Hopper or later GPUs with NVML GPM (sampling.nvml.gpm, sampling.nvml.enabled)"
+NEEDS_POLICY = "the policy (policy.enabled) in zmon run or zmon.attach"
+NEEDS_PROMPT_CACHE = "the prompt-embedding cache: set workload.prompt_cache.enabled: true (off by default)"
+NEEDS_ALERTMANAGER = "Alertmanager URLs in alerting.alertmanager_urls (none by default)"
+
 
 @dataclass(frozen=True)
 class Q:
@@ -51,6 +62,9 @@ class Panel:
     stacked: bool = False
     min: float | None = None
     max: float | None = None
+    # What the panel's series need that a default install may not have (a feature switch, a GPU): shown in
+    # place of an empty graph ("No data: …") and in the description. Name config keys verbatim.
+    needs: str = ""
 
 
 @dataclass(frozen=True)
@@ -125,7 +139,8 @@ ROWS: tuple[Row, ...] = (
               f" / (sum by (instance) (rate(zmon_prompt_cache_hits_total{{{INST}}}[{RATE}]))"
               f" + sum by (instance) (rate(zmon_prompt_cache_misses_total{{{INST}}}[{RATE}])))", "{{instance}}"),
         ), unit="percentunit", min=0, max=1, width=12,
-            description="Share of generations whose prompt embeddings were reused (workload.prompt_cache)."),
+            description="Share of generations whose prompt embeddings were reused (workload.prompt_cache).",
+            needs=NEEDS_PROMPT_CACHE),
         Panel("Workload misconfiguration", (
             Q(f"max by (kind) (zmon_workload_misconfiguration{{{INST}}})", "{{kind}}", instant=True),
         ), kind="stat", width=12,
@@ -146,42 +161,42 @@ ROWS: tuple[Row, ...] = (
         Panel("GPU utilization", (
             Q(f"zmon_gpu_utilization_ratio{{{GPU}}}", "{{instance}} GPU {{gpu}}"),
         ), unit="percentunit", min=0, max=1,
-            description="Share of time a kernel ran. Under 80% while generating: CPU-bound."),
+            description="Share of time a kernel ran. Under 80% while generating: CPU-bound.", needs=NEEDS_GPU),
         Panel("GPU memory", (
             Q(f"zmon_gpu_memory_used_bytes{{{GPU}}}", "used {{instance}} GPU {{gpu}}"),
             Q(f"zmon_gpu_memory_total_bytes{{{GPU}}}", "total {{instance}} GPU {{gpu}}"),
-        ), unit="bytes"),
+        ), unit="bytes", needs=NEEDS_GPU),
         Panel("GPU power", (
             Q(f"zmon_gpu_power_watts{{{GPU}}}", "{{instance}} GPU {{gpu}}"),
             Q(f"zmon_gpu_power_limit_watts{{{GPU}}}", "limit {{instance}} GPU {{gpu}}"),
-        ), unit="watt"),
+        ), unit="watt", needs=NEEDS_GPU),
         Panel("GPU temperature", (
             Q(f"zmon_gpu_temperature_celsius{{{GPU}}}", "{{instance}} GPU {{gpu}}"),
-        ), unit="celsius"),
+        ), unit="celsius", needs=NEEDS_GPU),
         Panel("GPU clocks", (
             Q(f"zmon_gpu_sm_clock_hertz{{{GPU}}}", "SM {{instance}} GPU {{gpu}}"),
             Q(f"zmon_gpu_memory_clock_hertz{{{GPU}}}", "memory {{instance}} GPU {{gpu}}"),
-        ), unit="hertz"),
+        ), unit="hertz", needs=NEEDS_GPU),
         Panel("Clock throttle reasons", (
             Q(f'max by (instance, gpu, reason) (zmon_gpu_clock_event_active{{{GPU}, reason!="gpu_idle"}})',
               "{{instance}} GPU {{gpu}} {{reason}}"),
-        ), kind="state-timeline", description="1 while the reason holds the clocks down."),
+        ), kind="state-timeline", description="1 while the reason holds the clocks down.", needs=NEEDS_GPU),
         Panel("PCIe throughput", (
             Q(f"zmon_gpu_pcie_rx_bytes_per_second{{{GPU}}}", "host→GPU {{instance}} GPU {{gpu}}"),
             Q(f"zmon_gpu_pcie_tx_bytes_per_second{{{GPU}}}", "GPU→host {{instance}} GPU {{gpu}}"),
-        ), unit="Bps"),
+        ), unit="Bps", needs=NEEDS_PCIE),
         Panel("GPU memory by process", (
             Q(f"zmon_gpu_process_memory_used_bytes{{{GPU}}}", "{{instance}} GPU {{gpu}} pid {{pid}}"),
-        ), unit="bytes", stacked=True),
+        ), unit="bytes", stacked=True, needs=NEEDS_PROCESSES),
         Panel("Xid and ECC errors in range", (
             Q(f"sum by (instance, gpu) (increase(zmon_gpu_xid_errors_total{{{GPU}}}[$__range]))",
               "Xid {{instance}} GPU {{gpu}}", instant=True),
             Q(f'sum by (instance, gpu) (increase(zmon_gpu_ecc_errors_total{{{GPU}, type="uncorrected"}}'
               f"[$__range]))", "ECC {{instance}} GPU {{gpu}}", instant=True),
-        ), kind="stat"),
+        ), kind="stat", needs=NEEDS_GPU),
         Panel("GPUs", (
             Q(f"zmon_gpu_info{{{GPU}}}", instant=True, format="table"),
-        ), kind="table", width=24, height=5),
+        ), kind="table", width=24, height=5, needs=NEEDS_GPU),
     )),
     Row("GPU efficiency (GPM, Hopper+)", (
         Panel("SM active vs utilization.gpu", (
@@ -189,26 +204,29 @@ ROWS: tuple[Row, ...] = (
             Q(f"zmon_gpu_utilization_ratio{{{GPU}}}", "utilization.gpu {{instance}} GPU {{gpu}}"),
         ), unit="percentunit", min=0, max=1, width=6,
             description="utilization.gpu counts time a kernel ran, however small; SM active counts busy SMs. "
-                        "High utilization with low SM active: kernels too small to fill the GPU."),
+                        "High utilization with low SM active: kernels too small to fill the GPU.", needs=NEEDS_GPM),
         Panel("Tensor core active", (
             Q(f"zmon_gpu_tensor_active_ratio{{{GPU}}}", "{{instance}} GPU {{gpu}}"),
         ), unit="percentunit", min=0, max=1, width=6,
-            description="Share of time the tensor cores were busy: the denoiser's matmuls in bf16/fp16 land here."),
+            description="Share of time the tensor cores were busy: the denoiser's matmuls in bf16/fp16 land here.",
+            needs=NEEDS_GPM),
         Panel("DRAM bandwidth utilization", (
             Q(f"zmon_gpu_dram_bandwidth_utilization_ratio{{{GPU}}}", "{{instance}} GPU {{gpu}}"),
         ), unit="percentunit", min=0, max=1, width=6,
-            description="DRAM throughput over its peak. High with low tensor activity: memory-bound kernels."),
+            description="DRAM throughput over its peak. High with low tensor activity: memory-bound kernels.",
+            needs=NEEDS_GPM),
         Panel("NVLink throughput", (
             Q(f"zmon_gpu_nvlink_rx_bytes_per_second{{{GPU}}}", "rx {{instance}} GPU {{gpu}}"),
             Q(f"zmon_gpu_nvlink_tx_bytes_per_second{{{GPU}}}", "tx {{instance}} GPU {{gpu}}"),
-        ), unit="Bps", width=6, description="All links; absent on GPUs without NVLink."),
+        ), unit="Bps", width=6, description="All links; absent on GPUs without NVLink.", needs=NEEDS_NVLINK),
     )),
     Row("PyTorch allocator", (
         Panel("Allocated, reserved and headroom", (
             Q(f"zmon_torch_allocated_bytes{{{INST}}}", "allocated {{instance}} cuda:{{device}}"),
             Q(f"zmon_torch_reserved_bytes{{{INST}}}", "reserved {{instance}} cuda:{{device}}"),
             Q(f"zmon_torch_headroom_bytes{{{INST}}}", "headroom {{instance}} cuda:{{device}}"),
-        ), unit="bytes", description="Headroom: device free memory plus the allocator's unallocated cache."),
+        ), unit="bytes", description="Headroom: device free memory plus the allocator's unallocated cache.",
+            needs=NEEDS_CUDA),
         Panel("Reserved-unallocated vs fragmentation", (
             Q(f"zmon_torch_reserved_unallocated_ratio{{{INST}}}",
               "(reserved-allocated)/reserved {{instance}} cuda:{{device}}"),
@@ -216,27 +234,29 @@ ROWS: tuple[Row, ...] = (
               "inactive_split/reserved {{instance}} cuda:{{device}}"),
         ), unit="percentunit", min=0, max=1,
             description="The first is mostly reusable cache (the article's 30% rule); the second is real "
-                        "fragmentation and reads 0 under expandable_segments."),
+                        "fragmentation and reads 0 under expandable_segments.", needs=NEEDS_CUDA),
         Panel("Allocation retries and OOMs", (
             Q(f"sum by (instance, device) (increase(zmon_torch_alloc_retries_total{{{INST}}}[{RATE}]))",
               "retries {{instance}} cuda:{{device}}"),
             Q(f"sum by (instance, device) (increase(zmon_torch_ooms_total{{{INST}}}[{RATE}]))",
               "OOMs {{instance}} cuda:{{device}}"),
-        ), unit="short"),
+        ), unit="short", needs=NEEDS_CUDA),
         Panel("Remedial actions", (
             Q(f"sum by (action, result) (increase(zmon_remediation_actions_total{{{INST}}}[{RATE}]))",
               "{{action}} {{result}}"),
-        ), unit="short", stacked=True, description="empty_cache / gc_collect at safe points, by outcome."),
+        ), unit="short", stacked=True, description="empty_cache / gc_collect at safe points, by outcome.",
+            needs=NEEDS_POLICY),
         Panel("Memory freed by remedial actions", (
             Q(f"sum by (instance) (increase(zmon_remediation_freed_bytes_total{{{INST}}}[{RATE}]))",
               "{{instance}}"),
-        ), unit="bytes"),
+        ), unit="bytes", needs=NEEDS_POLICY),
         Panel("Policy rules", (
             Q(f"max by (rule) (zmon_policy_rule_state{{{INST}}})", "{{rule}}"),
-        ), kind="state-timeline", description="0 inactive, 1 pending, 2 firing."),
+        ), kind="state-timeline", description="0 inactive, 1 pending, 2 firing.", needs=NEEDS_POLICY),
         Panel("Allocator configuration", (
             Q(f"zmon_torch_allocator_info{{{INST}}}", instant=True, format="table"),
-        ), kind="table", width=24, height=5, description="PYTORCH_CUDA_ALLOC_CONF of the watched process."),
+        ), kind="table", width=24, height=5, description="PYTORCH_CUDA_ALLOC_CONF of the watched process.",
+            needs=NEEDS_CUDA),
     )),
     Row("Host", (
         Panel("CPU", (
@@ -275,13 +295,15 @@ ROWS: tuple[Row, ...] = (
             Q(f"max by (verdict) (zmon_bottleneck_verdict{{{INST}}})", "{{verdict}}"),
         ), kind="state-timeline", width=12,
             description="The diagnosis flowchart over the recent generations: cpu_bound, memory_bound, "
-                        "kernel_issue, io_or_caching or optimized."),
+                        "kernel_issue, io_or_caching or optimized.", needs=NEEDS_DIAGNOSIS),
         Panel("Bottlenecks found", (
             Q(f"max by (kind) (zmon_bottleneck{{{INST}}})", "{{kind}}"),
-        ), kind="state-timeline", width=12, description="1 while the live diagnosis finds this bottleneck."),
+        ), kind="state-timeline", width=12, description="1 while the live diagnosis finds this bottleneck.",
+            needs=NEEDS_DIAGNOSIS),
         Panel("Findings and fixes", (
             Q(f"zmon_bottleneck_info{{{INST}}}", instant=True, format="table"),
-        ), kind="table", width=24, height=6, description="Active findings; priority 1 = do first."),
+        ), kind="table", width=24, height=6, description="Active findings; priority 1 = do first.",
+            needs=NEEDS_DIAGNOSIS),
     )),
     Row("zmon self-health", (
         Panel("Source success", (
@@ -305,7 +327,8 @@ ROWS: tuple[Row, ...] = (
         ), kind="stat", description="0: the source cannot exist here (no NVML, no CUDA)."),
         Panel("Alerts sent to Alertmanager", (
             Q(f"sum by (result) (increase(zmon_alerts_sent_total{{{INST}}}[{RATE}]))", "{{result}}"),
-        ), unit="short", description="zmon's own policy alerts, by delivery outcome (alerting.alertmanager_urls)."),
+        ), unit="short", description="zmon's own policy alerts, by delivery outcome (alerting.alertmanager_urls).",
+            needs=NEEDS_ALERTMANAGER),
         Panel("zmon build", (
             Q(f"zmon_build_info{{{INST}}}", instant=True, format="table"),
         ), kind="table", width=24, height=5),
@@ -331,6 +354,8 @@ ANNOTATIONS: tuple[dict[str, Any], ...] = (
 
 def _field_config(p: Panel) -> dict[str, Any]:
     defaults: dict[str, Any] = {"unit": p.unit}
+    if p.needs:
+        defaults["noValue"] = f"No data: needs {p.needs}"
     if p.min is not None:
         defaults["min"] = p.min
     if p.max is not None:
@@ -436,8 +461,9 @@ def _panel(p: Panel, grid: _Grid) -> dict[str, Any]:
         "fieldConfig": _field_config(p),
         "options": _options(p),
     }
-    if p.description:
-        out["description"] = p.description
+    description = " ".join(x for x in (p.description, f"Needs {p.needs}." if p.needs else "") if x)
+    if description:
+        out["description"] = description
     if p.kind == "table":
         out["transformations"] = [
             {"id": "organize", "options": {"excludeByName": {"Time": True, "Value": True, "__name__": True}}}

@@ -4,7 +4,7 @@ Starts `zmon run` on the embedded tiny model (CPU) and a Prometheus scraping it 
 recording rules), waits, then runs every panel's queries through /api/v1/query_range and writes a
 self-contained HTML page of inline SVG line charts plus a PNG screenshot of it (headless chromium):
 
-    .venv/bin/python tools/render_panels.py --seconds 90 --out docs/
+    .venv-dev/bin/python tools/render_panels.py --seconds 90 --out docs/
 
 The output is labelled as what it is: a rendering of query results, not a Grafana screenshot.
 """
@@ -30,8 +30,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tests.catalogue import grafana_to_promql, load_dashboard, metric_names  # noqa: E402
 from tests.services import get_json, prometheus, zmon_process  # noqa: E402
-from tests.test_dashboard import grafana_to_promql, load_dashboard, metric_names  # noqa: E402
 
 PROM_RULES = ROOT / "deploy" / "prometheus"
 GPU_ONLY_PREFIXES = ("zmon_gpu_", "zmon_nvml_", "zmon_torch_")

@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING, Any
 from zmon.version import __version__
 
 if TYPE_CHECKING:
-    from zmon.app.attach import Handle, attach
+    from zmon.app.attach import AttachError, Handle, attach
 
-__all__ = ["Handle", "__version__", "attach"]
+__all__ = ["AttachError", "Handle", "__version__", "attach"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("attach", "Handle"):
+    if name in ("attach", "Handle", "AttachError"):
         import importlib
 
         attach_module = importlib.import_module("zmon.app.attach")  # lazy: the composition root

@@ -208,6 +208,9 @@ class SamplingConfig(_Section):
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
+    # `zmon run`: one status line (generations, failures, images/s, p50 latency, policy actions) this often;
+    # 0 = none.
+    status_interval_seconds: float = Field(30.0, ge=0)
 
 
 # Values of the `model:` speed options, known without importing torch or diffusers (what *runs* on a device is
@@ -604,7 +607,9 @@ class AlertingConfig(_Section):
     basic_auth: BasicAuthConfig | None = None
     bearer_token_file: Path | None = None
     ca_file: Path | None = None  # CA bundle for https URLs (default: the system store)
-    runbook_base_url: str = "https://github.com/zmon/zmon/blob/main/README.md#runbook-"  # + alertname in lower case
+    # runbook_url = this + alertname in lower case. null: the runbooks this zmon serves itself,
+    # http://<server.listen>/runbooks#runbook- (set it where people reach zmon, or to your own copy).
+    runbook_base_url: str | None = None
     instance: str | None = None  # label `instance`; null = this host's name
     external_labels: dict[str, str] = Field(default_factory=dict)  # added to every alert (e.g. cluster)
 

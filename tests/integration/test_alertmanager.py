@@ -88,7 +88,7 @@ def test_fire_then_resolve(am_url: str) -> None:
             "summary": "Allocator holds over 30% of its reserved memory unallocated",
             "description": "mostly cache",
             "value": "0.42",
-            "runbook_url": "https://github.com/zmon/zmon/blob/main/README.md#runbook-zmonreservedunallocatedhigh",
+            "runbook_url": "http://zmon.test:8739/runbooks#runbook-zmonreservedunallocatedhigh",  # its own page
         }
         assert got["generatorURL"] == "http://zmon.test:8739/metrics"
         assert got["status"]["state"] == "active"

@@ -200,11 +200,32 @@ def test_a_failed_attach_leaves_the_pipeline_as_it_was(tiny_pipe: Any) -> None:
         busy.listen()
         port = busy.getsockname()[1]
         cfg = Config.model_validate({"server": {"listen": f"127.0.0.1:{port}"}})
-        with pytest.raises(OSError):
+        with pytest.raises(zmon.AttachError, match=f"cannot serve /metrics on 127.0.0.1:{port}") as e:
             zmon.attach(tiny_pipe, cfg, registry=reg, model_id=MODEL)
+    assert "serve_http=False" in str(e.value) and "ZMON_SERVER__LISTEN" in str(e.value)  # says how to fix it
+    assert isinstance(e.value.__cause__, OSError)
     assert type(tiny_pipe) is original and "encode_prompt" not in vars(tiny_pipe)
     assert "zmon_" not in generate_latest(reg).decode()
     zmon.attach(tiny_pipe, Config(), registry=reg, serve_http=False).detach()  # attachable again
+
+
+def test_attach_without_config_reads_the_environment(
+    tiny_pipe: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`zmon.attach(pipe)` takes ZMON_* overrides, as `zmon run` does; a bad one is a ConfigError naming it."""
+    from zmon.config import ConfigError
+
+    port = free_port()
+    monkeypatch.setenv("ZMON_SERVER__LISTEN", f"127.0.0.1:{port}")
+    handle = zmon.attach(tiny_pipe, model_id=MODEL)
+    try:
+        assert handle.url == f"http://127.0.0.1:{port}"
+    finally:
+        handle.detach()
+    monkeypatch.setenv("ZMON_SERVER__LISTEN", "nowhere")
+    with pytest.raises(ConfigError, match=r"server\.listen"):
+        zmon.attach(tiny_pipe, model_id=MODEL)
+    assert "encode_prompt" not in vars(tiny_pipe)
 
 
 def test_example_host_service(tiny_cache_dir: Path, tmp_path: Path) -> None:

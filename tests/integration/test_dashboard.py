@@ -22,6 +22,7 @@ from tests.catalogue import (
     load_dashboard,
     metric_names,
     panels,
+    readme_rows,
 )
 from tests.services import require_binary
 from tools import gen_dashboard
@@ -101,6 +102,39 @@ def test_panels_are_well_formed() -> None:
                 assert 'gpu=~"$gpu"' in t["expr"], f"{p['title']}: not filtered by $gpu"
         if p["type"] == "heatmap":
             assert all(t["format"] == "heatmap" for t in p["targets"])
+
+
+def _feature_gates() -> dict[str, str]:
+    """Series name → the config key the README says its family needs ("(only with `KEY`)")."""
+    out = {}
+    for row in readme_rows():
+        if row.feature is None:
+            continue
+        for readings in row.names:
+            for name in readings:
+                for series in (name, name + "_bucket", name + "_sum", name + "_count"):
+                    out[series] = row.feature
+    return out
+
+
+def test_panels_of_optional_families_say_what_they_need() -> None:
+    """A panel whose every series exists only with some feature shows "No data: needs …" naming that config
+    key (never an empty graph), and its description says so too."""
+    gates = _feature_gates()
+    problems = []
+    for p in panels(load_dashboard()):
+        names = {n for t in p["targets"] for n in metric_names(t["expr"])}
+        if not names <= set(gates):  # some series exists without any feature: the panel is never empty
+            continue
+        needed = {gates[n] for n in names}
+        no_value = p["fieldConfig"]["defaults"].get("noValue", "")
+        for key in sorted(needed):
+            if key not in no_value or key not in p.get("description", ""):
+                problems.append(f"{p['title']!r} reads a family that needs {key}: noValue {no_value!r}")
+    assert not problems, "\n".join(problems)
+    titles = {p["title"]: p for p in panels(load_dashboard())}
+    assert "workload.prompt_cache.enabled" in titles["Prompt cache hit ratio"]["fieldConfig"]["defaults"]["noValue"]
+    assert "alerting.alertmanager_urls" in titles["Alerts sent to Alertmanager"]["fieldConfig"]["defaults"]["noValue"]
 
 
 def test_remediation_annotation() -> None:

@@ -37,6 +37,7 @@ class FakeInstrumentation:
     boundaries: Boundaries = field(default_factory=Boundaries)
     owner: Any = None
     removed: bool = False
+    record_listeners: list[Any] = field(default_factory=list)  # as Instrumentation's (the status line's)
 
     def remove(self) -> None:
         self.removed = True

@@ -8,8 +8,6 @@ synthetic facts in tests/unit/test_diagnosis.py.
 
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +15,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from benchmarks.gpu_zoo import CASES, Case, injected, judge, spin
+from benchmarks.gpu_zoo import CASES, Case, injected, judge
 from zmon.app.profile import profile_monitor
 from zmon.app.run import build_run
 from zmon.capture.profile import ProfileResult, profile_pipeline
@@ -95,8 +93,7 @@ def test_live_diagnosis_and_profile_agree(slow_session: Any, tiny_pipe: Any, tin
     case = BY_NAME["cpu_text_encoding"]
     with injected(case, slow_session.pipe, True, tmp_path):
         slow_session.run(max_generations=6)
-    live = slow_session.instrumentation.record_listeners[-1].__self__  # the LiveDiagnosis fed every record
-    snap = live.evaluate()
+    snap = slow_session.live.evaluate()  # the LiveDiagnosis fed every record
     assert snap.diagnosis is not None
     profiled = run_case(case, tiny_pipe, tiny_cache_dir, tmp_path)
     assert snap.diagnosis.verdict == profiled.diagnosis.verdict == "cpu_bound"
@@ -106,9 +103,3 @@ def test_live_diagnosis_and_profile_agree(slow_session: Any, tiny_pipe: Any, tin
         f.kind for f in profiled.diagnosis.active_findings if f.priority == 1
     }
 
-
-def test_spin_is_cpu_work() -> None:
-    t0, c0 = time.perf_counter(), time.process_time()
-    spin(0.05)
-    assert time.process_time() - c0 > 0.03 and time.perf_counter() - t0 >= 0.05
-    assert os.cpu_count()

@@ -1,6 +1,6 @@
 """The architecture as code: no import cycles, torch.cuda only behind providers/, lazy imports only for weight.
 
-The layer order itself is import-linter's contracts in pyproject.toml (`lint-imports`, run by .ci/test);
+The layer order itself is import-linter's contracts in pyproject.toml (`lint-imports`, run by `make test`);
 these checks cover what import-linter does not express.
 """
 

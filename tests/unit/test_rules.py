@@ -19,7 +19,7 @@ PROM = ROOT / "deploy" / "prometheus"
 ALERTS = PROM / "zmon.rules.yml"
 RECORDING = PROM / "zmon.recording.yml"
 UNIT_TESTS = sorted((PROM / "tests").glob("*.yml"))
-RUNBOOK = "https://github.com/zmon/zmon/blob/main/README.md#runbook-"
+RUNBOOK = "http://{{ $labels.instance }}/runbooks#runbook-"  # the runbooks the scraped zmon serves
 SEVERITIES = {"critical", "warning", "info"}
 # Series Prometheus itself makes.
 PROMETHEUS_SERIES = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}

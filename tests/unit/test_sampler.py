@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import itertools
 import time
+from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from zmon.collectors.base import ExpositionErrors, Guarded
@@ -197,3 +199,107 @@ def test_source_unavailable_while_shutting_down_does_not_deadlock() -> None:
     assert done.wait(10), "shutdown deadlocked"
     st = store.get("allocator")
     assert st is not None and not st.available
+
+
+def test_a_slow_first_sample_never_overlaps_its_ticks_and_apscheduler_stays_quiet(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A first sample slower than several intervals (importing torch, starting NVML) skips no tick with a
+    warning; the periodic job starts once it returned. APScheduler's own lines never reach the root logger."""
+    import logging
+    import threading
+
+    store = SnapshotStore()
+    sampler = Sampler(store)
+    calls: list[float] = []
+    running = threading.Lock()
+    overlaps = []
+
+    def slow_first() -> int:
+        if not running.acquire(blocking=False):
+            overlaps.append(time.monotonic())
+            return 0
+        try:
+            calls.append(time.monotonic())
+            time.sleep(0.6 if len(calls) == 1 else 0.0)
+            return len(calls)
+        finally:
+            running.release()
+
+    sampler.add(SourceSpec("slow", slow_first, 0.1))
+    with caplog.at_level(logging.DEBUG):
+        sampler.start()
+        try:
+            assert store.wait_ready(5)
+            time.sleep(0.5)
+        finally:
+            sampler.shutdown()
+    assert not overlaps
+    assert len(calls) >= 3  # the periodic job ran after the first sample
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert not [r for r in caplog.records if r.name.startswith("apscheduler")], caplog.text
+    assert not [r for r in caplog.records if r.name.startswith("zmon.sampling.apscheduler")
+                and r.levelno >= logging.INFO], caplog.text
+
+
+def test_a_stuck_sample_is_reported_once(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+    import threading
+
+    from zmon.sampling import scheduler
+
+    monkeypatch.setattr(scheduler, "STUCK_AFTER_SECONDS", 0.3)
+    store = SnapshotStore()
+    sampler = Sampler(store)
+    release = threading.Event()
+    n = {"calls": 0}
+
+    def hangs_second_time() -> int:
+        n["calls"] += 1
+        if n["calls"] == 2:
+            release.wait(5)
+        return n["calls"]
+
+    sampler.add(SourceSpec("stuck", hangs_second_time, 0.02))
+    with caplog.at_level(logging.INFO, logger="zmon.sampling"):
+        sampler.start()
+        try:
+            time.sleep(1.0)
+            release.set()
+            time.sleep(0.2)
+        finally:
+            sampler.shutdown()
+    stuck = [r for r in caplog.records if "stuck?" in r.getMessage()]
+    assert len(stuck) == 1 and stuck[0].levelno == logging.WARNING
+    assert any("the stuck sample returned" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("expected", [True, False])
+def test_an_absent_source_is_info_when_expected_else_a_warning(
+    expected: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No GPU on a CPU host is nothing wrong (INFO, with the reason); a GPU host whose CUDA cannot start is."""
+    import logging
+
+    from zmon.providers.base import SourceUnavailable
+
+    def absent() -> None:
+        raise SourceUnavailable("CUDA is not available (no NVIDIA GPU on this host)", expected=expected)
+
+    sampler = Sampler(SnapshotStore())
+    sampler.add(SourceSpec("allocator", absent, 1.0))
+    with caplog.at_level(logging.INFO, logger="zmon.sampling"):
+        sampler.run_once("allocator")
+    (rec,) = [r for r in caplog.records if "unavailable" in r.getMessage()]
+    assert rec.levelno == (logging.INFO if expected else logging.WARNING)
+    assert "no NVIDIA GPU on this host" in rec.getMessage()
+
+
+def test_nvidia_devices_present_reads_the_device_nodes(tmp_path: Path) -> None:
+    from zmon.providers.base import nvidia_devices_present
+
+    dev = tmp_path
+    (dev / "nvidiactl").touch()  # the control node alone is no GPU
+    assert not nvidia_devices_present(str(dev))
+    (dev / "nvidia0").touch()
+    assert nvidia_devices_present(str(dev))

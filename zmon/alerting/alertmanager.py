@@ -32,10 +32,14 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from zmon.config import AlertingConfig
 from zmon.policy.engine import Alert
 from zmon.version import __version__
+
+# Every zmon serves its runbooks here (zmon.server.runbooks); the default target of runbook_url.
+RUNBOOKS_PATH = "/runbooks"
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +136,11 @@ class AlertmanagerClient:
     ) -> None:
         self.config = config
         self.generator_url = generator_url
+        # Without alerting.runbook_base_url: the runbooks served by the zmon that sends the alert (GET /runbooks).
+        self.runbook_base_url = config.runbook_base_url
+        if self.runbook_base_url is None and generator_url:
+            parts = urlsplit(generator_url)
+            self.runbook_base_url = urlunsplit((parts.scheme, parts.netloc, RUNBOOKS_PATH, "", "")) + "#runbook-"
         self.instance = instance or config.instance or socket.gethostname()
         self._clock = clock
         self._wall = wall
@@ -224,7 +233,8 @@ class AlertmanagerClient:
             annotations["description"] = alert.description
         if alert.value is not None:
             annotations["value"] = f"{alert.value:g}"
-        annotations["runbook_url"] = self.config.runbook_base_url + alert.alertname.lower()
+        if self.runbook_base_url:
+            annotations["runbook_url"] = self.runbook_base_url + alert.alertname.lower()
         out: Payload = {"labels": labels, "annotations": annotations, "startsAt": rfc3339(alert.starts_at)}
         if alert.ends_at is not None:
             out["endsAt"] = rfc3339(alert.ends_at)

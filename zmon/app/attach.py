@@ -17,8 +17,9 @@ from zmon.app.instrument import Instrumentation, pipeline_facts
 from zmon.app.monitor import Monitor
 from zmon.app.parts import PolicyParts, add_live_diagnosis, add_policy, add_trace_endpoint
 from zmon.app.sources import add_allocator_source, add_host_sources, add_nvml_sources
+from zmon.capture.live import LiveDiagnosis
 from zmon.collectors.generation import GenerationMetrics
-from zmon.config import Config
+from zmon.config import Config, load_config
 from zmon.instrumentation import anatomy
 from zmon.instrumentation.boundaries import BoundaryListener
 from zmon.workload.loading import model_defaults
@@ -26,6 +27,11 @@ from zmon.workload.loading import model_defaults
 log = logging.getLogger(__name__)
 
 _ATTACH_LOCK = threading.Lock()
+
+
+class AttachError(RuntimeError):
+    """zmon could not attach: the pipeline is already attached, or zmon's HTTP server cannot listen where the
+    config says. The pipeline is left exactly as it was."""
 
 
 def add_in_process_sources(mon: Monitor, cfg: Config) -> PolicyParts | None:
@@ -38,7 +44,9 @@ def add_in_process_sources(mon: Monitor, cfg: Config) -> PolicyParts | None:
     return add_policy(mon, cfg.policy, cfg.alerting, listen=cfg.server.listen)
 
 
-def connect_in_process(mon: Monitor, cfg: Config, inst: Instrumentation, policy: PolicyParts | None) -> None:
+def connect_in_process(
+    mon: Monitor, cfg: Config, inst: Instrumentation, policy: PolicyParts | None
+) -> LiveDiagnosis:
     """Feed the pipeline's generations to the policy (its safe points are the gaps between generations), the
     live diagnosis (GET /diagnosis, zmon_bottleneck*) and, when enabled, the trace endpoint (POST /trace)."""
     if policy is not None:
@@ -47,6 +55,7 @@ def connect_in_process(mon: Monitor, cfg: Config, inst: Instrumentation, policy:
     live = add_live_diagnosis(mon, cfg.diagnosis_thresholds, pipe=inst.pipe, model_id=inst.model_id)
     inst.record_listeners.append(live.observe)
     add_trace_endpoint(mon, cfg.profiling.trace, boundaries=inst.boundaries, stage_timing=inst.stage_timing)
+    return live
 
 
 def attached_handle(pipe: Any) -> Any:
@@ -71,6 +80,7 @@ class Handle:
         self.monitor = monitor
         self.metrics = metrics
         self.instrumentation = instrumentation
+        self.live: LiveDiagnosis | None = None  # the live diagnosis (GET /diagnosis), set once connected
         self.attached_at = time.time()
         self._host_registry = host_registry
         self._detached = False
@@ -135,13 +145,17 @@ def attach(
     (this pid) and NVML sampling start on a background scheduler; with `serve_http` zmon's /metrics is
     served on `config.server.listen`. With `registry=` and `serve_http=False` zmon's collectors go into the
     host's own registry instead. The host may call the pipeline from several threads, one call at a time.
-    Raises RuntimeError if the pipeline is already attached.
+
+    Without `config`: the defaults with the `ZMON_<SECTION>__<KEY>` environment overrides applied, as
+    `zmon run` reads them (e.g. ZMON_SERVER__LISTEN=127.0.0.1:9000); a bad override raises ConfigError.
+    Raises AttachError when the pipeline is already attached or the listen address cannot be bound; the
+    pipeline is then left exactly as it was.
     """
-    cfg = config or Config()
+    cfg = config if config is not None else load_config(None)
     with _ATTACH_LOCK:
         existing = attached_handle(pipe)
         if existing is not None:
-            raise RuntimeError(f"pipeline already attached: {existing!r}; call .detach() on it first")
+            raise AttachError(f"pipeline already attached: {existing!r}; call .detach() on it first")
         model = model_id or anatomy.model_id(pipe)
         metrics = GenerationMetrics(model=model)
         metrics.set_pipeline(pipeline_facts(pipe, model, distilled=_distilled(pipe, model)))
@@ -154,8 +168,16 @@ def attach(
         handle = Handle(pipe, mon, metrics, inst, host_registry=registry)
     try:
         mon.add_collector("generation", metrics)
-        connect_in_process(mon, cfg, inst, add_in_process_sources(mon, cfg))
+        handle.live = connect_in_process(mon, cfg, inst, add_in_process_sources(mon, cfg))
         mon.start()
+    except OSError as e:
+        handle.detach()  # restores the pipeline and unregisters whatever reached the host's registry
+        raise AttachError(
+            f"zmon cannot serve /metrics on {cfg.server.listen}: {e.strerror or e}. Choose another "
+            f"address (config server.listen, or ZMON_SERVER__LISTEN=127.0.0.1:0 for any free port), or pass "
+            f"serve_http=False with registry=<the host's CollectorRegistry> to export through the host's own "
+            f"/metrics. The pipeline is unchanged."
+        ) from e
     except BaseException:
         handle.detach()  # restores the pipeline and unregisters whatever reached the host's registry
         raise

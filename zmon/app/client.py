@@ -25,14 +25,27 @@ def diagnosis_url(base: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
 
 
+def _error_text(e: urllib.error.HTTPError) -> str:
+    """zmon's own reason (the JSON `error` field of a 4xx/5xx answer), else the HTTP reason phrase."""
+    try:
+        doc = json.loads(e.read(64 * 1024) or b"null")
+    except (ValueError, OSError):
+        doc = None
+    if isinstance(doc, dict) and isinstance(doc.get("error"), str):
+        return str(doc["error"])
+    return str(e.reason)
+
+
 def fetch_diagnosis(url: str, timeout: float = 5.0) -> dict[str, Any]:
     """GET the daemon's /diagnosis document; raises DiagnosisUnavailable with the reason."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
             body = resp.read()
     except urllib.error.HTTPError as e:
-        hint = " (is live diagnosis installed in that zmon?)" if e.code == 404 else ""
-        raise DiagnosisUnavailable(f"{url}: HTTP {e.code} {e.reason}{hint}") from None
+        text = _error_text(e)
+        if e.code == 404:
+            text += " (a live diagnosis is served by `zmon run` and `zmon.attach`, not by `zmon watch`)"
+        raise DiagnosisUnavailable(f"{url}: HTTP {e.code}: {text}") from None
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
         raise DiagnosisUnavailable(f"cannot reach {url}: {reason}") from None

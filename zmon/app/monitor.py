@@ -23,6 +23,8 @@ from zmon.config import SamplingConfig, ServerConfig
 from zmon.sampling import Sampler, SnapshotStore, SourceSpec
 from zmon.sampling.store import Key, key_name
 from zmon.server import App, Limits, RenderCache, Server
+from zmon.server.runbooks import PATH as RUNBOOKS_PATH
+from zmon.server.runbooks import runbooks_handler
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,8 @@ class Monitor:
         self.render_cache = RenderCache(lambda: self._collectors)
         self.sampler.add_listener(lambda source, ok: self.render_cache.warm(source) if ok else None)
         self.http = App(self.registry, self.store.ready, server.auth.token, cache=self.render_cache)
+        # The target of every alert's runbook_url (alerting.runbook_base_url, the shipped Prometheus rules).
+        self.http.add_route(RUNBOOKS_PATH, runbooks_handler, methods=("GET", "HEAD"))
         self.server: Server | None = None
         self._serve_http = serve_http
         self._stopping = threading.Event()  # stop() has begun
@@ -107,9 +111,11 @@ class Monitor:
         """True once /metrics is bound (always True for a monitor that serves no HTTP)."""
         return self.server is not None or not self._serve_http
 
-    def mark_unavailable(self, key: Key, reason: str) -> None:
-        """A source that cannot exist here: logged once, exported as zmon_collector_available 0."""
-        log.warning("%s unavailable: %s — continuing without it", key_name(key), reason)
+    def mark_unavailable(self, key: Key, reason: str, *, expected: bool = False) -> None:
+        """A source that cannot exist here: logged once (INFO when `expected`, e.g. no GPU on a CPU host;
+        else WARNING), exported as zmon_collector_available 0."""
+        log.log(logging.INFO if expected else logging.WARNING, "%s unavailable: %s — continuing without it",
+                key_name(key), reason)
         self.store.mark_unavailable(key_name(key), reason)
 
     def start(self) -> None:

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import logging
 import signal
+import statistics
 import threading
+import time
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -18,16 +21,124 @@ from zmon.app.attach import add_in_process_sources, connect_in_process
 from zmon.app.instrument import Instrumentation, pipeline_facts
 from zmon.app.monitor import Monitor
 from zmon.app.parts import PolicyParts
+from zmon.capture.live import LiveDiagnosis
 from zmon.collectors.generation import GenerationMetrics
 from zmon.config import Config
 from zmon.exitcodes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from zmon.instrumentation.boundaries import BoundaryListener
+from zmon.instrumentation.records import GenerationRecord
+from zmon.server import Request, Response
 from zmon.workload.loading import LoadedPipeline, load_pipeline, model_defaults, vae_scale_factor
 from zmon.workload.oom import OomHandler
 from zmon.workload.runner import Runner, RunResult, Workload
 from zmon.workload.spec import WorkloadError, WorkloadSpec, build_spec, recheck_resolutions, static_pipeline_class
 
 log = logging.getLogger(__name__)
+
+
+class StatusLog:
+    """One INFO line every `interval_seconds` while `zmon run` generates, so a long run is never silent.
+
+    It reads what /metrics reads — the generation counters of GenerationMetrics and the policy's action
+    counts — plus the GenerationRecords of the interval for an exact median (the histogram's buckets would
+    only bound it): no accounting of its own.
+    """
+
+    def __init__(
+        self,
+        metrics: GenerationMetrics,
+        interval_seconds: float,
+        *,
+        policy: PolicyParts | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.metrics = metrics
+        self.policy = policy
+        self.interval_seconds = interval_seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._seconds: list[float] = []  # successful generations' durations since the last line
+        self._last_t = clock()
+        self._last_images = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def observe(self, record: GenerationRecord) -> None:
+        """A record listener (Instrumentation.record_listeners)."""
+        if record.status == "ok":
+            with self._lock:
+                self._seconds.append(record.total_seconds)
+
+    def _totals(self) -> tuple[dict[str, float], float]:
+        """Generations by status and images, summed over labels, from the metrics' own families."""
+        by_status: dict[str, float] = {}
+        images = 0.0
+        for family in self.metrics.collect():
+            for sample in family.samples:
+                if sample.name == "zmon_generations_total":
+                    status = sample.labels.get("status", "")
+                    by_status[status] = by_status.get(status, 0.0) + sample.value
+                elif sample.name == "zmon_images_total":
+                    images += sample.value
+        return by_status, images
+
+    def _actions(self) -> str:
+        if self.policy is None:
+            return "policy off"
+        done = [(a, r, n) for a, r, n in self.policy.runner.state.snapshot().actions if n and r != "skipped"]
+        if not done:
+            return "policy actions 0"
+        return "policy actions " + ", ".join(f"{a} {r} {n}" for a, r, n in sorted(done))
+
+    def line(self) -> str:
+        """The status line for the interval since the previous call (also what the thread logs)."""
+        by_status, images = self._totals()
+        now = self._clock()
+        with self._lock:
+            seconds, self._seconds = self._seconds, []
+            elapsed, self._last_t = now - self._last_t, now
+            new_images, self._last_images = images - self._last_images, images
+        total = sum(by_status.values())
+        failed = by_status.get("oom", 0.0) + by_status.get("error", 0.0)
+        rate = new_images / elapsed if elapsed > 0 else 0.0
+        p50 = f"p50 {statistics.median(seconds):.3f}s" if seconds else "p50 -"
+        return (
+            f"status: {total:.0f} generations ({failed:.0f} failed: {by_status.get('oom', 0):.0f} oom, "
+            f"{by_status.get('error', 0):.0f} error), {rate:.2f} images/s and {p50} over the last {elapsed:.0f}s, "
+            f"{self._actions()}"
+        )
+
+    def start(self) -> None:
+        if self.interval_seconds <= 0 or self._thread is not None:
+            return
+        self._last_t = self._clock()
+        self._thread = threading.Thread(target=self._loop, name="zmon-status", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_seconds):
+            try:
+                log.info("%s", self.line())
+            except Exception:  # a status line is never worth stopping generation for
+                log.debug("status line failed", exc_info=True)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+
+def loading_diagnosis(model_id: str) -> Callable[[Request], Response]:
+    """GET /diagnosis while the model loads: 503 with the reason (the live diagnosis starts once loaded)."""
+
+    def handle(_: Request) -> Response:
+        return Response(
+            503,
+            {"error": f"zmon is loading {model_id}: the live diagnosis starts once it is loaded and generating"},
+            headers={"Retry-After": "5"},
+        )
+
+    return handle
 
 
 class RunSession:
@@ -43,6 +154,8 @@ class RunSession:
         *,
         policy: PolicyParts | None = None,
         oom: OomHandler | None = None,
+        live: LiveDiagnosis | None = None,
+        status_interval_seconds: float = 0.0,
     ) -> None:
         self.monitor = monitor
         self.metrics = metrics
@@ -51,7 +164,10 @@ class RunSession:
         self.pipe = loaded.pipe
         self.instrumentation = instrumentation
         self.policy = policy
+        self.live = live  # the live diagnosis (GET /diagnosis, zmon_bottleneck*)
         self.runner = Runner(Workload(loaded.pipe, spec), oom=oom)
+        self.status = StatusLog(metrics, status_interval_seconds, policy=policy)
+        instrumentation.record_listeners.append(self.status.observe)
         instrumentation.owner = self
         self._closed = False
 
@@ -72,7 +188,12 @@ class RunSession:
         self.instrumentation.boundaries.discard(listener)
 
     def run(self, max_generations: int | None = None, stop_event: threading.Event | None = None) -> RunResult:
-        return self.runner.run(max_generations, stop_event)
+        """Generate (see Runner.run), logging a status line every `logging.status_interval_seconds`."""
+        self.status.start()
+        try:
+            return self.runner.run(max_generations, stop_event)
+        finally:
+            self.status.stop()
 
     def close(self) -> None:
         """Remove the instrumentation, stop sampling and the server; idempotent."""
@@ -80,6 +201,7 @@ class RunSession:
             return
         self._closed = True
         self.runner.stop()
+        self.status.stop()
         self.instrumentation.remove()
         self.monitor.stop()
 
@@ -106,13 +228,17 @@ def build_run(
     mon.add_collector("generation", metrics)
     policy = add_in_process_sources(mon, cfg)
     try:
+        # Until the pipeline is loaded and connected, GET /diagnosis says so (503) rather than 404.
+        mon.http.add_route("/diagnosis", loading_diagnosis(cfg.model.id), methods=("GET", "HEAD"), provisional=True)
         if start:
             mon.start()
         log.info("loading %s%s", cfg.model.id, " (img2img)" if img2img else "")
+        started = time.perf_counter()
         loaded = load_pipeline(cfg.model, img2img=img2img)
         log.info(
-            "loaded %s as %s on %s (%s) in %.2fs%s", loaded.model_id, loaded.class_name, loaded.device,
-            loaded.dtype, loaded.load_seconds,
+            "loaded %s as %s on %s (%s) in %.2fs (reading the checkpoint and moving it to the device: %.2fs%s)",
+            loaded.model_id, loaded.class_name, loaded.device, loaded.dtype, time.perf_counter() - started,
+            loaded.load_seconds,
             f", {loaded.read_bytes_per_second / 1e6:.0f} MB/s" if loaded.read_bytes_per_second else "",
         )
         problems = recheck_resolutions(spec, vae_scale_factor(loaded.pipe))
@@ -127,7 +253,7 @@ def build_run(
         facts.read_bytes_per_second = loaded.read_bytes_per_second
         metrics.set_pipeline(facts)
         inst = Instrumentation(loaded.pipe, cfg.workload, metrics, model_id=loaded.model_id)
-        connect_in_process(mon, cfg, inst, policy)
+        live = connect_in_process(mon, cfg, inst, policy)
     except BaseException:
         mon.stop()
         raise
@@ -136,7 +262,10 @@ def build_run(
         remediator=policy.runner.remediator if policy is not None else None,
         state=policy.runner.state if policy is not None else None,
     )
-    return RunSession(mon, metrics, spec, loaded, inst, policy=policy, oom=oom)
+    return RunSession(
+        mon, metrics, spec, loaded, inst, policy=policy, oom=oom, live=live,
+        status_interval_seconds=cfg.logging.status_interval_seconds,
+    )
 
 
 def run_main(cfg: Config, *, linger_seconds: float = 0.0) -> int:

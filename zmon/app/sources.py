@@ -46,7 +46,7 @@ def add_nvml_sources(mon: Monitor, s: NvmlConfig, *, watched_pid: int | None, nv
     try:
         prov = NvmlProvider(nvml, processes=s.processes, watched_pid=watched_pid, gpm=s.gpm)
     except SourceUnavailable as e:
-        mon.mark_unavailable(NVML, str(e))
+        mon.mark_unavailable(NVML, str(e), expected=e.expected)
         return
     mon.add_source(NVML, prov.sample, s.interval_seconds, close=prov.close)
     if s.slow_interval_seconds > 0:
@@ -62,7 +62,7 @@ def add_allocator_source(mon: Monitor, s: AllocatorConfig, *, torch_cuda: Any | 
     try:
         prov = AllocatorProvider(torch_cuda)
     except SourceUnavailable as e:
-        mon.mark_unavailable(ALLOCATOR, str(e))
+        mon.mark_unavailable(ALLOCATOR, str(e), expected=e.expected)
         return
     mon.add_source(ALLOCATOR, prov.sample, s.interval_seconds)
     mon.add_collector("allocator", AllocatorCollector(mon.store), sources=(ALLOCATOR,))

@@ -33,7 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from zmon.providers.base import SourceUnavailable
+from zmon.providers.base import SourceUnavailable, nvidia_devices_present
 from zmon.providers.cuda import cuda_ready, load_torch_cuda
 
 # PyTorch ≥ 2.9 reads PYTORCH_ALLOC_CONF and still honours the older CUDA-specific name.
@@ -298,7 +298,9 @@ class AllocatorProvider:
         except Exception as e:
             raise SourceUnavailable(f"CUDA is not usable: {e}") from None
         if not available:
-            raise SourceUnavailable("CUDA is not available (no GPU, or a CPU-only torch build)")
+            if nvidia_devices_present():  # a GPU host: a CPU-only torch build or a broken CUDA setup
+                raise SourceUnavailable("CUDA is not available (a CPU-only torch build, or CUDA cannot start)")
+            raise SourceUnavailable("CUDA is not available (no NVIDIA GPU on this host)", expected=True)
         settings = self.settings()
         if not cuda_ready(cuda):
             return AllocatorSample((), settings, cuda_initialized=False, taken_at=self._clock())

@@ -29,7 +29,7 @@ def load_torch_cuda(torch_cuda: Any | None = None) -> Any:
     try:
         import torch
     except Exception as e:  # ImportError, or a broken CUDA install raising at import
-        raise SourceUnavailable(f"torch is not importable: {e}") from None
+        raise SourceUnavailable(f"torch is not importable: {e}", expected=isinstance(e, ImportError)) from None
     return torch.cuda
 
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from zmon.providers.base import SourceUnavailable
+from zmon.providers.base import SourceUnavailable, nvidia_devices_present
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +286,9 @@ class NvmlProvider:
             try:
                 import pynvml
             except ImportError as e:
-                raise SourceUnavailable(f"nvidia-ml-py (pynvml) is not installed: {e}") from e
+                raise SourceUnavailable(
+                    f"nvidia-ml-py (pynvml) is not installed: {e}", expected=not nvidia_devices_present()
+                ) from e
             nvml = pynvml
         self._nvml: Any = nvml
         self._errors = _Errors(nvml)
@@ -301,7 +303,10 @@ class NvmlProvider:
         try:
             nvml.nvmlInit()
         except (self._errors.base, OSError) as e:
-            raise SourceUnavailable(f"NVML cannot start: {e}") from e
+            no_gpu = not nvidia_devices_present()
+            raise SourceUnavailable(
+                f"NVML cannot start: {e}" + (" (no NVIDIA GPU on this host)" if no_gpu else ""), expected=no_gpu
+            ) from e
         try:
             count = int(nvml.nvmlDeviceGetCount())
         except self._errors.base as e:
@@ -309,7 +314,7 @@ class NvmlProvider:
             raise SourceUnavailable(f"NVML cannot count GPUs: {e}") from e
         if count == 0:
             self._shutdown()
-            raise SourceUnavailable("NVML sees no GPU")
+            raise SourceUnavailable("NVML sees no GPU", expected=True)
         self.driver_version = _text(self._query("nvmlSystemGetDriverVersion"))
         self.nvml_version = _text(self._query("nvmlSystemGetNVMLVersion"))
         self.cuda_driver_version = _cuda_version(

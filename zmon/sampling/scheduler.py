@@ -1,4 +1,12 @@
-"""APScheduler jobs, one per source: call the provider, store the snapshot, back off on failure."""
+"""APScheduler jobs, one per source: call the provider, store the snapshot, back off on failure.
+
+A source's first sample runs on its own thread before its periodic job is scheduled: a first sample may be
+slow (importing torch, starting NVML) and would otherwise overlap the next ticks, which APScheduler skips with
+a warning. APScheduler logs through zmon's own loggers (`zmon.sampling.apscheduler*`), quiet below ERROR: its
+per-job INFO lines never reach a host's log (`zmon.attach`), and the conditions it would warn about (a tick
+skipped because a sample still runs, a tick run late) are zmon's to judge — a sample stuck for long is a
+WARNING, a busy machine's late tick is DEBUG.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobEvent
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers import SchedulerNotRunningError
@@ -21,6 +30,25 @@ from zmon.providers.base import SourceUnavailable
 from zmon.sampling.store import SnapshotStore
 
 log = logging.getLogger(__name__)
+
+# APScheduler's own chatter ("Added job", "Running job", "executed successfully": several lines a second) goes to
+# these loggers, which zmon owns: the host's `apscheduler` logger and root configuration are never touched.
+SCHEDULER_LOGGER = "zmon.sampling.apscheduler"
+_aps_log = logging.getLogger(SCHEDULER_LOGGER)
+_aps_log.setLevel(logging.ERROR)
+
+# A sample running this long (and at least STUCK_INTERVALS of its interval) is reported as stuck, once.
+STUCK_AFTER_SECONDS = 30.0
+STUCK_INTERVALS = 10
+FIRST_SAMPLE_JOIN_SECONDS = 30.0
+
+
+class _Executor(ThreadPoolExecutor):
+    """APScheduler's thread pool, logging job runs to zmon's logger instead of `apscheduler.executors.*`."""
+
+    def start(self, scheduler: Any, alias: str) -> None:
+        super().start(scheduler, alias)
+        self._logger = logging.getLogger(f"{SCHEDULER_LOGGER}.jobs")
 
 
 @dataclass(frozen=True)
@@ -57,6 +85,12 @@ class Sampler:
         self._listeners: list[Callable[[str, bool], None]] = []
         self._scheduler: BackgroundScheduler | None = None
         self._lock = threading.Lock()
+        # Guards _stopping and _first_samples; held while adding a job, never taken by APScheduler's callbacks.
+        self._sched_lock = threading.Lock()
+        self._stopping = False
+        self._first_samples: list[threading.Thread] = []
+        self._running_since: dict[str, float] = {}  # source → monotonic start of the sample in progress
+        self._stuck_reported: set[str] = set()
 
     def add(self, spec: SourceSpec) -> None:
         if spec.name in self._specs:
@@ -82,12 +116,16 @@ class Sampler:
             if now < self._retry_at.get(name, 0.0):
                 return False
         t0 = time.perf_counter()
+        with self._lock:
+            self._running_since[name] = time.monotonic()
         try:
             data = spec.sample()
         except SourceUnavailable as e:  # cannot exist here (e.g. no CUDA): stop sampling it, say so once
-            log.warning("%s unavailable: %s — continuing without it", name, e)
+            level = logging.INFO if e.expected else logging.WARNING
+            log.log(level, "%s unavailable: %s — continuing without it", name, e)
             self.store.mark_unavailable(name, str(e))
             self._unschedule(name)
+            self._sample_done(name, t0)
             return False
         except Exception as e:  # a failing source is reported, never fatal
             dur = time.perf_counter() - t0
@@ -100,7 +138,9 @@ class Sampler:
             level = logging.WARNING if n == 1 else logging.DEBUG
             log.log(level, "source %s failed (%s); retry in %.1fs", name, e, backoff)
             ok = False
+            self._sample_done(name, t0)
         else:
+            self._sample_done(name, t0)
             self.store.put(name, data, time.perf_counter() - t0)
             with self._lock:
                 if self._retry_at.pop(name, None) is not None:
@@ -113,6 +153,36 @@ class Sampler:
                 log.exception("sample listener failed")
         return ok
 
+    def _sample_done(self, name: str, t0: float) -> None:
+        with self._lock:
+            self._running_since.pop(name, None)
+            stuck = name in self._stuck_reported
+            self._stuck_reported.discard(name)
+        if stuck:
+            log.info("source %s: the stuck sample returned after %.1fs", name, time.perf_counter() - t0)
+
+    def _on_skipped_tick(self, event: JobEvent) -> None:
+        """A tick not run: the source's previous sample still runs, or the tick came too late (busy host)."""
+        name = event.job_id
+        spec = self._specs.get(name)
+        with self._lock:
+            started = self._running_since.get(name)
+            running = None if started is None else time.monotonic() - started
+            report = (
+                spec is not None
+                and running is not None
+                and running >= max(STUCK_AFTER_SECONDS, STUCK_INTERVALS * spec.interval_seconds)
+                and name not in self._stuck_reported
+            )
+            if report:
+                self._stuck_reported.add(name)
+        if report:
+            log.warning("source %s: a sample has been running for %.0fs (stuck?); its ticks are skipped until it "
+                        "returns", name, running)
+        else:
+            log.debug("source %s: tick skipped (%s)", name,
+                      "late" if event.code == EVENT_JOB_MISSED else "previous sample still running")
+
     def _unschedule(self, name: str) -> None:
         with self._lock:
             self._retry_at[name] = float("inf")  # from now on the job is a no-op even if it fires again
@@ -123,21 +193,40 @@ class Sampler:
             threading.Thread(target=_remove_job, args=(sched, name), name="zmon-unschedule", daemon=True).start()
 
     def _schedule(self, spec: SourceSpec) -> None:
-        assert self._scheduler is not None
-        self._scheduler.add_job(
-            self.run_once,
-            IntervalTrigger(seconds=spec.interval_seconds),
-            args=[spec.name],
-            id=spec.name,
-            name=f"sample:{spec.name}",
-            next_run_time=dt.datetime.now(dt.timezone.utc),
+        """First sample now on its own thread; the periodic job once it returned (so they never overlap)."""
+        sched = self._scheduler
+        assert sched is not None
+        t = threading.Thread(
+            target=self._first_sample, args=(sched, spec), name=f"zmon-first-sample-{spec.name}", daemon=True
         )
+        with self._sched_lock:
+            self._first_samples.append(t)
+        t.start()
+
+    def _first_sample(self, sched: BackgroundScheduler, spec: SourceSpec) -> None:
+        try:
+            self.run_once(spec.name)
+        finally:
+            with self._lock:
+                unavailable = self._retry_at.get(spec.name) == float("inf")
+            with self._sched_lock:
+                if not self._stopping and not unavailable:
+                    with contextlib.suppress(SchedulerNotRunningError):
+                        sched.add_job(
+                            self.run_once,
+                            IntervalTrigger(seconds=spec.interval_seconds),
+                            args=[spec.name],
+                            id=spec.name,
+                            name=f"sample:{spec.name}",
+                        )
 
     def start(self) -> None:
         if self._scheduler is not None:
             return
+        self._stopping = False
         self._scheduler = BackgroundScheduler(
-            executors={"default": ThreadPoolExecutor(max_workers=max(2, len(self._specs)))},
+            logger=_aps_log,
+            executors={"default": _Executor(max_workers=max(2, len(self._specs)))},
             job_defaults={
                 "max_instances": 1,
                 "coalesce": True,
@@ -145,11 +234,23 @@ class Sampler:
             },
             timezone=dt.timezone.utc,
         )
+        self._scheduler.add_listener(self._on_skipped_tick, EVENT_JOB_MAX_INSTANCES | EVENT_JOB_MISSED)
+        self._scheduler.start()
         for spec in self._specs.values():
             self._schedule(spec)
-        self._scheduler.start()
 
     def shutdown(self) -> None:
+        """Stop scheduling; wait for samples in progress (first samples: up to FIRST_SAMPLE_JOIN_SECONDS)."""
+        with self._sched_lock:
+            self._stopping = True
+            first, self._first_samples = self._first_samples, []
+        for t in first:
+            if t is threading.current_thread():  # stopped from a listener of its own first sample
+                continue
+            t.join(FIRST_SAMPLE_JOIN_SECONDS)
+            if t.is_alive():
+                log.warning("the first sample of %s has not returned: not waiting for it",
+                            t.name.removeprefix("zmon-first-sample-"))
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=True)
             self._scheduler = None

@@ -158,13 +158,28 @@ class App:
         self._token = token
         self._token_logged = 0.0  # monotonic time of the last "token unreadable" log line (one a minute)
         self._routes: dict[str, Route] = {}
+        self._provisional: set[str] = set()
         self.add_route("/healthz", lambda r: Response(200, "ok\n"), methods=("GET", "HEAD"))
         self.add_route("/readyz", self._readyz, methods=("GET", "HEAD"))
 
-    def add_route(self, path: str, handler: Handler, *, methods: Iterable[str] = ("GET",), auth: bool = False) -> None:
-        if path in self._routes or path == "/metrics":
+    def add_route(
+        self,
+        path: str,
+        handler: Handler,
+        *,
+        methods: Iterable[str] = ("GET",),
+        auth: bool = False,
+        provisional: bool = False,
+    ) -> None:
+        """Serve `path` with `handler`. A `provisional` route (e.g. "still loading" while `zmon run` loads the
+        model) is replaced by the next add_route of the same path; any other path may be added once."""
+        if (path in self._routes and path not in self._provisional) or path == "/metrics":
             raise ValueError(f"route {path} registered twice")
         self._routes[path] = Route(frozenset(methods), handler, auth)
+        if provisional:
+            self._provisional.add(path)
+        else:
+            self._provisional.discard(path)
 
     def methods(self, path: str) -> frozenset[str] | None:
         """The methods `path` answers, None for an unknown path (lets the server refuse a body early)."""

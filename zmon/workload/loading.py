@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import json
 import logging
@@ -15,7 +16,7 @@ from zmon.config import ModelConfig
 from zmon.providers import cuda
 from zmon.workload.alloc_conf import export_alloc_conf
 from zmon.workload.options import apply_model_options
-from zmon.workload.tiny import TINY_DEFAULTS, ensure_builtin, is_builtin, is_complete
+from zmon.workload.tiny import TINY_DEFAULTS, ensure_builtin, is_builtin, is_complete, quiet_hf_progress
 
 log = logging.getLogger(__name__)
 
@@ -112,18 +113,16 @@ def load_pipeline(cfg: ModelConfig, *, img2img: bool = False) -> LoadedPipeline:
     kwargs: dict[str, Any] = {_dtype_kwarg(): dtype, "local_files_only": cfg.local_files_only}
     if cfg.variant:
         kwargs["variant"] = cfg.variant
+    if importlib.util.find_spec("accelerate") is None:
+        # What diffusers falls back to without accelerate, asked for explicitly: the same load, without its
+        # warning on every start. With accelerate installed, diffusers skips random initialisation (faster).
+        kwargs["low_cpu_mem_usage"] = False
+        if not is_builtin(cfg.id):
+            log.info("accelerate is not installed: large models load faster with it (pip install accelerate)")
     started = time.perf_counter()
     # diffusers and transformers draw loading bars on stderr; zmon logs the load instead.
-    import transformers
-
-    bar_owners = [m.utils.logging for m in (diffusers, transformers) if m.utils.logging.is_progress_bar_enabled()]
-    for owner in bar_owners:
-        owner.disable_progress_bar()
-    try:
+    with quiet_hf_progress():
         pipe = loader.from_pretrained(source, **kwargs)
-    finally:
-        for owner in bar_owners:
-            owner.enable_progress_bar()
     pipe.to(device)
     if device.startswith("cuda"):
         cuda.synchronize()  # count the host→device copies in the load time

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -62,6 +65,23 @@ _VOCABULARY: Final = (
 _WORDS: Final = tuple(_VOCABULARY.split())
 
 
+@contextlib.contextmanager
+def quiet_hf_progress() -> Iterator[None]:
+    """No diffusers/transformers progress bars ("Loading pipeline components", "Writing model shards") while
+    zmon builds or loads a model: zmon logs what it does and how long it took instead. Restored afterwards."""
+    import diffusers
+    import transformers
+
+    owners = [m.utils.logging for m in (diffusers, transformers) if m.utils.logging.is_progress_bar_enabled()]
+    for owner in owners:
+        owner.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for owner in owners:
+            owner.enable_progress_bar()
+
+
 def is_builtin(model_id: str) -> bool:
     """True for ids of the form 'builtin:NAME'."""
     return model_id.startswith(BUILTIN_PREFIX)
@@ -97,10 +117,13 @@ def build_tiny_z_image(target_dir: Path) -> Path:
     if is_complete(target_dir):
         return target_dir
     target_dir.parent.mkdir(parents=True, exist_ok=True)
+    log.info("building the embedded tiny Z-Image pipeline in %s (first run only)", target_dir)
+    started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f".{target_dir.name}.tmp-", dir=target_dir.parent))
     try:
-        pipe = make_tiny_z_image_pipeline()
-        pipe.save_pretrained(tmp, safe_serialization=True)
+        with quiet_hf_progress():
+            pipe = make_tiny_z_image_pipeline()
+            pipe.save_pretrained(tmp, safe_serialization=True)
         _portable_tokenizer_class(tmp / "model_index.json")
         import diffusers
 
@@ -118,7 +141,7 @@ def build_tiny_z_image(target_dir: Path) -> Path:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    log.info("built the embedded tiny Z-Image pipeline at %s", target_dir)
+    log.info("built the embedded tiny Z-Image pipeline in %.1fs", time.perf_counter() - started)
     return target_dir
 
 
