@@ -136,6 +136,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         for p in problems:
             print(f"  - {p}", file=sys.stderr)
         return EXIT_USAGE
+    if cfg.model.devices is not None:
+        from zmon.app.workers import run_workers_main  # lazy: the workers import torch, the parent need not
+
+        return run_workers_main(cfg, linger_seconds=max(0.0, args.linger))
     from zmon.app.run import run_main  # lazy: imports torch / diffusers
 
     return run_main(cfg, linger_seconds=max(0.0, args.linger))
