@@ -413,8 +413,9 @@ class WorkerParent:
             mon.add_collector("policy", PolicyCollector(self.policy, self.policy if cfg.alerting.enabled else None))
             mon.http.add_route("/actions", self._actions, methods=("POST",), auth=True)
 
-    def supervise(self, limit: int | None) -> Supervisor:
-        sup = Supervisor(self.cfg, self.placements, self.merge, limit=limit)
+    def supervise(self, limit: int | None, *, entry: Callable[..., None] | None = None) -> Supervisor:
+        """The supervisor of this parent's workers (`entry`: the worker process target, for tests)."""
+        sup = Supervisor(self.cfg, self.placements, self.merge, limit=limit, entry=entry)
         self.supervisor = sup
         self.monitor.add_collector("workers", WorkerCollector(sup.statuses, self.scaling.state))
         return sup
