@@ -20,18 +20,23 @@ from tests.services import free_port, wait_http
 def test_sigterm_drains_every_worker_and_exits_0(tiny_cache_dir: Path, tmp_path: Path) -> None:
     jsonl = tmp_path / "gen.jsonl"
     cfg = tmp_path / "zmon.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "model": {"devices": "cpu:2", "cpu_threads": 1, "cache_dir": str(tiny_cache_dir)},
-        # ~30 denoise steps: a generation long enough that a signal lands inside one
-        "workload": {"steps": 30, "jsonl": {"path": str(jsonl)}},
-        "sampling": {"nvml": {"enabled": False}},
-    }))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"devices": "cpu:2", "cpu_threads": 1, "cache_dir": str(tiny_cache_dir)},
+                # ~30 denoise steps: a generation long enough that a signal lands inside one
+                "workload": {"steps": 30, "jsonl": {"path": str(jsonl)}},
+                "sampling": {"nvml": {"enabled": False}},
+            }
+        )
+    )
     port = free_port()
     log = tmp_path / "zmon.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "zmon", "run", "-c", str(cfg), "--listen", f"127.0.0.1:{port}"],
-            stdout=out, stderr=subprocess.STDOUT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
         try:
             wait_http(f"http://127.0.0.1:{port}/readyz", timeout=60, proc=proc)

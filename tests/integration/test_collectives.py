@@ -44,8 +44,9 @@ def _generate(pipe: Any, records: list[GenerationRecord], **kw: Any) -> Generati
     return records[-1]
 
 
-def test_collectives_are_attributed_to_their_stage_and_step(tiny_pipe: Any, torch_single_thread: None,
-                                                            one_rank: None) -> None:
+def test_collectives_are_attributed_to_their_stage_and_step(
+    tiny_pipe: Any, torch_single_thread: None, one_rank: None
+) -> None:
     original_all_reduce = dist.all_reduce
     calls: list[str] = []
 
@@ -108,6 +109,14 @@ def test_no_process_group_means_not_measured(tiny_pipe: Any, torch_single_thread
 # ------------------------------------------------------------------------------------------------ 2 ranks
 
 
+def _slowed(fn: Any) -> Any:
+    def slow(*a: Any, **k: Any) -> Any:
+        time.sleep(SLOW_COLLECTIVE_SECONDS)
+        return fn(*a, **k)
+
+    return slow
+
+
 def _rank(rank: int, store: str, model_dir: str, out: Any) -> None:
     """One rank: the tiny Z-Image, context-parallel over 2 gloo ranks; records sent back on `out`."""
     torch.set_num_threads(1)
@@ -120,21 +129,16 @@ def _rank(rank: int, store: str, model_dir: str, out: Any) -> None:
 
         pipe = ZImagePipeline.from_pretrained(model_dir)
         pipe.set_progress_bar_config(disable=True)
-        kw = dict(prompt="a red cat", width=64, height=64, num_inference_steps=STEPS, guidance_scale=0.0,
-                  output_type="pt")
+        kw = dict(
+            prompt="a red cat", width=64, height=64, num_inference_steps=STEPS, guidance_scale=0.0, output_type="pt"
+        )
         reference = pipe(**kw, generator=torch.Generator().manual_seed(7)).images
         apply_context_parallel(pipe, 2)
         records: list[GenerationRecord] = []
         phases: dict[str, list[GenerationRecord]] = {}
         for phase in ("plain", "slow"):
             if phase == "slow":  # a slow link: every all-to-all takes 20 ms longer (inside zmon's wrapper)
-                fast = funcol.all_to_all_single
-
-                def slow(*a: Any, **k: Any) -> Any:
-                    time.sleep(SLOW_COLLECTIVE_SECONDS)
-                    return fast(*a, **k)
-
-                funcol.all_to_all_single = slow
+                funcol.all_to_all_single = _slowed(funcol.all_to_all_single)
             timing = apply_stage_timing(pipe, StageTimingConfig(on_record=records.append))
             collectives = apply_collective_timing(pipe)
             try:

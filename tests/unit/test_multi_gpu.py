@@ -22,10 +22,12 @@ from zmon.workload.spec import WorkloadSpec
 def with_communication(records: list[GenerationRecord], per_step: float, world: int = 2) -> list[GenerationRecord]:
     out = []
     for r in records:
-        comm = tuple(CommunicationTiming("denoise_step", per_step, 9, s.index) for s in r.stages
-                     if s.stage == "denoise_step")
-        out.append(dataclasses.replace(r, communication=(*comm, CommunicationTiming("vae_decode", 0.001, 1)),
-                                       world_size=world))
+        comm = tuple(
+            CommunicationTiming("denoise_step", per_step, 9, s.index) for s in r.stages if s.stage == "denoise_step"
+        )
+        out.append(
+            dataclasses.replace(r, communication=(*comm, CommunicationTiming("vae_decode", 0.001, 1)), world_size=world)
+        )
     return out
 
 
@@ -72,15 +74,20 @@ def test_communication_families_only_for_distributed_pipelines() -> None:
     registry = CollectorRegistry()
     registry.register(metrics)
     metrics.observe(make_records(1)[0])
-    assert registry.get_sample_value(
-        "zmon_stage_communication_seconds_count", {"stage": "denoise", "model": "m", "resolution": "1024x1024",
-                                                   "device": "cuda"}) is None
+    assert (
+        registry.get_sample_value(
+            "zmon_stage_communication_seconds_count",
+            {"stage": "denoise", "model": "m", "resolution": "1024x1024", "device": "cuda"},
+        )
+        is None
+    )
     for r in with_communication(make_records(2), 0.03):
         metrics.observe(r)
     labels = {"model": "m", "resolution": "1024x1024", "device": "cuda"}
     assert registry.get_sample_value("zmon_stage_communication_seconds_count", {"stage": "denoise", **labels}) == 2
     assert registry.get_sample_value("zmon_stage_communication_seconds_sum", {"stage": "denoise", **labels}) == (
-        pytest.approx(2 * 8 * 0.03))
+        pytest.approx(2 * 8 * 0.03)
+    )
     # every stage the call ran is observed (0 where it issued no collective): a share per stage is rate / rate
     assert registry.get_sample_value("zmon_stage_communication_seconds_sum", {"stage": "text_encode", **labels}) == 0
     assert registry.get_sample_value("zmon_denoise_step_communication_seconds_count", labels) == 16
@@ -101,7 +108,10 @@ def test_runner_generates_its_share_and_beats() -> None:
     beats: list[int] = []
     done: list[tuple[int, str]] = []
     result = Runner(Workload(pipe, spec)).run(
-        None, threading.Event(), items=iter((1, 3, 5)), on_item=lambda i, s: done.append((i, s)),
+        None,
+        threading.Event(),
+        items=iter((1, 3, 5)),
+        on_item=lambda i, s: done.append((i, s)),
         heartbeat=lambda: beats.append(1),
     )
     assert result.ok == 3 and done == [(1, "ok"), (3, "ok"), (5, "ok")]
@@ -110,8 +120,9 @@ def test_runner_generates_its_share_and_beats() -> None:
 
 
 def test_rate_limited_runner_keeps_beating_while_it_waits() -> None:
-    spec = WorkloadSpec(prompts=("a",), resolutions=((64, 64),), steps=1, guidance_scale=0.0, batch_size=1,
-                        seed=0, rate_per_second=0.8)
+    spec = WorkloadSpec(
+        prompts=("a",), resolutions=((64, 64),), steps=1, guidance_scale=0.0, batch_size=1, seed=0, rate_per_second=0.8
+    )
     beats: list[int] = []
     runner = Runner(Workload(_Pipe(), spec))
     result = runner.run(None, threading.Event(), items=iter((0, 2)), heartbeat=lambda: beats.append(1))

@@ -53,7 +53,8 @@ def test_devices_from_the_environment() -> None:
 def test_plan_devices() -> None:
     assert plan_devices("cpu:2", cuda_count=lambda: 0) == [Placement("cpu:0", "cpu"), Placement("cpu:1", "cpu")]
     assert plan_devices("auto", cuda_count=lambda: 2) == [
-        Placement("cuda:0", "cuda:0", 0), Placement("cuda:1", "cuda:1", 1)
+        Placement("cuda:0", "cuda:0", 0),
+        Placement("cuda:1", "cuda:1", 1),
     ]
     assert [p.label for p in plan_devices((1,), cuda_count=lambda: 2)] == ["cuda:1"]
     with pytest.raises(DevicePlanError, match="found no CUDA device"):
@@ -71,7 +72,11 @@ def test_round_robin_share_keeps_every_item_once() -> None:
 
 
 def test_multicast_stays_off() -> None:
-    assert MULTICAST_OFF == {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+    assert MULTICAST_OFF == {
+        "NCCL_NVLS_ENABLE": "0",
+        "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+        "NVSHMEM_DISABLE_NVLS": "1",
+    }
 
 
 # ------------------------------------------------------------------------------------------------ scaling
@@ -133,9 +138,14 @@ def test_scaling_window_leaves_out_each_start_s_first_generation() -> None:
 def policy_snapshot(ok: int, firings: int, device: str = "") -> PolicySnapshot:
     status = RuleStatus("reserved_unallocated_high", "firing", False, 0, firings, 0.5)
     return PolicySnapshot(
-        dry_run=False, actions=(("empty_cache", "ok", ok),), freed_bytes_total=100 * ok,
-        last_at=(("empty_cache", 10.0 + ok),), last_seconds=(("empty_cache", 0.004),),
-        last_freed=(("empty_cache", 100),), pending_actions=1, rules=((device, status),),
+        dry_run=False,
+        actions=(("empty_cache", "ok", ok),),
+        freed_bytes_total=100 * ok,
+        last_at=(("empty_cache", 10.0 + ok),),
+        last_seconds=(("empty_cache", 0.004),),
+        last_freed=(("empty_cache", 100),),
+        pending_actions=1,
+        rules=((device, status),),
         decisions=(("reserved_unallocated_high", "fired", firings),),
     )
 
@@ -159,9 +169,12 @@ def test_merged_policy_counters_never_go_back_across_a_restart() -> None:
     registry = CollectorRegistry()
     registry.register(PolicyCollector(merged, merged))
     assert registry.get_sample_value("zmon_remediation_actions_total", {"action": "empty_cache", "result": "ok"}) == 5
-    assert registry.get_sample_value(
-        "zmon_policy_rule_firings_total", {"rule": "reserved_unallocated_high", "device": "cpu:0"}
-    ) == 3
+    assert (
+        registry.get_sample_value(
+            "zmon_policy_rule_firings_total", {"rule": "reserved_unallocated_high", "device": "cpu:0"}
+        )
+        == 3
+    )
 
 
 def test_merged_prompt_cache() -> None:

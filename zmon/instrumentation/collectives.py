@@ -45,10 +45,14 @@ COLLECTIVES_NOTE: Final = "communication"  # CallContext note: one Communication
 # torch.distributed (c10d) functions that run or launch a collective or a point-to-point transfer.
 C10D_OPS: Final = (
     "all_reduce",
+    "all_reduce_coalesced",
     "all_gather",
     "all_gather_into_tensor",
+    "all_gather_single",
+    "all_gather_coalesced",
     "reduce_scatter",
     "reduce_scatter_tensor",
+    "reduce_scatter_single",
     "all_to_all",
     "all_to_all_single",
     "broadcast",

@@ -33,7 +33,9 @@ def zimage_cp_plan(transformer: Any) -> dict[str, Any]:
 
     n = len(transformer.layers)
     if n < 2:
-        raise ValueError("the Z-Image plan needs at least 2 main layers (split before the first, gather after the last)")
+        raise ValueError(
+            "the Z-Image plan needs at least 2 main layers (split before the first, gather after the last)"
+        )
 
     def split(dims: int) -> Any:
         return ContextParallelInput(split_dim=1, expected_dims=dims, split_output=False)
