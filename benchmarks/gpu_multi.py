@@ -140,7 +140,7 @@ def worker_config(devices: Any, *, cpu: bool, size: int, steps: int, gens: int) 
         model.update(id=FULL_MODEL_ID, pipeline_class="ZImagePipeline")
         workload.update(resolutions=[f"{size}x{size}"], prompts_file=None)
     return load_config(
-        overrides={"model": model, "workload": workload, "server": {"listen": f"127.0.0.1:{free_port()}"}}, environ={}
+        overrides={"model": model, "workload": workload, "server": {"listen": f"127.0.0.1:{free_port()}"}}
     )
 
 

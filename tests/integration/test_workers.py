@@ -78,6 +78,7 @@ def test_crash_and_hang_are_restarted_and_metrics_merge(tiny_cache_dir: Path) ->
         float(v) for k, v in values.items() if k.startswith("zmon_generations_total") and 'status="ok"' in k
     )
     assert generated == ITEMS
+    assert float(values["zmon_generation_in_progress"]) == 0.0  # the killed workers' calls were closed with them
     assert re.search(r'^zmon_images_total\{device="cpu:1",', text, re.M)
     assert 'zmon_pipeline_info{compiled="false",device="cpu:0,cpu:1"' in text
     promtool = require_binary("promtool")

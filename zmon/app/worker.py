@@ -37,6 +37,7 @@ from zmon.app.sources import add_allocator_source
 from zmon.app.worker_protocol import (
     MULTICAST_OFF,
     Allocator,
+    Busy,
     Command,
     Done,
     Fatal,
@@ -187,6 +188,7 @@ class WorkerSession:
             )
             self.instrumentation = inst
             inst.record_listeners.append(self._on_record)
+            inst.boundaries.add(self)  # Busy messages: the parent's in-progress gauge
             if self.policy is not None:
                 inst.boundaries.add(self.policy.runner)
                 inst.record_listeners.append(self.policy.figures.observe)
@@ -233,6 +235,12 @@ class WorkerSession:
             return
         self.policy.runner.gate.submit(command.action, command.reason)
         self.policy.runner.idle_tick()  # now when idle, else at the end of the current generation
+
+    def generation_started(self) -> None:
+        self.channel.send(Busy(True))
+
+    def generation_finished(self) -> None:
+        self.channel.send(Busy(False))
 
     def _on_record(self, record: GenerationRecord) -> None:
         self.channel.send(Record(self._item, record))

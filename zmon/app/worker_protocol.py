@@ -2,7 +2,7 @@
 
 One worker per device (`model.devices`), started with multiprocessing's spawn method. The supervisor
 (zmon.app.supervisor) passes each worker a `WorkerSpec`; the worker (zmon.app.worker) sends `Ready` once its
-pipeline is loaded, a `Record` per generation, an `Item` per workload item finished, `Allocator` and `Stats`
+pipeline is loaded, `Busy` around each pipeline call, a `Record` per generation, an `Item` per workload item finished, `Allocator` and `Stats`
 snapshots, and `Done` (or `Fatal`) at the end. Messages are frozen dataclasses sent over a multiprocessing
 Pipe, pickled. The supervisor sends `Command`s back (queued remedial actions from POST /actions) and `Stop`
 (the drain): a pipe message, not a shared multiprocessing.Event, because a worker killed while waiting on
@@ -89,6 +89,13 @@ class Record:
 
 
 @dataclass(frozen=True)
+class Busy:
+    """A pipeline call started (True) or ended (False): the parent's zmon_generation_in_progress."""
+
+    busy: bool
+
+
+@dataclass(frozen=True)
 class Item:
     """A workload item is finished (after its out-of-memory retry, if any)."""
 
@@ -143,4 +150,4 @@ class Stop:
     """From the supervisor: finish the current generation and exit (the drain)."""
 
 
-Message = Ready | Record | Item | Allocator | Stats | Done | Fatal
+Message = Ready | Record | Busy | Item | Allocator | Stats | Done | Fatal

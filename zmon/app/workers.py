@@ -33,7 +33,7 @@ from zmon.app.monitor import Monitor
 from zmon.app.parts import add_live_diagnosis
 from zmon.app.sources import add_host_sources, add_nvml_sources
 from zmon.app.supervisor import DevicePlanError, Supervisor, SupervisorResult, plan_devices
-from zmon.app.worker_protocol import Allocator, Command, Placement, Ready, Record, Stats
+from zmon.app.worker_protocol import Allocator, Busy, Command, Placement, Ready, Record, Stats
 from zmon.capture.live import DEFAULT_WINDOW_SECONDS, LiveDiagnosis
 from zmon.collectors.allocator import AllocatorCollector
 from zmon.collectors.generation import GenerationMetrics
@@ -287,6 +287,7 @@ class WorkerMerge:
         self.environment: EnvironmentFacts | None = None
         self.ready_messages: dict[str, Ready] = {}
         self._allocator: dict[str, AllocatorSample] = {}
+        self._busy: set[str] = set()
         self._pipeline_set = False
         self._lock = threading.Lock()
 
@@ -322,7 +323,18 @@ class WorkerMerge:
                 log.exception("record listener %r failed", raw)
 
     def message(self, worker: str, message: object) -> None:
-        if isinstance(message, Allocator):
+        if isinstance(message, Busy):
+            with self._lock:
+                was = worker in self._busy
+                if message.busy:
+                    self._busy.add(worker)
+                else:
+                    self._busy.discard(worker)
+            if message.busy and not was:
+                self.metrics.generation_started()
+            elif not message.busy and was:
+                self.metrics.generation_finished()
+        elif isinstance(message, Allocator):
             with self._lock:
                 self._allocator[worker] = message.sample
             self._put_allocator()
@@ -336,6 +348,10 @@ class WorkerMerge:
         self.prompt_cache.carry(worker)
         with self._lock:
             gone = self._allocator.pop(worker, None) is not None
+            busy = worker in self._busy
+            self._busy.discard(worker)
+        if busy:  # it died in a generation
+            self.metrics.generation_finished()
         if gone:
             self._put_allocator()
 
