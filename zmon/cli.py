@@ -8,9 +8,10 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from zmon.config import DEFAULT_LISTEN, Config, ConfigError, load_config
+from zmon.config import DEFAULT_LISTEN, Config, ConfigError, ModelConfig, load_config
 from zmon.exitcodes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from zmon.version import __version__
 
@@ -317,10 +318,6 @@ def _add_probe_parsers(sub: Any) -> None:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
-    from zmon.config import ModelConfig
-
     cfg = load_config(args.config)
     setup_logging(cfg)
     devices: Any = cfg.model.devices if cfg.model.devices is not None else "auto"
@@ -331,8 +328,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
             devices, list) else devices
         try:
             devices = ModelConfig.model_validate({"devices": devices}).devices
-        except ValidationError as e:
-            print(f"error: --devices: {e.errors()[0]['msg']}", file=sys.stderr)
+        except ValueError as e:  # pydantic's ValidationError
+            print(f"error: --devices: {_first_error(e)}", file=sys.stderr)
             return EXIT_USAGE
     ops = tuple(o.strip() for o in args.ops.split(",") if o.strip())
     from zmon.app.probe import ProbeOptions, probe_main  # lazy: imports torch in the ranks' parent
@@ -342,9 +339,12 @@ def cmd_probe(args: argparse.Namespace) -> int:
         max_bytes=args.max_bytes, factor=args.factor, iters=args.iters, warmup=args.warmup,
         timeout_seconds=args.timeout,
     )
-    from pathlib import Path
-
     return probe_main(options, out=Path(args.out) if args.out else None, stdout=sys.stdout, stderr=sys.stderr)
+
+
+def _first_error(e: ValueError) -> str:
+    errors = getattr(e, "errors", None)
+    return str(errors()[0]["msg"]) if callable(errors) else str(e)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,6 +15,7 @@ The measuring code runs in the rank processes; everything else (the math, the ta
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -228,8 +229,6 @@ class RankResult:
 
 def run_rank(spec: RankSpec) -> RankResult:
     """Join the group and time every (op, size); called in the rank's own process."""
-    import datetime as dt
-
     import torch
     import torch.distributed as dist
 
