@@ -117,6 +117,17 @@ def test_a_worker_that_never_gets_ready_is_given_up(tiny_cache_dir: Path) -> Non
     assert result.restarts["cpu:0"] == {"exit": 0, "hang": 0, "start_timeout": 1}
 
 
+def test_a_stop_during_loading_does_not_wait_for_the_load(tiny_cache_dir: Path) -> None:
+    cfg = worker_config(tiny_cache_dir, drain_timeout_seconds=600.0)
+    sup = Supervisor(cfg, plan_devices("cpu:1"), _Sink(), limit=ITEMS, entry=worker_faults.never_ready)
+    stop = threading.Event()
+    threading.Timer(1.0, stop.set).start()
+    t0 = time.monotonic()
+    result = sup.run(stop)
+    assert result.stopped and result.exit_code == 0 and result.outcomes == {"cpu:0": "stopped"}
+    assert time.monotonic() - t0 < 30  # not the drain timeout: a loading worker has no generation to finish
+
+
 class _Sink:
     def ready(self, worker: str, message: Any) -> None:
         raise AssertionError("no worker of these tests gets ready")

@@ -114,7 +114,7 @@ class _Worker:
     pending_reason: RestartReason | None = None
     outcome: Done | Fatal | None = None
     items_done: int = 0
-    images: int = 0
+    send_lock: threading.Lock = field(default_factory=threading.Lock)  # the HTTP thread and the loop both send
 
     @property
     def label(self) -> str:
@@ -189,9 +189,9 @@ class Supervisor:
         """Send a command to every ready worker; returns how many it reached."""
         reached = 0
         with self._lock:
-            conns = [w.conn for w in self.workers if w.state == "ready" and w.conn is not None]
-        for conn in conns:
-            with contextlib.suppress(OSError, EOFError, ValueError):
+            ready = [(w.conn, w.send_lock) for w in self.workers if w.state == "ready" and w.conn is not None]
+        for conn, lock in ready:
+            with lock, contextlib.suppress(OSError, EOFError, ValueError):
                 conn.send(command)
                 reached += 1
         return reached
@@ -229,8 +229,12 @@ class Supervisor:
         self._draining_since = self._clock()
         log.info("draining %d worker(s): each finishes its current generation", sum(w.running for w in self.workers))
         for w in self.workers:
+            if w.running and w.state == "starting":  # still loading: no generation to finish, nothing to wait for
+                log.info("worker %s is still loading: stopping it", w.label)
+                self._kill(w)
+                continue
             if w.conn is not None:
-                with contextlib.suppress(OSError, EOFError, ValueError):  # gone already: its exit is seen next
+                with w.send_lock, contextlib.suppress(OSError, EOFError, ValueError):  # gone: its exit is seen next
                     w.conn.send(Stop())
         with self._lock:
             for w in self.workers:
@@ -402,7 +406,8 @@ class Supervisor:
     def _close(self, w: _Worker) -> None:
         if w.process is not None:
             w.process.join(KILL_JOIN_SECONDS)
-            w.process.close()
+            if w.process.exitcode is not None:  # close() refuses a process that still runs
+                w.process.close()
         if w.conn is not None:
             w.conn.close()
         w.process = None
