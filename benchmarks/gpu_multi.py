@@ -283,6 +283,7 @@ def _cp_rank(
         _, reference = gen()
         apply_context_parallel(pipe, world)
         gen()  # warm-up of the split pipeline
+        bare = [gen()[0] for _ in range(gens)]  # no zmon hooks: the reference for their overhead
         phases: dict[str, Any] = {}
         for phase in ("plain", "slow"):
             if phase == "slow":
@@ -301,7 +302,7 @@ def _cp_rank(
                 "walls": walls,
                 "max_diff": float((image.float() - reference.float()).abs().max()),
             }
-        queue.put((rank, {"single_seconds": single, "phases": phases, "device": device}))
+        queue.put((rank, {"single_seconds": single, "bare_seconds": bare, "phases": phases, "device": device}))
     except BaseException as e:
         queue.put((rank, {"error": f"{type(e).__name__}: {e}"}))
         raise
@@ -390,6 +391,10 @@ def cp_run(world: int, *, cpu: bool, size: int, steps: int, gens: int, inject_ms
         }
         verdicts[phase] = d.verdict
     out["speedup_vs_single_gpu"] = out["single_gpu_seconds"] / out["plain"]["latency_seconds"]
+    bare = statistics.median(got[0]["bare_seconds"])
+    out["bare_wall_seconds"] = bare
+    # stage + collective timing (CUDA events around every collective) against the same split pipeline bare
+    out["instrumentation_overhead"] = out["plain"]["wall_seconds"] / bare - 1
     out["ok"] = verdicts["slow"] == "network_bound" and (out["slow"]["communication_share"] or 0) > (
         out["plain"]["communication_share"] or 0
     )
@@ -525,7 +530,8 @@ def main() -> None:
             )
             print(
                 f"single GPU {cp['single_gpu_seconds']:.3f}s, {n} ranks {cp['plain']['latency_seconds']:.3f}s: "
-                f"speedup {cp['speedup_vs_single_gpu']:.2f}×"
+                f"speedup {cp['speedup_vs_single_gpu']:.2f}×; zmon timing overhead on the split pipeline "
+                f"{cp['instrumentation_overhead']:+.1%} (bare {cp['bare_wall_seconds']:.3f}s)"
             )
         else:
             print("context parallel failed:", cp)
