@@ -1,5 +1,6 @@
 """`zmon run` with two CPU workers (model.devices: cpu:2), as a subprocess: SIGTERM to the parent drains them —
-each worker finishes the generation it is in, nothing is killed — and the parent exits 0."""
+each worker finishes the generation it is in, nothing is killed — and the parent exits 0; devices that do not
+exist here are a usage error (exit 2)."""
 
 from __future__ import annotations
 
@@ -67,3 +68,15 @@ def test_sigterm_drains_every_worker_and_exits_0(tiny_cache_dir: Path, tmp_path:
     assert len(done) == 2 and sum(done) == len(records), (done, len(records))
     # the generations in flight at the signal were finished, not cut
     assert any(r["unix"] + r["total_seconds"] > signalled_at for r in records)
+
+
+def test_auto_devices_without_cuda_is_a_usage_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "zmon.yaml"
+    cfg.write_text("model: {devices: auto}\n")
+    run = subprocess.run(
+        [sys.executable, "-m", "zmon", "run", "-c", str(cfg), "--listen", "127.0.0.1:0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2 and "found no CUDA device" in run.stderr

@@ -4,6 +4,8 @@ crashed and a hung worker with backoff, each workload item is generated exactly 
 
 from __future__ import annotations
 
+import io
+import json
 import re
 import subprocess
 import threading
@@ -16,6 +18,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from tests.integration import worker_faults
 from tests.services import require_binary
+from zmon.app.profile import profile_main
 from zmon.app.supervisor import Supervisor, plan_devices
 from zmon.app.worker_protocol import Record
 from zmon.app.workers import WorkerParent
@@ -140,3 +143,24 @@ class _Sink:
 
     def down(self, worker: str) -> None:
         pass
+
+
+def test_profile_over_two_workers_reports_their_scaling(tiny_cache_dir: Path, tmp_path: Path) -> None:
+    cfg = load_config(
+        overrides={
+            "model": {"devices": "cpu:2", "cpu_threads": 1, "cache_dir": str(tiny_cache_dir)},
+            "workload": {"steps": 2},
+            "profiling": {"runs": 4, "warmup": 1, "disk_test_bytes": 0, "formats": ["json", "md"]},
+            "sampling": {"nvml": {"enabled": False}},
+        },
+        environ={},
+    )
+    out, err = io.StringIO(), io.StringIO()
+    assert profile_main(cfg, out_dir=tmp_path, stdout=out, stderr=err) == 0, err.getvalue()
+    doc = json.loads((tmp_path / "profile.json").read_text())
+    facts = doc["facts"]
+    mg = facts["multi_gpu"]
+    assert mg["gpu_count"] == 2 and mg["speedup_vs_single"] is not None and mg["nccl_time_share"] is None
+    assert facts["baseline"]["generations"] == 4 and facts["baseline"]["warmup"] == 2  # one warm-up per worker
+    assert "## Multi-GPU" in out.getvalue() and "scaling efficiency" in out.getvalue()
+    assert "scaling efficiency" in err.getvalue()
