@@ -2,11 +2,12 @@
 
 One worker per device (`model.devices`), started with multiprocessing's spawn method. The supervisor
 (zmon.app.supervisor) passes each worker a `WorkerSpec`; the worker (zmon.app.worker) sends `Ready` once its
-pipeline is loaded, `Busy` around each pipeline call, a `Record` per generation, an `Item` per workload item finished, `Allocator` and `Stats`
-snapshots, and `Done` (or `Fatal`) at the end. Messages are frozen dataclasses sent over a multiprocessing
-Pipe, pickled. The supervisor sends `Command`s back (queued remedial actions from POST /actions) and `Stop`
-(the drain): a pipe message, not a shared multiprocessing.Event, because a worker killed while waiting on
-such an event leaves its condition's sleeper count behind, and the parent's next set() then blocks for ever.
+pipeline is loaded, `Busy` around each pipeline call, a `Record` per generation, an `Item` per workload item
+finished, `Allocator` and `Stats` snapshots, and `Done` (or `Fatal`) at the end. Messages are frozen
+dataclasses sent over a multiprocessing Pipe, pickled. The supervisor sends `Command`s back (queued remedial
+actions from POST /actions) and `Stop` (the drain): a pipe message, not a shared multiprocessing.Event,
+because a worker killed while waiting on such an event leaves its condition's sleeper count behind, and the
+parent's next set() then blocks for ever.
 
 Every process zmon starts gets `MULTICAST_OFF` in its environment: NVLink multicast (NVLS, NVSHMEM multicast,
 torch symmetric-memory multicast) is left off, because on shared multi-GPU hosts a program that uses it can
