@@ -294,8 +294,8 @@ ROWS: tuple[Row, ...] = (
         Panel("Flowchart verdict", (
             Q(f"max by (verdict) (zmon_bottleneck_verdict{{{INST}}})", "{{verdict}}"),
         ), kind="state-timeline", width=12,
-            description="The diagnosis flowchart over the recent generations: cpu_bound, memory_bound, "
-                        "kernel_issue, io_or_caching or optimized.", needs=NEEDS_DIAGNOSIS),
+            description="The diagnosis flowchart over the recent generations: network_bound (multi-GPU), "
+                        "cpu_bound, memory_bound, kernel_issue, io_or_caching or optimized.", needs=NEEDS_DIAGNOSIS),
         Panel("Bottlenecks found", (
             Q(f"max by (kind) (zmon_bottleneck{{{INST}}})", "{{kind}}"),
         ), kind="state-timeline", width=12, description="1 while the live diagnosis finds this bottleneck.",

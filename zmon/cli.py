@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from zmon.config import DEFAULT_LISTEN, Config, ConfigError, load_config
+from zmon.config import DEFAULT_LISTEN, Config, ConfigError, ModelConfig, load_config
 from zmon.exitcodes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from zmon.version import __version__
 
@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_profiling_parsers(sub)
     _add_tune_parser(sub)
 
+    _add_probe_parsers(sub)
+
     c = sub.add_parser("check-config", help="validate a configuration file; lists every error, exit 2 if any")
     c.add_argument("file", metavar="FILE")
 
@@ -153,6 +155,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         for p in problems:
             print(f"  - {p}", file=sys.stderr)
         return EXIT_USAGE
+    if cfg.model.devices is not None:
+        from zmon.app.workers import run_workers_main  # lazy: the workers import torch, the parent need not
+
+        return run_workers_main(cfg, linger_seconds=max(0.0, args.linger))
     from zmon.app.run import run_main  # lazy: imports torch / diffusers
 
     return run_main(cfg, linger_seconds=max(0.0, args.linger))
@@ -352,6 +358,82 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return tune_main(cfg, names, options, out_dir=out)
 
 
+# --- zmon probe interconnect ---------------------------------------------------------------------------------
+
+_SIZE_SUFFIXES = {"": 1, "B": 1, "K": 1024, "KB": 1024, "KIB": 1024, "M": 1024**2, "MB": 1024**2, "MIB": 1024**2,
+                  "G": 1024**3, "GB": 1024**3, "GIB": 1024**3}
+
+
+def _size(value: str) -> int:
+    """'64', '4K', '16MiB', '1G' → bytes (binary multiples)."""
+    text = value.strip().upper()
+    digits = text.rstrip("BKMGI")
+    suffix = text[len(digits):]
+    try:
+        n = int(digits) * _SIZE_SUFFIXES[suffix]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"expected a size like 4096, 64K, 16M or 1G, got {value!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive size, got {value!r}")
+    return n
+
+
+def _add_probe_parsers(sub: Any) -> None:
+    p = sub.add_parser("probe", help="measure the hardware zmon runs on")
+    kinds = p.add_subparsers(dest="probe", metavar="WHAT", required=True)
+    i = kinds.add_parser(
+        "interconnect",
+        help="all_reduce / all_gather bus bandwidth and latency between the local GPUs (as nccl-tests computes "
+        "them), against the link's nominal bandwidth",
+    )
+    i.add_argument("--config", "-c", metavar="FILE", help="YAML configuration (model.devices is the default)")
+    i.add_argument(
+        "--devices", metavar="LIST",
+        help='CUDA devices "0,1", "auto" (every visible one) or "cpu:N" (gloo, for a check without GPUs); '
+        "default: model.devices, else auto",
+    )
+    i.add_argument("--backend", metavar="NAME", help="nccl (default on CUDA) or gloo (default on the CPU)")
+    i.add_argument("--ops", default="all_reduce,all_gather", metavar="LIST", help="default: all_reduce,all_gather")
+    i.add_argument("--min-bytes", type=_size, default=1024, metavar="SIZE", help="smallest message (default 1K)")
+    i.add_argument("--max-bytes", type=_size, default=1024**3, metavar="SIZE", help="largest message (default 1G)")
+    i.add_argument("--factor", type=_positive_int, default=4, metavar="N", help="size step (default ×4)")
+    i.add_argument("--iters", type=_positive_int, default=20, metavar="N", help="timed calls per size (default 20)")
+    i.add_argument("--warmup", type=_non_negative_int, default=5, metavar="N", help="untimed calls first (default 5)")
+    i.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS", help="rendezvous and collective "
+                   "timeout (default 300)")
+    i.add_argument("--out", metavar="FILE.json", help="also write the figures as JSON")
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    setup_logging(cfg)
+    devices: Any = cfg.model.devices if cfg.model.devices is not None else "auto"
+    if args.devices is not None:
+        text = args.devices.strip()
+        devices = [part.strip() for part in text.split(",")] if "," in text or text.isdigit() else text
+        devices = [int(d) if isinstance(d, str) and d.isdigit() else d for d in devices] if isinstance(
+            devices, list) else devices
+        try:
+            devices = ModelConfig.model_validate({"devices": devices}).devices
+        except ValueError as e:  # pydantic's ValidationError
+            print(f"error: --devices: {_first_error(e)}", file=sys.stderr)
+            return EXIT_USAGE
+    ops = tuple(o.strip() for o in args.ops.split(",") if o.strip())
+    from zmon.app.probe import ProbeOptions, probe_main  # lazy: imports torch in the ranks' parent
+
+    options = ProbeOptions(
+        devices=devices, backend=args.backend, ops=ops, min_bytes=args.min_bytes,
+        max_bytes=args.max_bytes, factor=args.factor, iters=args.iters, warmup=args.warmup,
+        timeout_seconds=args.timeout,
+    )
+    return probe_main(options, out=Path(args.out) if args.out else None, stdout=sys.stdout, stderr=sys.stderr)
+
+
+def _first_error(e: ValueError) -> str:
+    errors = getattr(e, "errors", None)
+    return str(errors()[0]["msg"]) if callable(errors) else str(e)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -373,6 +455,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_diagnose(args)
         if args.command == "tune":
             return cmd_tune(args)
+        if args.command == "probe":
+            return cmd_probe(args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -270,6 +270,28 @@ def alloc_conf_problem(value: str) -> str | None:
     return None
 
 
+_CPU_WORKERS_RE = re.compile(r"^cpu:(\d+)$")
+_CUDA_DEVICE_RE = re.compile(r"^cuda:(\d+)$")
+MAX_WORKERS = 64
+
+
+class WorkersConfig(_Section):
+    """How `zmon run` / `zmon profile` supervise one worker process per device (owned by zmon.app.workers)."""
+
+    # A worker must have loaded its pipeline within this long after it started.
+    start_timeout_seconds: float = Field(600.0, gt=0)
+    # A worker that shows no progress (a denoise step, a generation boundary, or an idle tick) for this long
+    # is hung: it is killed and restarted. Above the longest step, torch.compile's first one included.
+    heartbeat_timeout_seconds: float = Field(300.0, gt=0)
+    # Restarts of one worker in a row (a worker that completes a generation starts counting again from 0)
+    # before it is given up; the run goes on with the others, and fails when every worker is given up.
+    max_restarts: int = Field(5, ge=0)
+    restart_backoff_seconds: float = Field(1.0, gt=0)  # first delay before a restart; doubles each time
+    max_restart_backoff_seconds: float = Field(60.0, gt=0)
+    # On SIGTERM each worker finishes its current generation; one still busy after this long is killed.
+    drain_timeout_seconds: float = Field(600.0, gt=0)
+
+
 class ModelConfig(_Section):
     """Which pipeline `zmon run` / `zmon profile` load (owned by zmon.workload.loading)."""
 
@@ -294,6 +316,55 @@ class ModelConfig(_Section):
     # torch intra-op threads (CPU work: text encoder offloaded to CPU, the embedded model); null = torch's
     # default (one per core). On a small busy host, 1 avoids oversubscription (measured 20x on 2 loaded cores).
     cpu_threads: int | None = Field(None, gt=0)
+    # Data-parallel serving: one worker process per device, each with its own pipeline and a round-robin share
+    # of the workload; metrics merged into one /metrics. null = one process on `device` (no workers).
+    # [0, 1, ...] = those CUDA devices; "auto" = every visible CUDA device; "cpu:N" = N workers on the CPU.
+    devices: tuple[int, ...] | str | None = None
+    workers: WorkersConfig = WorkersConfig()
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _devices(cls, v: Any) -> Any:
+        if v is None:
+            return None
+        if isinstance(v, str):
+            text = v.strip().lower()
+            if text == "auto":
+                return "auto"
+            m = _CPU_WORKERS_RE.match(text)
+            if m:
+                n = int(m.group(1))
+                if not 1 <= n <= MAX_WORKERS:
+                    raise ValueError(f"cpu:N needs 1 <= N <= {MAX_WORKERS}, got {n}")
+                return f"cpu:{n}"
+            raise ValueError(f'expected a list of CUDA device indices, "auto" or "cpu:N", got {v!r}')
+        if isinstance(v, (list, tuple)):
+            out: list[int] = []
+            for item in v:
+                if isinstance(item, bool):
+                    raise ValueError(f"device {item!r} is not a CUDA device index")
+                if isinstance(item, str) and (m := _CUDA_DEVICE_RE.match(item.strip().lower())):
+                    item = int(m.group(1))
+                if not isinstance(item, int) or item < 0:
+                    raise ValueError(f'device {item!r} is not a CUDA device index (0, 1, ... or "cuda:N")')
+                out.append(item)
+            if not out:
+                raise ValueError("an empty list: leave devices null for one process, or name the devices")
+            if len(set(out)) != len(out):
+                raise ValueError(f"device listed twice: {list(v)}")
+            if len(out) > MAX_WORKERS:
+                raise ValueError(f"at most {MAX_WORKERS} devices")
+            return tuple(out)
+        raise ValueError(f'expected a list of CUDA device indices, "auto" or "cpu:N", got {v!r}')
+
+    @model_validator(mode="after")
+    def _one_placement(self) -> ModelConfig:
+        if self.devices is not None and self.device != "auto":
+            raise ValueError(
+                f"set model.device ({self.device!r}) or model.devices ({self.devices!r}), not both: with devices, "
+                "each worker runs on its own device"
+            )
+        return self
 
     @field_validator("compile_mode")
     @classmethod

@@ -73,6 +73,12 @@ class FakeGpu:
     gpm_metrics: dict[int, float] = field(default_factory=dict)
     gpm_metric_errors: dict[int, int] = field(default_factory=dict)  # metric id -> its nvmlReturn code
     mig_mode: int | None = None  # current MIG mode (0 off, 1 on); None: nvmlDeviceGetMigMode NotSupported
+    # NVLink. 0 links: the NVLink functions raise NotSupported (a PCIe card, or no NVLink support).
+    nvlink_links: int = 0  # links the GPU has (link indices beyond raise InvalidArgument)
+    nvlink_down: set[int] = field(default_factory=set)  # links that are not active
+    nvlink_speed_mbps: int | None = None  # NVML_FI_DEV_NVLINK_SPEED_MBPS_COMMON; None: NotSupported
+    nvlink_tx_kib: int = 0  # NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX summed over links (KiB)
+    nvlink_rx_kib: int = 0
 
 
 @dataclass(frozen=True)
@@ -498,6 +504,38 @@ class FakeNvml:
             else:
                 m.nvmlReturn, m.value = pynvml.NVML_ERROR_NOT_SUPPORTED, 0.0
         return metrics_get
+
+    # -- NVLink ---------------------------------------------------------------------------------------
+
+    @_api
+    def nvmlDeviceGetNvLinkState(self, handle: FakeHandle, link: int) -> int:
+        gpu = self._gpu(handle, "nvmlDeviceGetNvLinkState")
+        if gpu.nvlink_links == 0:
+            raise nvml_error(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        if link >= gpu.nvlink_links:
+            raise nvml_error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        return pynvml.NVML_FEATURE_DISABLED if link in gpu.nvlink_down else pynvml.NVML_FEATURE_ENABLED
+
+    @_api
+    def nvmlDeviceGetFieldValues(self, handle: FakeHandle, field_ids: list[Any]) -> Any:
+        """pynvml's return shape: an array of c_nvmlFieldValue_t with a per-field nvmlReturn."""
+        gpu = self._gpu(handle, "nvmlDeviceGetFieldValues")
+        values = (pynvml.c_nvmlFieldValue_t * len(field_ids))()
+        for i, fid in enumerate(field_ids):
+            fid, scope = fid if isinstance(fid, tuple) else (fid, 0)
+            values[i].fieldId, values[i].scopeId = fid, scope
+            reading = {
+                pynvml.NVML_FI_DEV_NVLINK_SPEED_MBPS_COMMON: gpu.nvlink_speed_mbps,
+                pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX: gpu.nvlink_tx_kib,
+                pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX: gpu.nvlink_rx_kib,
+            }.get(fid)
+            if gpu.nvlink_links == 0 or reading is None:
+                values[i].nvmlReturn = pynvml.NVML_ERROR_NOT_SUPPORTED
+                continue
+            values[i].nvmlReturn = pynvml.NVML_SUCCESS
+            values[i].valueType = pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG
+            values[i].value.ullVal = reading
+        return values
 
     # -- slow readings --------------------------------------------------------------------------------
 

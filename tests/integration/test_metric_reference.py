@@ -40,7 +40,9 @@ def enumerations() -> dict[tuple[str, str], frozenset[str] | None]:
     the full exposition shows (each of those labels is written from a fixed list in its collector, and the
     fakes exercise every entry)."""
     from zmon.analysis.live import KINDS, VERDICTS
+    from zmon.app.supervisor import RESTART_REASONS
     from zmon.collectors import generation, policy
+    from zmon.collectors.workers import STATES
     from zmon.providers.nvml import CLOCK_EVENT_REASONS
 
     kinds = frozenset(KINDS)
@@ -61,6 +63,8 @@ def enumerations() -> dict[tuple[str, str], frozenset[str] | None]:
         ("zmon_gpu_process_memory_used_bytes", "workload"): None,
         ("zmon_alerts_sent_total", "result"): None,
         ("zmon_process_cpu_seconds_total", "mode"): None,
+        ("zmon_worker_state", "state"): frozenset(STATES),
+        ("zmon_worker_restarts_total", "reason"): frozenset(RESTART_REASONS),
     }
 
 
@@ -89,6 +93,8 @@ def _nvml() -> FakeNvml:
     fake = make_mixed()
     gpu0 = fake.gpus[0]
     gpu0.gpm_supported, gpu0.gpm_metrics = True, dict(GPM_GEMM)
+    gpu0.nvlink_links, gpu0.nvlink_down, gpu0.nvlink_speed_mbps = 18, {17}, 26_562  # an H200 SXM, one link down
+    gpu0.nvlink_tx_kib, gpu0.nvlink_rx_kib = 3 * 2**20, 2**20
     fake.inject_xid(0, 79)
     return fake
 
@@ -101,7 +107,13 @@ class Family:
 
 
 def exposition(tiny_pipe: Any, cfg: Config) -> dict[str, Family]:
-    """{series family name (counters with _total): its type and label values} of one full assembly."""
+    """{series family name (counters with _total): its type and label values} of one full assembly.
+
+    Two parts the in-process assembly does not have are added the way their own modes add them: the worker
+    families (`model.devices`: the parent's WorkerCollector over its workers' states) and the communication
+    histograms (a record whose pipeline ran collectives, as the collective-timing hook writes it)."""
+    import dataclasses
+
     import torch
 
     from zmon.app.attach import connect_in_process
@@ -110,6 +122,8 @@ def exposition(tiny_pipe: Any, cfg: Config) -> dict[str, Family]:
     from zmon.app.parts import add_policy
     from zmon.app.sources import add_allocator_source, add_host_sources, add_nvml_sources
     from zmon.collectors.generation import GenerationMetrics, PipelineFacts
+    from zmon.collectors.workers import ScalingState, WorkerCollector, WorkerStatus
+    from zmon.instrumentation.records import CommunicationTiming, GenerationRecord
 
     registry = CollectorRegistry(auto_describe=False)
     mon = Monitor(cfg.sampling, cfg.server, mode="run", registry=registry, serve_http=False)
@@ -123,7 +137,14 @@ def exposition(tiny_pipe: Any, cfg: Config) -> dict[str, Family]:
     cuda.devices[0].set(allocated=2 * GIB, reserved=4 * GIB, inactive_split=GIB)
     add_allocator_source(mon, cfg.sampling.allocator, torch_cuda=cuda)
     policy = add_policy(mon, cfg.policy, cfg.alerting, listen=ListenAddress("127.0.0.1:0"))
+    workers = [
+        WorkerStatus("cuda:0", True, "ready", {"exit": 1, "hang": 0, "start_timeout": 0}, 0.5),
+        WorkerStatus("cuda:1", False, "backoff", {"exit": 0, "hang": 1, "start_timeout": 0}, None),
+    ]
+    mon.add_collector("workers", WorkerCollector(lambda: workers, lambda: ScalingState(0.9, {"cuda:0": 1.1})))
     inst = Instrumentation(tiny_pipe, cfg.workload, metrics, model_id=MODEL)
+    records: list[GenerationRecord] = []
+    inst.record_listeners.append(records.append)
     try:
         connect_in_process(mon, cfg, inst, policy)
         for _ in range(2):  # two samples: rates and GPM need a previous one, at least 100 ms before
@@ -136,6 +157,8 @@ def exposition(tiny_pipe: Any, cfg: Config) -> dict[str, Family]:
                       generator=torch.Generator("cpu").manual_seed(seed))
         with pytest.raises(TypeError):
             tiny_pipe("x", no_such_argument=1)
+        comm = (CommunicationTiming("denoise_step", 0.004, 3, 0), CommunicationTiming("denoise_step", 0.005, 3, 1))
+        metrics.observe(dataclasses.replace(records[0], communication=comm, world_size=2))
         if policy is not None:
             policy.runner.gate.submit("gc_collect", "test")
             policy.runner.idle_tick()

@@ -26,7 +26,7 @@ __all__ = [
     "format_value",
 ]
 
-Verdict = Literal["cpu_bound", "memory_bound", "kernel_issue", "io_or_caching", "optimized"]
+Verdict = Literal["network_bound", "cpu_bound", "memory_bound", "kernel_issue", "io_or_caching", "optimized"]
 Level = Literal["high", "medium", "low"]
 Comparison = Literal["<", "<=", ">", ">=", "info"]
 Answer = Literal["yes", "no", "not_measured"]
@@ -370,12 +370,23 @@ class FlowRule:
     question: str
     action: str
     answer: Callable[[ProfileFacts, Thresholds], tuple[Answer, str, tuple[Evidence, ...]]]
+    # Asked only where this holds (None: always); a question that does not apply leaves no step behind.
+    applies: Callable[[ProfileFacts], bool] | None = None
 
 
 def _yes_no(evidence: Evidence) -> Answer:
     if evidence.holds is None:
         return "not_measured"
     return "yes" if evidence.holds else "no"
+
+
+def _q_network(f: ProfileFacts, t: Thresholds) -> tuple[Answer, str, tuple[Evidence, ...]]:
+    mg = f.multi_gpu
+    assert mg is not None
+    ev = measure(t, "nccl_share_high", "time in collectives", mg.nccl_time_share, "ratio")
+    steps = info("collectives share of denoise steps", mg.step_communication_share, "ratio")
+    gpus = info("GPUs", float(mg.gpu_count), "count")
+    return _yes_no(ev), "time the generating stream waited in collectives", (ev, steps, gpus)
 
 
 def _q_gpu_util(f: ProfileFacts, t: Thresholds) -> tuple[Answer, str, tuple[Evidence, ...]]:
@@ -457,6 +468,16 @@ def _q_io(f: ProfileFacts, t: Thresholds) -> tuple[Answer, str, tuple[Evidence, 
 
 
 FLOWCHART: tuple[FlowRule, ...] = (
+    # Asked first, and only when the work spans several GPUs: a rank waiting for its peers keeps its GPU
+    # "busy" (NCCL kernels spin), so the utilization question below cannot see it; the time in collectives can.
+    FlowRule(
+        "network_bound",
+        "Do inter-GPU collectives take more than the threshold of the generation time?",
+        "multi-GPU network bottleneck: keep the ranks on NVLink-connected GPUs, shard less (a smaller context-"
+        "parallel degree, or data-parallel workers), overlap communication with compute",
+        _q_network,
+        applies=lambda f: f.multi_gpu is not None,
+    ),
     FlowRule(
         "cpu_bound",
         "Is the GPU idle for more than the threshold over whole generations, with the CPU side behind it?",
@@ -762,7 +783,7 @@ def _multi_gpu_network(f: ProfileFacts, t: Thresholds) -> Outcome:
     mg = f.multi_gpu
     if mg is None:
         return Outcome(False, "single GPU", (info("GPUs", 1.0, "count"),))
-    nccl = measure(t, "nccl_share_high", "time in NCCL collectives", mg.nccl_time_share, "ratio")
+    nccl = measure(t, "nccl_share_high", "time in collectives", mg.nccl_time_share, "ratio")
     eff = measure(t, "scaling_efficiency_low", "scaling efficiency (speedup / GPUs)", mg.scaling_efficiency, "ratio")
     evidence = (info("GPUs", float(mg.gpu_count), "count"), nccl, eff)
     if not (nccl.holds or eff.holds):
@@ -887,6 +908,8 @@ def diagnose(facts: ProfileFacts, thresholds: Thresholds | None = None) -> Diagn
     action = OPTIMIZED_ACTION
     summary = "every flowchart question answered no or not measured"
     for rule in FLOWCHART:
+        if rule.applies is not None and not rule.applies(facts):
+            continue
         answer, basis, evidence = rule.answer(facts, t)
         steps.append(FlowStep(rule.verdict, rule.question, answer, basis, evidence))
         if answer == "yes":

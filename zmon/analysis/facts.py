@@ -269,11 +269,18 @@ class IoFacts:
 
 @dataclass(frozen=True)
 class MultiGpuFacts:
-    """Only present when the pipeline spans several GPUs."""
+    """Only present when the work spans several GPUs: one pipeline across ranks (context parallel), or
+    data-parallel workers (one pipeline per GPU)."""
 
     gpu_count: int
-    nccl_time_share: float | None = None  # share of generation time inside NCCL kernels (from a trace)
-    speedup_vs_single: float | None = None  # single-GPU latency / multi-GPU latency at equal work
+    # Share of generation time the generating stream waited in collectives (NCCL, or gloo on CPU), from the
+    # generation records' communication timings (or a trace).
+    nccl_time_share: float | None = None
+    # Data parallel: aggregate images/s / one worker's steady-state images/s; context parallel: single-GPU
+    # latency / multi-GPU latency at equal work, when measured.
+    speedup_vs_single: float | None = None
+    communication_mean_seconds: float | None = None  # per generation, in collectives
+    step_communication_share: float | None = None  # of the denoise steps' time, in collectives
 
     @property
     def scaling_efficiency(self) -> float | None:
@@ -492,6 +499,32 @@ def _stage_split(records: Sequence[GenerationRecord]) -> StageSplit:
     )
 
 
+def _communication(records: Sequence[GenerationRecord], given: MultiGpuFacts | None) -> MultiGpuFacts | None:
+    """`given` completed with what the records' collective timings say (when they were measured)."""
+    measured = [r for r in records if r.communication is not None and r.world_size]
+    if not measured:
+        return given
+    comm = [r.communication_seconds() or 0.0 for r in measured]
+    total = sum(r.total_seconds for r in measured)
+    step_time = sum(sum(r.step_seconds()) for r in measured)
+    step_comm = sum(sum(r.step_communication_seconds() or ()) for r in measured)
+    world = _mode(r.world_size for r in measured) or 1
+    derived = MultiGpuFacts(
+        gpu_count=world,
+        nccl_time_share=_ratio(sum(comm), total),
+        communication_mean_seconds=mean(comm),
+        step_communication_share=_ratio(step_comm, step_time),
+    )
+    if given is None:
+        return derived
+    return replace(
+        given,
+        nccl_time_share=_first(given.nccl_time_share, derived.nccl_time_share),
+        communication_mean_seconds=_first(given.communication_mean_seconds, derived.communication_mean_seconds),
+        step_communication_share=_first(given.step_communication_share, derived.step_communication_share),
+    )
+
+
 def _complete_memory(
     memory: MemoryFacts, records: Sequence[GenerationRecord], gpu_samples: Sequence[GpuPoint]
 ) -> MemoryFacts:
@@ -683,7 +716,7 @@ def build_facts(
         utilization=utilization,
         memory=_complete_memory(memory or MemoryFacts(), records, gpu),  # warm-up peaks count too
         io=io_facts,
-        multi_gpu=multi_gpu if multi_gpu is None or multi_gpu.gpu_count > 1 else None,
+        multi_gpu=multi if (multi := _communication(base, multi_gpu)) is None or multi.gpu_count > 1 else None,
     )
 
 

@@ -35,6 +35,7 @@ STAGE_COLORS = {
 SERIES_COLORS = ("#2e86ab", "#e4572e", "#76b041", "#a05195")
 VERDICT_COLORS = {
     "optimized": "#2f8f4e",
+    "network_bound": "#c0392b",
     "cpu_bound": "#c0392b",
     "memory_bound": "#c0392b",
     "kernel_issue": "#d68910",

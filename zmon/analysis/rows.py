@@ -154,7 +154,9 @@ def multi_gpu_rows(facts: ProfileFacts) -> list[tuple[str, str]]:
         return []
     return [
         ("GPUs", str(mg.gpu_count)),
-        ("time in NCCL", fmt(mg.nccl_time_share, "ratio")),
+        ("time in collectives (NCCL/gloo)", fmt(mg.nccl_time_share, "ratio")),
+        ("collectives per generation", fmt(mg.communication_mean_seconds, "s")),
+        ("collectives share of denoise steps", fmt(mg.step_communication_share, "ratio")),
         ("speedup vs one GPU", fmt(mg.speedup_vs_single, "x")),
         ("scaling efficiency", fmt(mg.scaling_efficiency, "ratio")),
     ]

@@ -1,7 +1,8 @@
 """A pipeline instrumented for monitoring: the hooks, and where each generation's record goes.
 
 One `Instrumentation` per monitored pipeline (`zmon run`, `zmon.attach`): safe-point boundaries, stage
-timing and (per config) the prompt cache on the pipeline's HookRegistry; every GenerationRecord goes to the
+timing, collective timing (multi-GPU pipelines) and (per config) the prompt cache on the pipeline's
+HookRegistry; every GenerationRecord goes to the
 generation metrics, the JSONL log and the record listeners (policy figures, live diagnosis).
 """
 
@@ -15,6 +16,7 @@ from zmon.collectors.generation import GenerationMetrics, PipelineFacts
 from zmon.config import WorkloadConfig
 from zmon.instrumentation import anatomy
 from zmon.instrumentation.boundaries import Boundaries, apply_boundaries
+from zmon.instrumentation.collectives import CollectiveTimingHandle, apply_collective_timing
 from zmon.instrumentation.hooks import HookRegistry
 from zmon.instrumentation.jsonl import JsonlLog
 from zmon.instrumentation.prompt_cache import PromptCacheHandle, apply_prompt_cache
@@ -53,6 +55,7 @@ class Instrumentation:
         self.jsonl: JsonlLog | None = None
         self.prompt_cache: PromptCacheHandle | None = None
         self.stage_timing: StageTimingHandle | None = None
+        self.collectives: CollectiveTimingHandle | None = None
         self.owner: Any = None  # the Handle or run session that applied it (named in errors)
         # Other consumers of each GenerationRecord (policy figures, live diagnosis), called after metrics.
         self.record_listeners: list[RecordListener] = []
@@ -73,6 +76,10 @@ class Instrumentation:
                 self.prompt_cache = cache
                 metrics.set_prompt_cache(cache)
                 self._undo.append(cache.remove)
+            # Time in torch.distributed collectives, when the pipeline spans several GPUs (context parallel).
+            collectives = apply_collective_timing(pipe)
+            self.collectives = collectives
+            self._undo.append(collectives.remove)
             timing = apply_stage_timing(pipe, StageTimingConfig(on_record=self._on_record))
             self.stage_timing = timing
             self._undo.append(timing.remove)

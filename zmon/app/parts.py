@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from zmon.alerting import AlertmanagerClient
-from zmon.analysis.facts import EnvironmentFacts, IoFacts
+from zmon.analysis.facts import EnvironmentFacts, IoFacts, MultiGpuFacts
 from zmon.analysis.stats import rate
 from zmon.app.monitor import Monitor
 from zmon.capture.environment import environment_facts
@@ -156,23 +156,26 @@ def add_live_diagnosis(
     window_seconds: float = DEFAULT_WINDOW_SECONDS,
     interval_seconds: float = DEFAULT_INTERVAL_SECONDS,
     io: IoFacts | None = None,
+    environment: Callable[[], EnvironmentFacts | None] | None = None,
+    multi_gpu: Callable[[], MultiGpuFacts | None] | None = None,
 ) -> LiveDiagnosis:
     """The "diagnosis" source (every `interval_seconds`), the zmon_bottleneck* collector and GET /diagnosis.
 
     Feed it every GenerationRecord (`live.observe`); with `pipe` its environment is described from the
-    pipeline (once, lazily).
+    pipeline (once, lazily), else by `environment` when given (data-parallel workers: what a worker said).
     """
     history = SampleHistory(
         mon.store, (NVML, HOST, PROCESS, ALLOCATOR, DISK), max_age_seconds=window_seconds + HISTORY_MARGIN_SECONDS
     )
     mon.sampler.add_listener(history.on_sample)
-    environment: Callable[[], EnvironmentFacts | None] | None = None
     if pipe is not None:
 
         def environment() -> EnvironmentFacts:
             return environment_facts(pipe, model_id=model_id or type(pipe).__name__)
 
-    live = LiveDiagnosis(history, thresholds, window_seconds=window_seconds, environment=environment, io=io)
+    live = LiveDiagnosis(
+        history, thresholds, window_seconds=window_seconds, environment=environment, io=io, multi_gpu=multi_gpu
+    )
     mon.add_source(DIAGNOSIS, live.evaluate_state, interval_seconds)
     mon.add_collector("bottleneck", BottleneckCollector(mon.store), sources=(DIAGNOSIS,))
     mon.http.add_route("/diagnosis", diagnosis_handler(live), methods=("GET", "HEAD"))

@@ -18,6 +18,7 @@ from zmon.analysis.facts import (
     IoFacts,
     IoPoint,
     MemoryFacts,
+    MultiGpuFacts,
     ProfileFacts,
     build_facts,
     cpu_points_from_counters,
@@ -151,12 +152,14 @@ def window_facts(
     created_at: float | None = None,
     first_generation_in_window: bool = True,
     outlier_ratio: float = 3.0,
+    multi_gpu: MultiGpuFacts | None = None,
 ) -> ProfileFacts:
     """Facts of consecutive generations (oldest first) and what the sampler saw since `since`.
 
     The environment's card name and driver come from NVML when the caller could not tell; the card's
     memory from NVML, else CUDA. `first_generation_in_window` False drops the first-generation slowdown
-    (a rolling window whose oldest generation is not the process's first).
+    (a rolling window whose oldest generation is not the process's first). `multi_gpu`: what the caller knows
+    of a multi-GPU setup (data-parallel workers); the records' collective timings complete it.
     """
     device = env.device
     gpu, latest = gpu_points(history, device, resolver, since)
@@ -177,6 +180,7 @@ def window_facts(
         memory=memory_facts(history.latest(ALLOCATOR), device, total),
         io=io,
         env=env,
+        multi_gpu=multi_gpu,
         warmup=warmup,
         created_at=created_at,
         outlier_ratio=outlier_ratio,

@@ -15,7 +15,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 
 from zmon.analysis.diagnosis import diagnose
-from zmon.analysis.facts import EnvironmentFacts, IoFacts
+from zmon.analysis.facts import EnvironmentFacts, IoFacts, MultiGpuFacts
 from zmon.analysis.live import LIVE_FIXES, VERDICTS, LiveSnapshot
 from zmon.capture.inputs import GpuResolver, window_facts
 from zmon.collectors.bottleneck import BottleneckState, FindingState
@@ -35,7 +35,8 @@ class LiveDiagnosis:
     """A rolling window of generation records over a SampleHistory; `evaluate()` diagnoses it.
 
     `observe(record)` takes every GenerationRecord (a record listener). `environment` describes the
-    pipeline (asked once, lazily: it reads the pipeline's parameters).
+    pipeline (asked once, lazily: it reads the pipeline's parameters). `multi_gpu`, asked at each
+    evaluation, describes data-parallel workers (their count and scaling).
     """
 
     def __init__(
@@ -47,6 +48,7 @@ class LiveDiagnosis:
         min_generations: int = DEFAULT_MIN_GENERATIONS,
         environment: Callable[[], EnvironmentFacts | None] | None = None,
         io: IoFacts | None = None,
+        multi_gpu: Callable[[], MultiGpuFacts | None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if window_seconds <= 0:
@@ -58,6 +60,7 @@ class LiveDiagnosis:
         self._environment = environment
         self._env: EnvironmentFacts | None = None
         self._io = io
+        self._multi_gpu = multi_gpu
         self._clock = clock
         self._lock = threading.Lock()
         self._records: deque[GenerationRecord] = deque()
@@ -100,6 +103,7 @@ class LiveDiagnosis:
             created_at=now,
             first_generation_in_window=first_in_window,
             outlier_ratio=self.thresholds.outlier_ratio_high,
+            multi_gpu=self._multi_gpu() if self._multi_gpu is not None else None,
         )
         snap = LiveSnapshot(
             now, self.window_seconds, len(ok), self.min_generations, diagnose(facts, self.thresholds), facts

@@ -21,6 +21,7 @@ from zmon.capture.inputs import GpuResolver, window_facts
 from zmon.capture.progress import Progress
 from zmon.capture.trace import MemorySnapshotUnavailable, TraceOutputs, capture_memory_snapshot, capture_trace
 from zmon.config import Config
+from zmon.instrumentation.collectives import apply_collective_timing
 from zmon.instrumentation.prompt_cache import apply_prompt_cache
 from zmon.instrumentation.records import GenerationRecord
 from zmon.instrumentation.stages import StageTimingConfig, apply_stage_timing
@@ -175,6 +176,7 @@ def profile_pipeline(
     snapshot: Path | None = None
     try:
         timing = apply_stage_timing(pipe, StageTimingConfig(on_record=records.append))
+        collectives = apply_collective_timing(pipe)
         sampling.start()
         try:
             if not sampling.wait_ready(READY_TIMEOUT_SECONDS):
@@ -191,6 +193,7 @@ def profile_pipeline(
             sampling.sample_now()  # closes the last interval at the end of the last generation
         finally:
             sampling.stop()
+            collectives.remove()
             timing.remove()
         failures = sampling.sample_failures()
 

@@ -34,6 +34,8 @@ STAGE_LABELS: tuple[tuple[str, str], ...] = (
     ("vae_decode", "vae_decode"),
     ("postprocess", "postprocess"),
 )
+# Where collectives are attributed: the stages, and "other" (in the call, outside every timed stage).
+COMMUNICATION_LABELS: tuple[tuple[str, str], ...] = (*STAGE_LABELS, ("other", "other"))
 STATUSES = ("ok", "oom", "error")
 MAX_RESOLUTION_LABELS = 16
 OTHER_RESOLUTION = "other"
@@ -48,9 +50,14 @@ DEFAULT_STEPS = 50
 
 
 class PromptCacheStats(Protocol):
-    hits: int
-    misses: int
-    evictions: int
+    @property
+    def hits(self) -> int: ...
+
+    @property
+    def misses(self) -> int: ...
+
+    @property
+    def evictions(self) -> int: ...
 
     @property
     def size(self) -> int: ...
@@ -105,6 +112,8 @@ class _Acc:
     generations: dict[tuple[str, ...], int] = field(default_factory=dict)
     images: dict[tuple[str, ...], int] = field(default_factory=dict)
     steps: dict[tuple[str, ...], int] = field(default_factory=dict)
+    communication: dict[tuple[str, ...], _Histogram] = field(default_factory=dict)
+    step_communication: dict[tuple[str, ...], _Histogram] = field(default_factory=dict)
 
 
 class GenerationMetrics:
@@ -205,7 +214,21 @@ class GenerationMetrics:
                 step_h.observe(s, self._bounds)
             acc.images[base] = acc.images.get(base, 0) + record.batch_size
             acc.steps[base] = acc.steps.get(base, 0) + record.steps
+            if record.communication is not None:
+                self._observe_communication(record, base)
             self._check_misconfiguration(record)
+
+    def _observe_communication(self, record: GenerationRecord, base: tuple[str, ...]) -> None:
+        """Time in collectives per stage (every stage the call ran, 0 where it issued none) and per step."""
+        acc = self._acc
+        ran = {s.stage for s in record.stages} | {c.stage for c in record.communication or ()}
+        for label, stage in COMMUNICATION_LABELS:
+            if stage in ran:
+                h = acc.communication.setdefault((label, *base), _Histogram(len(self._bounds)))
+                h.observe(record.communication_seconds(stage) or 0.0, self._bounds)
+        step_h = acc.step_communication.setdefault(base, _Histogram(len(self._bounds)))
+        for s in record.step_communication_seconds() or ():
+            step_h.observe(s, self._bounds)
 
     def _check_misconfiguration(self, record: GenerationRecord) -> None:
         if not self.facts.distilled:
@@ -235,6 +258,8 @@ class GenerationMetrics:
             stage = {k: (h.buckets(self._bounds), h.sum) for k, h in acc.stage.items()}
             gen = {k: (h.buckets(self._bounds), h.sum) for k, h in acc.generation.items()}
             step = {k: (h.buckets(self._bounds), h.sum) for k, h in acc.step.items()}
+            comm = {k: (h.buckets(self._bounds), h.sum) for k, h in acc.communication.items()}
+            step_comm = {k: (h.buckets(self._bounds), h.sum) for k, h in acc.step_communication.items()}
             generations, images, steps = dict(acc.generations), dict(acc.images), dict(acc.steps)
             in_progress, last_ts = self._in_progress, self._last_ts
             misconfig = dict(self._misconfig)
@@ -263,6 +288,25 @@ class GenerationMetrics:
         for k, (b, s) in sorted(step.items()):
             h.add_metric(list(k), b, s)
         yield h
+
+        if comm:  # only pipelines that span several GPUs (torch.distributed) have these
+            h = HistogramMetricFamily(
+                "zmon_stage_communication_seconds",
+                "Time the generating stream waited in torch.distributed collectives per stage of one "
+                "successful generation (denoise: all steps; other: outside every stage).",
+                labels=["stage", *base],
+            )
+            for k, (b, s) in sorted(comm.items()):
+                h.add_metric(list(k), b, s)
+            yield h
+            h = HistogramMetricFamily(
+                "zmon_denoise_step_communication_seconds",
+                "Time the generating stream waited in torch.distributed collectives during one denoising step.",
+                labels=base,
+            )
+            for k, (b, s) in sorted(step_comm.items()):
+                h.add_metric(list(k), b, s)
+            yield h
 
         c = CounterMetricFamily(
             "zmon_generations", "Pipeline calls by outcome (ok, oom, error).", labels=["status", *base]

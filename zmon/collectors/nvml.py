@@ -227,6 +227,23 @@ class NvmlCollector:
             ),
         )
 
+        # NVLink as the driver describes it: only on hosts whose GPUs have NVLink (absent, not 0, elsewhere).
+        if any(g.nvlink_links_active is not None for g in gpus):
+            yield self._per_gpu(
+                GaugeMetricFamily("zmon_gpu_nvlink_links_active", "NVLinks of the GPU that are up.", labels=["gpu"]),
+                gpus,
+                lambda g: g.nvlink_links_active,
+            )
+            yield self._per_gpu(
+                GaugeMetricFamily(
+                    "zmon_gpu_nvlink_bandwidth_bytes_per_second",
+                    "Nominal NVLink bandwidth of the GPU in each direction: active links × link speed.",
+                    labels=["gpu"],
+                ),
+                gpus,
+                lambda g: g.nvlink_bandwidth_bytes_per_second,
+            )
+
         processes = GaugeMetricFamily(
             "zmon_gpu_process_memory_used_bytes",
             "GPU memory used by a process; workload is true for the watched generation service.",
@@ -254,6 +271,23 @@ class NvmlCollector:
             if p.rx_bytes_per_second is not None:
                 rx.add_metric([str(p.index)], p.rx_bytes_per_second)
         yield from (tx, rx)
+        if any(p.nvlink_tx_bytes is not None or p.nvlink_rx_bytes is not None for p in s.gpus):
+            sent = CounterMetricFamily(
+                "zmon_gpu_nvlink_transmitted_bytes",
+                "Data the GPU sent over all its NVLinks since the driver loaded (read on the slow job).",
+                labels=["gpu"],
+            )
+            received = CounterMetricFamily(
+                "zmon_gpu_nvlink_received_bytes",
+                "Data the GPU received over all its NVLinks since the driver loaded (read on the slow job).",
+                labels=["gpu"],
+            )
+            for p in s.gpus:
+                if p.nvlink_tx_bytes is not None:
+                    sent.add_metric([str(p.index)], float(p.nvlink_tx_bytes))
+                if p.nvlink_rx_bytes is not None:
+                    received.add_metric([str(p.index)], float(p.nvlink_rx_bytes))
+            yield from (sent, received)
 
     @staticmethod
     def _per_gpu(family: _Family, gpus: list[GpuSample], reading: _Reading) -> _Family:

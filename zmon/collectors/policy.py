@@ -13,7 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from zmon.alerting.alertmanager import DeliveryStats
-from zmon.policy.actions import PolicyState
+from zmon.policy.actions import PolicySnapshot
 from zmon.policy.engine import RULE_STATE_VALUES
 
 ACTIONS = ("empty_cache", "gc_collect")
@@ -24,8 +24,14 @@ class _HasStats(Protocol):
     def stats(self) -> DeliveryStats: ...
 
 
+class _HasSnapshot(Protocol):
+    def snapshot(self) -> PolicySnapshot: ...
+
+
 class PolicyCollector:
-    def __init__(self, state: PolicyState, alerts: _HasStats | None = None) -> None:
+    """`state`: a PolicyState, or anything with its snapshot() (the merge of data-parallel workers' states)."""
+
+    def __init__(self, state: _HasSnapshot, alerts: _HasStats | None = None) -> None:
         self.state = state
         self.alerts = alerts
 

@@ -33,7 +33,7 @@ def record_to_dict(record: GenerationRecord, *, model: str) -> dict[str, Any]:
         for key, stage in _STAGE_KEYS
     }
     ts = dt.datetime.fromtimestamp(record.started_at, tz=dt.timezone.utc)
-    return {
+    out: dict[str, Any] = {
         "timestamp": ts.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         "unix": round(record.started_at, 6),
         "status": record.status,
@@ -57,6 +57,15 @@ def record_to_dict(record: GenerationRecord, *, model: str) -> dict[str, Any]:
         "compiles": record.compiles,
         "timing_method": record.timing_method,
     }
+    if record.communication is not None:  # multi-GPU pipelines only: single-GPU lines keep their shape
+        spans = {c.stage for c in record.communication}
+        out["communication_seconds"] = {
+            key: record.communication_seconds(stage) for key, stage in (*_STAGE_KEYS, ("other", "other"))
+            if stage in spans
+        }
+        out["step_communication_seconds"] = record.step_communication_seconds()
+        out["world_size"] = record.world_size
+    return out
 
 
 def _error_kind(error: str | None) -> str | None:

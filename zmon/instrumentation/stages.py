@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Final
 import torch
 
 from zmon.instrumentation.anatomy import execution_device
+from zmon.instrumentation.collectives import COLLECTIVES_NOTE, CommunicationResult
 from zmon.instrumentation.hooks import CallContext, HookRegistry, MethodWrapper, PipelineHook, Target
 from zmon.instrumentation.records import GenerationRecord, Stage, StageTiming, Status
 from zmon.providers import cuda
@@ -286,6 +287,7 @@ class StageTimingHandle(PipelineHook):
             peak_alloc, peak_reserved = cuda.peak_memory(state.device)
         forwards_per_step = state.forwards / state.steps if state.steps else 0.0
         lookups = ctx.notes.get(PROMPT_CACHE_NOTE)
+        comm = [c for c in ctx.notes.get(COLLECTIVES_NOTE, ()) if isinstance(c, CommunicationResult)]
         return GenerationRecord(
             started_at=state.started_at,
             total_seconds=offsets[-1],
@@ -307,6 +309,8 @@ class StageTimingHandle(PipelineHook):
             compiles=max(0, compiled_graphs() - state.graphs_before),
             error=error,
             extra={"pipeline": self._original_class_name(), "denoiser_forwards": str(state.forwards)},
+            communication=comm[-1].timings if comm else None,
+            world_size=comm[-1].world_size if comm else None,
         )
 
     def _original_class_name(self) -> str:

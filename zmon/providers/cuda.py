@@ -104,6 +104,21 @@ def current_device() -> int:
     return int(load_torch_cuda().current_device())
 
 
+def device_count() -> int:
+    """CUDA devices visible to this process (0 without CUDA); creates no context."""
+    try:
+        cuda = load_torch_cuda()
+        return int(cuda.device_count()) if cuda.is_available() else 0
+    except (SourceUnavailable, RuntimeError):
+        return 0
+
+
+def set_device(index: int) -> None:
+    """Make `index` this process's current CUDA device, before anything touches CUDA: a worker that owns one
+    GPU then creates no context on device 0 (torch's default), and calls without a device mean its own."""
+    load_torch_cuda().set_device(index)
+
+
 def device_index(device: str) -> int | None:
     """'cuda:1' → 1, 'cuda' → the current CUDA device, anything else (cpu, mps) → None."""
     if not device.startswith("cuda"):

@@ -50,7 +50,14 @@ _CONSTANTS: dict[str, int] = {
     "NVML_GPM_METRIC_DRAM_BW_UTIL": 10,
     "NVML_GPM_METRIC_NVLINK_TOTAL_RX_PER_SEC": 60,
     "NVML_GPM_METRIC_NVLINK_TOTAL_TX_PER_SEC": 61,
+    "NVML_NVLINK_MAX_LINKS": 18,
+    "NVML_FEATURE_ENABLED": 1,
+    "NVML_FI_DEV_NVLINK_SPEED_MBPS_COMMON": 90,
+    "NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX": 138,
+    "NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX": 139,
+    "NVML_VALUE_TYPE_DOUBLE": 0,
 }
+_ALL_LINKS = 0xFFFFFFFF  # a field's scopeId for the sum over every NVLink of the GPU
 _PSTATE_UNKNOWN = 32  # NVML_PSTATE_UNKNOWN
 _MAX_EVENTS_PER_SAMPLE = 64  # bounds one drain of an Xid storm; the rest is read on the next tick
 
@@ -154,6 +161,16 @@ class GpuSample:
     dram_bandwidth_utilization_ratio: float | None = None  # DRAM throughput / its theoretical peak, 0..1
     nvlink_rx_bytes_per_second: float | None = None  # received over all NVLinks
     nvlink_tx_bytes_per_second: float | None = None  # sent over all NVLinks
+    # NVLink as the driver describes it (read once per handle); None without NVLink (PCIe only) or support.
+    nvlink_links_active: int | None = None  # `nvidia-smi nvlink -s`: links up
+    nvlink_link_bytes_per_second: float | None = None  # one link's speed, each direction (NVML: MBps)
+
+    @property
+    def nvlink_bandwidth_bytes_per_second(self) -> float | None:
+        """Nominal NVLink bandwidth of the GPU in each direction: active links × link speed."""
+        if self.nvlink_links_active is None or self.nvlink_link_bytes_per_second is None:
+            return None
+        return self.nvlink_links_active * self.nvlink_link_bytes_per_second
 
     @property
     def clock_events(self) -> tuple[tuple[str, bool], ...] | None:
@@ -180,6 +197,10 @@ class PcieSample:
     index: int
     tx_bytes_per_second: float | None  # from the GPU to the host
     rx_bytes_per_second: float | None  # from the host to the GPU
+    # Data sent / received over all the GPU's NVLinks since the driver loaded (classic throughput counters,
+    # any GPU with NVLink); None without NVLink.
+    nvlink_tx_bytes: int | None = None
+    nvlink_rx_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -233,6 +254,8 @@ class _GpuState:
     # sample, so a tick allocates nothing.
     gpm_samples: list[Any] | None = None
     gpm_taken_at: float | None = None  # clock time of the sample in gpm_samples[0]; None: no interval start yet
+    nvlink_links: int | None = None  # active NVLinks; None: no NVLink here
+    nvlink_link_bytes_per_second: float | None = None
 
 
 def _text(value: Any) -> str | None:
@@ -394,6 +417,7 @@ class NvmlProvider:
             gpu.sm_clock_max_hertz = _mega(
                 self._query("nvmlDeviceGetMaxClockInfo", handle, self._const("NVML_CLOCK_SM"))
             )
+            gpu.nvlink_links, gpu.nvlink_link_bytes_per_second = self._read_nvlink(handle)
             gpu.event_set = self._register_xid_events(handle)
             self._arm_gpm(gpu, handle)
         except _GpuLost as e:
@@ -406,6 +430,36 @@ class NvmlProvider:
         gpu.handle = handle
         gpu.lost_error = None
         return True
+
+    def _read_nvlink(self, handle: Any) -> tuple[int | None, float | None]:
+        """(active links, one link's bytes/s each way), read once per handle: (None, None) without NVLink.
+
+        Links are probed from 0 until NVML refuses an index (a GPU has fewer links than the maximum)."""
+        enabled = self._const("NVML_FEATURE_ENABLED")
+        active, probed = 0, 0
+        for link in range(int(self._const("NVML_NVLINK_MAX_LINKS"))):
+            ok, state = self._call("nvmlDeviceGetNvLinkState", handle, link)
+            if not ok:
+                break
+            probed += 1
+            active += int(state == enabled)
+        if probed == 0:
+            return None, None
+        speed = self._field(handle, "NVML_FI_DEV_NVLINK_SPEED_MBPS_COMMON")
+        return active, None if speed is None or speed <= 0 else speed * 1e6
+
+    def _field(self, handle: Any, field: str, scope: int | None = None) -> float | None:
+        """One NVML field value (nvmlDeviceGetFieldValues), or None where NVML cannot give it."""
+        fid = int(self._const(field))
+        values = self._query("nvmlDeviceGetFieldValues", handle, [fid if scope is None else (fid, scope)])
+        if not values:
+            return None
+        v = values[0]
+        if v.nvmlReturn != self._const("NVML_SUCCESS"):
+            return None
+        if v.valueType == self._const("NVML_VALUE_TYPE_DOUBLE"):
+            return float(v.value.dVal)
+        return float(v.value.ullVal)  # the union's widest integer member reads every integer type
 
     def _register_xid_events(self, handle: Any) -> Any:
         """A new event set with this GPU's critical Xid events, or None where events are not supported."""
@@ -651,6 +705,8 @@ class NvmlProvider:
             dram_bandwidth_utilization_ratio=gpm.get("dram_bandwidth_utilization_ratio"),
             nvlink_rx_bytes_per_second=gpm.get("nvlink_rx_bytes_per_second"),
             nvlink_tx_bytes_per_second=gpm.get("nvlink_tx_bytes_per_second"),
+            nvlink_links_active=gpu.nvlink_links,
+            nvlink_link_bytes_per_second=gpu.nvlink_link_bytes_per_second,
         )
 
     def _ecc(self, q: Any, h: Any) -> tuple[int | None, ...]:
@@ -678,17 +734,22 @@ class NvmlProvider:
         return tuple(ProcessSample(pid, mem, pid == self._watched_pid) for pid, mem in sorted(used.items()))
 
     def sample_slow(self) -> NvmlSlowSample:
-        """PCIe tx/rx throughput of every GPU that is up; blocks ~20 ms per call (2 calls per GPU)."""
+        """PCIe tx/rx throughput of every GPU that is up; blocks ~20 ms per call (2 calls per GPU). GPUs with
+        NVLink add their NVLink data counters (one field-value call each, ~1-3 ms)."""
         with self._lock:
             if self._closed:
                 raise RuntimeError("NVML provider is closed")
-            handles = [(g.index, g.handle) for g in self._gpus if g.handle is not None]
+            handles = [(g.index, g.handle, g.nvlink_links) for g in self._gpus if g.handle is not None]
         # Not under the lock: the fast sample must not wait for these. Loss is handled by the fast sample.
         out = []
-        for index, h in handles:
+        for index, h, links in handles:
+            nvtx = nvrx = None
             try:
                 tx = self._query("nvmlDeviceGetPcieThroughput", h, self._const("NVML_PCIE_UTIL_TX_BYTES"))
                 rx = self._query("nvmlDeviceGetPcieThroughput", h, self._const("NVML_PCIE_UTIL_RX_BYTES"))
+                if links:  # NVLink data counters, summed over the links: KiB since the driver loaded
+                    nvtx = self._field(h, "NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX", _ALL_LINKS)
+                    nvrx = self._field(h, "NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX", _ALL_LINKS)
             except _GpuLost:
                 continue
             # NVML reports KB/s (1 KB = 1024 bytes).
@@ -697,6 +758,8 @@ class NvmlProvider:
                     index,
                     None if tx is None else float(tx) * 1024.0,
                     None if rx is None else float(rx) * 1024.0,
+                    None if nvtx is None else int(nvtx) * 1024,
+                    None if nvrx is None else int(nvrx) * 1024,
                 )
             )
         return NvmlSlowSample(tuple(out))

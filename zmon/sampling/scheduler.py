@@ -183,6 +183,16 @@ class Sampler:
             log.debug("source %s: tick skipped (%s)", name,
                       "late" if event.code == EVENT_JOB_MISSED else "previous sample still running")
 
+    def publish(self, name: str, data: Any) -> None:
+        """A sample taken elsewhere (a worker process): stored and announced to the listeners like one this
+        sampler took, so histories, the policy and the render cache see it the same way."""
+        self.store.put(name, data, 0.0)
+        for fn in self._listeners:
+            try:
+                fn(name, True)
+            except Exception:
+                log.exception("sample listener failed")
+
     def _unschedule(self, name: str) -> None:
         with self._lock:
             self._retry_at[name] = float("inf")  # from now on the job is a no-op even if it fires again

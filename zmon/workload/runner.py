@@ -7,9 +7,11 @@ already instrumented by the composition root (zmon.app); nothing here knows abou
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +24,7 @@ from zmon.workload.spec import WorkloadSpec
 
 log = logging.getLogger(__name__)
 
+HEARTBEAT_SECONDS = 1.0  # the longest wait between two heartbeat() calls while waiting for the rate
 BROKEN_SETUP_GENERATIONS = 3  # if each of the first N generations errors, the setup is broken: stop
 CallStatus = Literal["ok", "oom", "error"]
 
@@ -108,13 +111,28 @@ class Runner:
         self.spec = workload.spec
         self.oom = oom
 
-    def run(self, max_generations: int | None = None, stop_event: threading.Event | None = None) -> RunResult:
+    def run(
+        self,
+        max_generations: int | None = None,
+        stop_event: threading.Event | None = None,
+        *,
+        items: Iterable[int] | None = None,
+        on_item: Callable[[int, CallStatus], None] | None = None,
+        heartbeat: Callable[[], None] | None = None,
+    ) -> RunResult:
         """Generate until max_generations (default: the spec's; None = forever) or stop_event is set.
 
-        The stop event is checked between generations only: the current one always finishes.
+        The stop event is checked between generations only: the current one always finishes. `items`: the
+        workload items to generate instead of 0, 1, 2, … (a worker's round-robin share); with a rate, item i
+        is due at (i − first item) / rate after the start, so N workers sharing items keep the total rate.
+        `on_item(i, status)` is called after each item (its retry included). `heartbeat()` is called from this
+        thread between items and at least every HEARTBEAT_SECONDS while waiting for the rate: a supervisor
+        that sees no beat for long knows this loop is stuck (inside a generation the pipeline hooks beat).
         """
         spec = self.spec
         limit = max_generations if max_generations is not None else spec.max_generations
+        if items is None:
+            items = range(limit) if limit is not None else itertools.count()
         stop = stop_event or threading.Event()
         if spec.output_dir is not None:
             spec.output_dir.mkdir(parents=True, exist_ok=True)
@@ -128,11 +146,16 @@ class Runner:
             len(spec.prompts), ", ".join(f"{w}x{h}" for w, h in spec.resolutions), spec.steps,
             spec.guidance_scale, spec.batch_size, ", img2img" if spec.img2img else "",
         )
-        i = 0
-        while (limit is None or i < limit) and not stop.is_set():
-            if spec.rate_per_second and i > 0:
-                delay = started + i / spec.rate_per_second - time.monotonic()
-                if delay > 0 and stop.wait(delay):
+        first: int | None = None
+        for i in items:
+            if (limit is not None and result.generations >= limit) or stop.is_set():
+                break
+            first = i if first is None else first
+            if heartbeat is not None:
+                heartbeat()
+            if spec.rate_per_second and i > first:
+                due = started + (i - first) / spec.rate_per_second
+                if self._wait_until(due, stop, heartbeat):
                     break
             status, retried = self._generate_one(i)
             result.generations += 1
@@ -146,10 +169,13 @@ class Runner:
                 result.oom += 1
             else:
                 result.errors += 1
-            i += 1
-            first = min(BROKEN_SETUP_GENERATIONS, limit or BROKEN_SETUP_GENERATIONS)
-            if result.generations == first and result.errors == first:
-                log.error("each of the first %d generation(s) failed: the setup is broken, stopping", first)
+            if on_item is not None:
+                on_item(i, status)
+            if heartbeat is not None:
+                heartbeat()
+            judged = min(BROKEN_SETUP_GENERATIONS, limit or BROKEN_SETUP_GENERATIONS)
+            if result.generations == judged and result.errors == judged:
+                log.error("each of the first %d generation(s) failed: the setup is broken, stopping", judged)
                 result.broken_setup = True
                 break
         result.stopped_early = stop.is_set()
@@ -160,6 +186,18 @@ class Runner:
             f"; {result.oom_recovered} of {result.oom_retries} OOM retries succeeded" if result.oom_retries else "",
         )
         return result
+
+    @staticmethod
+    def _wait_until(due: float, stop: threading.Event, heartbeat: Callable[[], None] | None) -> bool:
+        """Wait until monotonic time `due`; True when stopped meanwhile."""
+        while True:
+            delay = due - time.monotonic()
+            if delay <= 0:
+                return False
+            if stop.wait(min(delay, HEARTBEAT_SECONDS) if heartbeat is not None else delay):
+                return True
+            if heartbeat is not None:
+                heartbeat()
 
     def _generate_one(self, i: int) -> tuple[CallStatus, bool]:
         """One generation: a pipeline call, and after an out-of-memory error the OomHandler's recovery and at
