@@ -86,6 +86,11 @@ class Notifier:
     def stopping(self) -> bool:
         return self.notify("STOPPING=1")
 
+    def reloading(self) -> bool:
+        """RELOADING=1 with the monotonic time, as sd_notify(3) asks of a service reloading its configuration."""
+        usec = int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1e6)
+        return self.notify("RELOADING=1", f"MONOTONIC_USEC={usec}")
+
     def close(self) -> None:
         with self._lock:
             if self._sock is not None:
@@ -158,6 +163,7 @@ class SystemdHandle:
         self._last_attempt: dict[str, float] = {}
         self._min_gap: dict[str, float] = {}
         self._last_ping: float | None = None
+        self._first_seen: dict[str, float] = {}  # when a source was first checked (one a reload added: then)
         self._ready_sent = False
         self._stalled: tuple[str, ...] = ()
         self._closed = False
@@ -257,7 +263,9 @@ class SystemdHandle:
                 if last is None or gap is None:
                     # Until its usual interval is known, allow the whole watchdog timeout.
                     allowed = max(self.watchdog_seconds or 0.0, floor)
-                    since = last if last is not None else (self._started or now)
+                    if last is None and not self._first_seen:  # the sources of the start: since sampling began
+                        self._first_seen.update(dict.fromkeys(self.monitor.sampler.sources, self._started or now))
+                    since = last if last is not None else self._first_seen.setdefault(name, now)
                 else:
                     allowed = max(STALL_INTERVALS * gap, floor)
                     since = last
@@ -266,6 +274,16 @@ class SystemdHandle:
                 if now - since > allowed:
                     out.append(name)
         return tuple(out)
+
+    def reloading(self) -> None:
+        """A configuration reload begins (SIGHUP): RELOADING=1."""
+        if not self._closed:
+            self.notifier.reloading()
+
+    def reloaded(self, summary: str) -> None:
+        """The reload is over (applied or refused): READY=1 again, with the outcome as STATUS."""
+        if not self._closed:
+            self.notifier.notify("READY=1", f"STATUS={summary[:200].replace(chr(10), ' ')}")
 
     def close(self) -> None:
         self._closed = True

@@ -13,12 +13,14 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from zmon.app.checks import require
 from zmon.app.instrument import Instrumentation, pipeline_facts
 from zmon.app.monitor import Monitor
 from zmon.app.parts import PolicyParts, add_live_diagnosis, add_policy, add_trace_endpoint
-from zmon.app.sources import add_allocator_source, add_host_sources, add_nvml_sources
+from zmon.app.sources import install_sources
+from zmon.capture.live import LiveDiagnosis
 from zmon.collectors.generation import GenerationMetrics
-from zmon.config import Config
+from zmon.config import Config, SamplingConfig
 from zmon.instrumentation import anatomy
 from zmon.instrumentation.boundaries import BoundaryListener
 from zmon.workload.loading import model_defaults
@@ -28,25 +30,31 @@ log = logging.getLogger(__name__)
 _ATTACH_LOCK = threading.Lock()
 
 
+def install_in_process_sources(mon: Monitor, sampling: SamplingConfig) -> list[str]:
+    """Host, NVML and allocator sources watching this process (the one that owns the pipeline), built (or,
+    on a reload, rebuilt where their sub-config changed) as source groups."""
+    return install_sources(mon, sampling, watched_pid=os.getpid(), allocator=True)
+
+
 def add_in_process_sources(mon: Monitor, cfg: Config) -> PolicyParts | None:
-    """Host, NVML and allocator sources watching this process (the one that owns the pipeline), and the
-    policy over them. Connect the instrumented pipeline with `connect_in_process` once it exists."""
-    pid = os.getpid()
-    add_host_sources(mon, cfg.sampling, watched_pid=pid)
-    add_nvml_sources(mon, cfg.sampling.nvml, watched_pid=pid)
-    add_allocator_source(mon, cfg.sampling.allocator)
+    """The in-process sources and the policy over them. Connect the instrumented pipeline with
+    `connect_in_process` once it exists."""
+    install_in_process_sources(mon, cfg.sampling)
     return add_policy(mon, cfg.policy, cfg.alerting, listen=cfg.server.listen)
 
 
-def connect_in_process(mon: Monitor, cfg: Config, inst: Instrumentation, policy: PolicyParts | None) -> None:
+def connect_in_process(
+    mon: Monitor, cfg: Config, inst: Instrumentation, policy: PolicyParts | None
+) -> LiveDiagnosis:
     """Feed the pipeline's generations to the policy (its safe points are the gaps between generations), the
-    live diagnosis (GET /diagnosis, zmon_bottleneck*) and, when enabled, the trace endpoint (POST /trace)."""
+    live diagnosis (GET /diagnosis, zmon_bottleneck*; returned) and, when enabled, the trace endpoint."""
     if policy is not None:
         inst.boundaries.add(policy.runner)
         inst.record_listeners.append(policy.figures.observe)
     live = add_live_diagnosis(mon, cfg.diagnosis_thresholds, pipe=inst.pipe, model_id=inst.model_id)
     inst.record_listeners.append(live.observe)
     add_trace_endpoint(mon, cfg.profiling.trace, boundaries=inst.boundaries, stage_timing=inst.stage_timing)
+    return live
 
 
 def attached_handle(pipe: Any) -> Any:
@@ -135,9 +143,12 @@ def attach(
     (this pid) and NVML sampling start on a background scheduler; with `serve_http` zmon's /metrics is
     served on `config.server.listen`. With `registry=` and `serve_http=False` zmon's collectors go into the
     host's own registry instead. The host may call the pipeline from several threads, one call at a time.
-    Raises RuntimeError if the pipeline is already attached.
+    Raises RuntimeError if the pipeline is already attached, ConfigError when the configuration names files
+    or directories zmon cannot use (the checks of zmon.app.checks, as `zmon run` makes them).
     """
     cfg = config or Config()
+    for warning in require(cfg, "attach"):
+        log.warning("config: %s", warning)
     with _ATTACH_LOCK:
         existing = attached_handle(pipe)
         if existing is not None:

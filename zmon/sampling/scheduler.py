@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -65,6 +66,32 @@ class Sampler:
         self.store.register(spec.name)
         if self._scheduler is not None:
             self._schedule(spec)
+
+    def remove(self, name: str) -> None:
+        """Stop sampling a source and forget it (a reload that disables or rebuilds it); the store keeps its
+        entry until the caller unregisters it. An attempt already running finishes."""
+        if self._specs.pop(name, None) is None:
+            return
+        with self._lock:
+            self._retry_at.pop(name, None)
+        sched = self._scheduler
+        if sched is not None:
+            _remove_job(sched, name)
+
+    def configure(self, *, misfire_grace_seconds: float, max_backoff_seconds: float) -> None:
+        """New misfire grace and backoff cap (a reload): jobs are rescheduled with the new grace."""
+        changed = misfire_grace_seconds != self._misfire_grace
+        self._misfire_grace = misfire_grace_seconds
+        self._max_backoff = max_backoff_seconds
+        if changed and self._scheduler is not None:
+            for spec in list(self._specs.values()):
+                with contextlib.suppress(JobLookupError):
+                    self._scheduler.modify_job(spec.name, misfire_grace_time=self._grace(spec))
+
+    def _grace(self, spec: SourceSpec) -> int:
+        """APScheduler's misfire grace of one job, whole seconds: the configured grace, but never more than the
+        job's interval (a run that late is the next one anyway, coalesced), and at least 1 s."""
+        return max(1, math.ceil(min(self._misfire_grace, spec.interval_seconds)))
 
     def add_listener(self, fn: Callable[[str, bool], None]) -> None:
         """fn(source_name, success) after every attempt; exceptions are logged, never propagated."""
@@ -131,18 +158,17 @@ class Sampler:
             id=spec.name,
             name=f"sample:{spec.name}",
             next_run_time=dt.datetime.now(dt.timezone.utc),
+            misfire_grace_time=self._grace(spec),
+            replace_existing=True,
         )
 
     def start(self) -> None:
         if self._scheduler is not None:
             return
+        # Room for the sources a reload may add (each job runs on its own worker, max_instances=1).
         self._scheduler = BackgroundScheduler(
-            executors={"default": ThreadPoolExecutor(max_workers=max(2, len(self._specs)))},
-            job_defaults={
-                "max_instances": 1,
-                "coalesce": True,
-                "misfire_grace_time": max(1, round(self._misfire_grace)),
-            },
+            executors={"default": ThreadPoolExecutor(max_workers=max(8, len(self._specs)))},
+            job_defaults={"max_instances": 1, "coalesce": True},
             timezone=dt.timezone.utc,
         )
         for spec in self._specs.values():
