@@ -155,7 +155,16 @@ def _read(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Conf
         overrides.setdefault("server", {})["listen"] = args.listen
     if getattr(args, "web_config_file", None):
         overrides.setdefault("server", {})["web_config_file"] = args.web_config_file
-    return load_config(args.config, overrides=overrides, flags=FLAGS)
+    flags = {path: flag for path, flag in FLAGS.items() if _has(overrides, path.split("."))}
+    return load_config(args.config, overrides=overrides, flags=flags)
+
+
+def _has(tree: Any, path: list[str]) -> bool:
+    for key in path:
+        if not isinstance(tree, dict) or key not in tree:
+            return False
+        tree = tree[key]
+    return True
 
 
 def _load(args: argparse.Namespace, mode: Any, extra: dict[str, Any] | None = None) -> tuple[Config, list[str]]:
@@ -209,14 +218,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Everything `run`, `watch` and `profile` check before starting, on one file (and the environment)."""
-    from zmon.app.checks import check
-
     cfg = load_config(args.file)
+    from zmon.app.checks import check, raise_errors
+
     found = check(cfg, "check-config")
     for w in found.warnings:
         print(f"warning: {w}", file=sys.stderr)
-    if found.errors:
-        raise ConfigError(found.errors, args.file)
+    raise_errors(found, args.file)  # ConfigError listing every error: exit 2
     print(f"{_printable(args.file)}: OK")
     return EXIT_OK
 

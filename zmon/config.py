@@ -575,7 +575,7 @@ class AlertingConfig(_Section):
     alertmanager_urls: tuple[str, ...] = ()  # e.g. ["http://127.0.0.1:9093"]; each gets every alert
     # Active alerts are re-sent this often: Alertmanager expires an alert without endsAt after its
     # resolve_timeout (default 5m).
-    resend_seconds: float = Field(60.0, ge=1, le=86400)
+    resend_seconds: float = Field(60.0, ge=0.1, le=86400)
     timeout_seconds: float = Field(5.0, gt=0, le=300)  # per HTTP request
     retries: int = Field(3, ge=0, le=100)  # extra attempts per delivery on network errors, 5xx and 429
     backoff_seconds: float = Field(0.5, gt=0, le=3600)  # first retry delay; doubles per attempt
@@ -641,11 +641,22 @@ class Config(_Section):
         return self.profiling.thresholds.with_policy(self.policy)
 
     _notes: list[str] = PrivateAttr(default_factory=list)
+    _origins: dict[tuple[str, ...], str] = PrivateAttr(default_factory=dict)
 
     @property
     def notes(self) -> tuple[str, ...]:
         """Deprecations and migrations applied while loading (shown by the CLI as warnings)."""
         return tuple(self._notes)
+
+    def origin(self, path: str) -> str | None:
+        """The environment variable or flag that set the key at dotted `path` (or a section around it); None
+        when it comes from the file or the defaults. Lets later checks blame the right input."""
+        parts = tuple(re.sub(r"\[\d+\]", "", path).split("."))
+        best = None
+        for p, name in self._origins.items():
+            if parts[: len(p)] == p and (best is None or len(p) > len(best[0])):
+                best = (p, name)
+        return None if best is None else best[1]
 
     @model_validator(mode="before")
     @classmethod
@@ -1094,6 +1105,7 @@ def load_config(
         except (RecursionError, ValueError, TypeError, OverflowError) as e:  # a validator bug: still no traceback
             raise ConfigError([f"(top level): cannot validate: {type(e).__name__}: {e}"], source) from None
     cfg._notes.extend(notes)
+    cfg._origins.update(origins)
     return cfg
 
 

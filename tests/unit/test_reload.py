@@ -237,3 +237,13 @@ def test_policy_engine_keeps_unchanged_rules_and_resolves_changed_ones() -> None
     assert {a.rule for a in engine.active_alerts()} == {"other"}  # unchanged: still firing, not re-fired
     assert engine.evaluate({"gpu_temperature_celsius": 90.0, "gpu_power_watts": 20.0})[0].rule == "hot"
     assert [a.rule for a in engine.reconfigure([_rule(threshold=85.0)])] == ["other"]  # removed
+
+
+def test_target_instance_is_what_prometheus_calls_the_target() -> None:
+    from zmon.app.parts import target_instance
+
+    assert target_instance("127.0.0.1", 8739) == "127.0.0.1:8739"  # only a local Prometheus can scrape it
+    assert target_instance("10.1.2.3", 9000) == "10.1.2.3:9000"
+    assert target_instance("::1", 8739) == "[::1]:8739"
+    assert target_instance("0.0.0.0", 8739) == f"{socket.gethostname()}:8739"  # scraped by the host's name
+    assert target_instance("::", 1) == f"{socket.gethostname()}:1"

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from zmon.config import Config, ConfigError
+from zmon.config import ENV_PREFIX, Config, ConfigError
 
 Mode = Literal["check-config", "run", "watch", "profile", "attach"]
 
@@ -66,15 +66,36 @@ def check(cfg: Config, mode: Mode) -> Findings:
         _check_alerting(cfg, out)
     if mode in ("profile", "check-config"):
         _add(out, writable_dir(cfg.profiling.output_dir, "profiling.output_dir"))
+    out.errors = [_blame(cfg, e) for e in out.errors]
+    out.warnings = [_blame(cfg, w) for w in out.warnings]
     return out
 
 
+def _blame(cfg: Config, problem: str) -> str:
+    """'key.path: …' → 'ZMON_KEY__PATH: key.path: …' when an environment variable or flag set that key."""
+    key = problem.split(":", 1)[0]
+    origin = cfg.origin(key) if key and " " not in key else None
+    return f"{origin}: {problem}" if origin else problem
+
+
 def require(cfg: Config, mode: Mode, source: str = "configuration") -> list[str]:
-    """check() that raises ConfigError listing every error; returns the warnings."""
+    """check() that raises ConfigError listing every error; returns the warnings. The error's source is the
+    environment or the command line when every problem comes from there, not the file."""
     found = check(cfg, mode)
-    if found.errors:
-        raise ConfigError(found.errors, source)
+    raise_errors(found, source)
     return found.warnings
+
+
+def raise_errors(found: Findings, source: str) -> None:
+    """Raise ConfigError listing `found.errors`, if any (source: the file, or the environment / command line
+    when every error comes from there)."""
+    if found.errors:
+        keys = [e.split(":", 1)[0] for e in found.errors]
+        if all(k.startswith(ENV_PREFIX) for k in keys):
+            source = "environment"
+        elif all(k.startswith("-") for k in keys):
+            source = "command line"
+        raise ConfigError(found.errors, source)
 
 
 # ------------------------------------------------------------------------------------------------ parts

@@ -96,6 +96,17 @@ class JsonlLog:
         self._failing = False
         self._lock = threading.Lock()
 
+    def open(self) -> bool:
+        """Open the file now (at start-up), so a torn tail left by the last run is cut before the first
+        generation; False when it cannot be opened (the first write then counts the failure)."""
+        with self._lock:
+            try:
+                self._open()
+            except OSError:
+                self._close_fd()
+                return False
+            return True
+
     def write(self, record: GenerationRecord, *, model: str) -> bool:
         """Append one record; True on success. Never raises."""
         try:

@@ -155,6 +155,7 @@ class Server:
                         self.limits.max_connections, self.max_connections, soft)
         self.max_rejecting = self.max_connections
         self._sock = sock if sock is not None else _bind(host, port, self.limits.backlog)
+        self._address = self._sock.getsockname()  # kept: still known once the socket is closed
         self.stats = _Stats()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -171,11 +172,11 @@ class Server:
 
     @property
     def port(self) -> int:
-        return int(self._sock.getsockname()[1])
+        return int(self._address[1])
 
     @property
     def host(self) -> str:
-        return str(self._sock.getsockname()[0])
+        return str(self._address[0])
 
     @property
     def tls(self) -> bool:
