@@ -1,13 +1,13 @@
-"""systemd integration, no dependencies: sd_notify (READY, WATCHDOG, STATUS, STOPPING) over $NOTIFY_SOCKET.
+"""systemd integration, no dependencies: sd_notify (READY, RELOADING, WATCHDOG, STATUS, STOPPING) over $NOTIFY_SOCKET.
 
 Protocol (man sd_notify): newline-separated KEY=VALUE fields in one AF_UNIX datagram sent to the socket named
 by $NOTIFY_SOCKET; a leading '@' names a socket in the abstract namespace. The watchdog expects WATCHDOG=1 at
 least every $WATCHDOG_USEC microseconds (systemd's advice: every half of it), and only from $WATCHDOG_PID when
 that is set.
 
-`attach_systemd(monitor)` wires it to a Monitor (anything `Watched`): READY=1 once the store is ready (first good sample of every
-enabled source), WATCHDOG=1 (from the sampler's listener, and a small thread that keeps the pace) only while
-every source keeps completing its attempts, so a sampler stuck in a blocking call stops feeding the watchdog
+`attach_systemd(monitor)` wires it to a Monitor (anything `Watched`): READY=1 once the store is ready (first good
+sample of every enabled source), WATCHDOG=1 (from the sampler's listener, and a small thread that keeps the pace)
+only while every source keeps completing its attempts, so a sampler stuck in a blocking call stops feeding the watchdog
 and systemd restarts zmon; STOPPING=1 when the monitor stops. Without $NOTIFY_SOCKET it does nothing.
 """
 

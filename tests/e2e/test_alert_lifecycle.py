@@ -4,6 +4,7 @@ twin of a zmon alert; and the alerts zmon fired are resolved when it stops (aler
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 from collections.abc import Callable
@@ -57,41 +58,43 @@ def _alerts(am: str) -> list[dict[str, Any]]:
 
 
 def test_instance_matches_prometheus_and_alerts_resolve_on_shutdown(tmp_path: Path) -> None:
-    with alertmanager(tmp_path, _am_config()) as am:
-        with zmon_process(["run", "--config", str(_zmon_config(tmp_path, am))], ready_timeout=120) as (url, proc):
-            target = url.removeprefix("http://")
-            rules = {"groups": [{"name": "t", "rules": [
-                {"alert": ALERT, "expr": 'zmon_build_info{job="zmon"} == 1', "labels": {"severity": "info"}}]}]}
-            prom_cfg = {
-                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                "rule_files": ["rules.yml"],
-                "alerting": {"alertmanagers": [{"static_configs": [{"targets": [am.removeprefix("http://")]}]}]},
-                "scrape_configs": [{"job_name": "zmon", "static_configs": [{"targets": [target]}]}],
-            }
-            with prometheus(tmp_path, yaml.safe_dump(prom_cfg), {"rules.yml": yaml.safe_dump(rules)}):
+    with contextlib.ExitStack() as stack:
+        am = stack.enter_context(alertmanager(tmp_path, _am_config()))
+        url, proc = stack.enter_context(
+            zmon_process(["run", "--config", str(_zmon_config(tmp_path, am))], ready_timeout=120))
+        target = url.removeprefix("http://")
+        rules = {"groups": [{"name": "t", "rules": [
+            {"alert": ALERT, "expr": 'zmon_build_info{job="zmon"} == 1', "labels": {"severity": "info"}}]}]}
+        prom_cfg = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": ["rules.yml"],
+            "alerting": {"alertmanagers": [{"static_configs": [{"targets": [am.removeprefix("http://")]}]}]},
+            "scrape_configs": [{"job_name": "zmon", "static_configs": [{"targets": [target]}]}],
+        }
+        with prometheus(tmp_path, yaml.safe_dump(prom_cfg), {"rules.yml": yaml.safe_dump(rules)}):
 
-                def both() -> list[dict[str, Any]] | None:
-                    found = _alerts(am)
-                    return found if len(found) == 2 else None
+            def both() -> list[dict[str, Any]] | None:
+                found = _alerts(am)
+                return found if len(found) == 2 else None
 
-                found = _wait("zmon's alert and Prometheus's twin in Alertmanager", both)
-                ours = next(a for a in found if "rule" in a["labels"])
-                theirs = next(a for a in found if "rule" not in a["labels"])
-                # what Prometheus calls the target is what zmon calls itself
-                assert ours["labels"]["instance"] == theirs["labels"]["instance"] == target
-                assert ours["labels"]["job"] == theirs["labels"]["job"] == "zmon"
+            found = _wait("zmon's alert and Prometheus's twin in Alertmanager", both)
+            ours = next(a for a in found if "rule" in a["labels"])
+            theirs = next(a for a in found if "rule" not in a["labels"])
+            # what Prometheus calls the target is what zmon calls itself
+            assert ours["labels"]["instance"] == theirs["labels"]["instance"] == target
+            assert ours["labels"]["job"] == theirs["labels"]["job"] == "zmon"
 
-                def inhibited() -> dict[str, Any] | None:
-                    twin = next((a for a in _alerts(am) if "rule" not in a["labels"]), None)
-                    return twin if twin and twin["status"]["inhibitedBy"] else None
+            def inhibited() -> dict[str, Any] | None:
+                twin = next((a for a in _alerts(am) if "rule" not in a["labels"]), None)
+                return twin if twin and twin["status"]["inhibitedBy"] else None
 
-                twin = _wait("the shipped inhibit rule to silence the rule-based twin", inhibited)
-                assert twin["status"]["state"] == "suppressed"
-                assert ours["status"]["state"] == "active"
+            twin = _wait("the shipped inhibit rule to silence the rule-based twin", inhibited)
+            assert twin["status"]["state"] == "suppressed"
+            assert ours["status"]["state"] == "active"
 
-                proc.send_signal(signal.SIGTERM)
-                assert proc.wait(60) == 0
-                t_stop = time.monotonic()
-                _wait("zmon's alert to be resolved", lambda: not [a for a in _alerts(am) if "rule" in a["labels"]],
-                      timeout=10)
-                assert time.monotonic() - t_stop < 10  # not Alertmanager's resolve_timeout (5 min)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(60) == 0
+            t_stop = time.monotonic()
+            _wait("zmon's alert to be resolved", lambda: not [a for a in _alerts(am) if "rule" in a["labels"]],
+                  timeout=10)
+            assert time.monotonic() - t_stop < 10  # not Alertmanager's resolve_timeout (5 min)
