@@ -288,7 +288,7 @@ class ModelConfig(_Section):
 
     # Hub id or local directory; "builtin:tiny-z-image" is the embedded random-weight Z-Image (no download).
     # Real users: "Tongyi-MAI/Z-Image-Turbo".
-    id: str = "builtin:tiny-z-image"
+    id: str = Field("builtin:tiny-z-image", min_length=1)
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     device: str = "auto"  # auto: cuda if available, else cpu; or "cpu", "cuda", "cuda:1"
     variant: str | None = None
@@ -903,8 +903,9 @@ def _format_errors(
             msg = "unknown key" + hint
         if origin is None:
             out.append((None, f"{_loc_text(loc)}: {msg}"))
-        elif loc == origin[1]:
-            out.append((origin[0], f"{origin[0]}: {msg}"))
+        elif loc == origin[1]:  # a variable spells its key; a flag says which key it sets
+            named = origin[0] if origin[0].startswith(ENV_PREFIX) else f"{origin[0]} ({_loc_text(loc)})"
+            out.append((origin[0], f"{named}: {msg}"))
         else:
             out.append((origin[0], f"{origin[0]}: {_loc_text(loc)}: {msg}"))
     return out

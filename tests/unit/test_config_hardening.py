@@ -149,7 +149,7 @@ def test_flag_errors_name_the_flag() -> None:
     with pytest.raises(ConfigError) as exc:
         load_config(environ={}, overrides={"server": {"listen": "nope"}}, flags={"server.listen": "--listen"})
     assert exc.value.source == "command line"
-    assert exc.value.problems[0].startswith("--listen: ")
+    assert exc.value.problems[0].startswith("--listen (server.listen): ")
 
 
 # --- the command line ----------------------------------------------------------------------------------------
@@ -234,3 +234,22 @@ def test_check_config_checks_everything_a_mode_checks(tmp_path: Path, mode: str)
     errors = set(check(cfg, mode).errors)  # type: ignore[arg-type]
     assert errors, mode
     assert errors <= set(check(cfg, "check-config").errors)
+
+
+def test_host_checks_blame_the_variable_that_set_the_key(tmp_path: Path) -> None:
+    f = tmp_path / "file"
+    f.write_text("x")
+    cfg = load_config(environ={"ZMON_WORKLOAD__OUTPUT_DIR": str(f)})
+    with pytest.raises(ConfigError) as exc:
+        from zmon.app.checks import require
+
+        require(cfg, "run", "zmon.yaml")
+    assert exc.value.source == "environment"
+    assert exc.value.problems == [f"ZMON_WORKLOAD__OUTPUT_DIR: workload.output_dir: {f} exists and is not a directory"]
+
+
+def test_resolutions_and_model_id_are_bounded(tmp_path: Path) -> None:
+    found = check(_config(resolutions=["99999999x16", "1" * 5000 + "x16"]), "check-config")
+    assert "workload.resolutions[0]: '99999999x16': width and height must be at most 16384" in found.errors
+    assert any(e.startswith("workload.resolutions[1]: ") and "is not WIDTHxHEIGHT" in e for e in found.errors)
+    assert any("model.id" in p for p in _errors(tmp_path, "model:\n  id: ''\n"))

@@ -66,8 +66,8 @@ def check(cfg: Config, mode: Mode) -> Findings:
         _check_alerting(cfg, out)
     if mode in ("profile", "check-config"):
         _add(out, writable_dir(cfg.profiling.output_dir, "profiling.output_dir"))
-    out.errors = [_blame(cfg, e) for e in out.errors]
-    out.warnings = [_blame(cfg, w) for w in out.warnings]
+    out.errors = list(dict.fromkeys(_blame(cfg, e) for e in out.errors))  # once each (two checks may agree)
+    out.warnings = list(dict.fromkeys(_blame(cfg, w) for w in out.warnings))
     return out
 
 
