@@ -247,3 +247,28 @@ def test_target_instance_is_what_prometheus_calls_the_target() -> None:
     assert target_instance("::1", 8739) == "[::1]:8739"
     assert target_instance("0.0.0.0", 8739) == f"{socket.gethostname()}:8739"  # scraped by the host's name
     assert target_instance("::", 1) == f"{socket.gethostname()}:1"
+
+
+def test_a_sample_finishing_after_its_source_was_removed_is_dropped() -> None:
+    """An attempt in flight when a reload removes its source must not bring the source back into the store
+    (its age would grow for ever and page as stale)."""
+    import threading
+
+    store = SnapshotStore()
+    s = Sampler(store)
+    started, release = threading.Event(), threading.Event()
+
+    def slow() -> int:
+        started.set()
+        release.wait(5)
+        return 1
+
+    s.add(SourceSpec("slow", slow, 1.0))
+    t = threading.Thread(target=s.run_once, args=("slow",))
+    t.start()
+    assert started.wait(5)
+    s.remove("slow")
+    store.unregister("slow")
+    release.set()
+    t.join(5)
+    assert store.get("slow") is None

@@ -111,12 +111,18 @@ class Sampler:
         t0 = time.perf_counter()
         try:
             data = spec.sample()
+            if self._specs.get(name) is not spec:
+                return False  # removed (or rebuilt) by a reload while sampling: its result belongs to no one
         except SourceUnavailable as e:  # cannot exist here (e.g. no CUDA): stop sampling it, say so once
+            if self._specs.get(name) is not spec:
+                return False
             log.warning("%s unavailable: %s — continuing without it", name, e)
             self.store.mark_unavailable(name, str(e))
             self._unschedule(name)
             return False
         except Exception as e:  # a failing source is reported, never fatal
+            if self._specs.get(name) is not spec:
+                return False
             dur = time.perf_counter() - t0
             self.store.fail(name, f"{type(e).__name__}: {e}", dur)
             st = self.store.get(name)
