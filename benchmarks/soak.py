@@ -66,6 +66,7 @@ class Scrape:
     seconds: float
     rss: int | None
     generations: float = 0.0
+    load1: float = 0.0  # the host's 1-minute load average: other work on a shared host moves latencies
 
 
 @dataclass
@@ -90,6 +91,7 @@ class Report:
     latency_first_median_ms: float | None = None
     latency_last_median_ms: float | None = None
     latency_drift_pct: float | None = None
+    latency_block_medians_ms: list[float] = field(default_factory=list)  # per 1,000 generations, in order
     loadavg_start: str = ""
     loadavg_end: str = ""
     exit_code: int | None = None
@@ -135,7 +137,7 @@ def soak(generations: int, out: Path, *, interval: float = 1.0, cache_dir: str |
          "--max-generations", str(generations), "--linger", "3"],
         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=out,
     )
-    report = Report(loadavg_start=Path("/proc/loadavg").read_text().split(" ", 3)[:3].__str__())
+    report = Report(loadavg_start=" ".join(Path("/proc/loadavg").read_text().split()[:3]))
     scrapes: list[Scrape] = []
     last_text = [""]
     t0 = time.monotonic()
@@ -155,7 +157,8 @@ def soak(generations: int, out: Path, *, interval: float = 1.0, cache_dir: str |
                 ok = False
             took = time.monotonic() - start
             if proc.poll() is None:
-                scrapes.append(Scrape(start - t0, ok, took, _rss(proc.pid), gens))
+                load1 = float(Path("/proc/loadavg").read_text().split()[0])
+                scrapes.append(Scrape(start - t0, ok, took, _rss(proc.pid), gens, load1))
             time.sleep(max(0.0, interval - took))
 
     th = threading.Thread(target=scraper, daemon=True)
@@ -172,7 +175,7 @@ def soak(generations: int, out: Path, *, interval: float = 1.0, cache_dir: str |
     log.close()
     report.exit_code = proc.returncode
     report.wall_seconds = time.monotonic() - t0
-    report.loadavg_end = Path("/proc/loadavg").read_text().split(" ", 3)[:3].__str__()
+    report.loadavg_end = " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
     # scrapes, failures (from the last good scrape: the counters are totals)
     text = last_text[0]
@@ -205,6 +208,8 @@ def soak(generations: int, out: Path, *, interval: float = 1.0, cache_dir: str |
         if rec.get("status") == "ok" and rec.get("total_seconds") is not None:
             times.append(float(rec["total_seconds"]))
     window = min(WINDOW, len(times) // 2)
+    report.latency_block_medians_ms = [round(statistics.median(times[i:i + WINDOW]) * 1e3, 2)
+                                       for i in range(0, len(times), WINDOW)]
     if window:
         first, last = _median(times[:window]), _median(times[-window:])
         assert first is not None and last is not None
@@ -245,6 +250,7 @@ def table(r: Report, generations: int) -> str:
         ("errors", f"generations {r.generations_failed}, collector failures {r.collector_failures:g}, exposition "
          f"{r.exposition_errors:g}, JSONL failures {r.jsonl_failures:g}, JSONL bad lines {r.jsonl_bad_lines} "
          f"(of {r.jsonl_lines})", "0", r.errors == 0),
+        ("median per 1,000 generations", " ".join(f"{x:.1f}" for x in r.latency_block_medians_ms) + " ms", "", True),
         ("load average (start → end)", f"{r.loadavg_start} → {r.loadavg_end}", "", True),
         ("exit code", str(r.exit_code), "0", r.exit_code == 0),
     ]
