@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from zmon.config import DEFAULT_LISTEN, Config, ConfigError, ModelConfig, load_config
+from zmon.config import DEFAULT_LISTEN, MAX_PID, Config, ConfigError, ModelConfig, load_config
 from zmon.exitcodes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from zmon.version import __version__
 
@@ -32,6 +33,7 @@ class _JsonFormatter(logging.Formatter):
 
 
 def setup_logging(cfg: Config) -> None:
+    """Logging as `cfg.logging` says (also applied again by a SIGHUP reload)."""
     handler = logging.StreamHandler(sys.stderr)
     if cfg.logging.format == "json":
         handler.setFormatter(_JsonFormatter())
@@ -41,8 +43,11 @@ def setup_logging(cfg: Config) -> None:
     root.handlers[:] = [handler]
     root.setLevel(cfg.logging.level)
     logging.getLogger("apscheduler").setLevel(max(logging.WARNING, root.level))
-    for note in cfg.notes:
-        log.warning("config: %s", note)
+
+
+def _printable(text: str) -> str:
+    """`text` as stdout can print it: a file name from argv may hold bytes that are not UTF-8."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -64,7 +69,36 @@ def _positive_int(value: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
     if n <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    if n > 10**12:
+        raise argparse.ArgumentTypeError(f"expected at most 10**12, got {value!r}")
     return n
+
+
+def _pid(value: str) -> int:
+    n = _positive_int(value)
+    if n > MAX_PID:
+        raise argparse.ArgumentTypeError(f"expected a process id (1..{MAX_PID}), got {n}")
+    return n
+
+
+def _seconds(value: str, *, zero: bool) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {value!r}") from None
+    limit = 7 * 86400.0
+    if not math.isfinite(x) or x < 0 or (x == 0 and not zero) or x > limit:
+        lower = ">= 0" if zero else "> 0"
+        raise argparse.ArgumentTypeError(f"expected seconds {lower} and at most {limit:g} (a week), got {value!r}")
+    return x
+
+
+def _non_negative_seconds(value: str) -> float:
+    return _seconds(value, zero=True)
+
+
+def _positive_seconds(value: str) -> float:
+    return _seconds(value, zero=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,11 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="zmon",
         description="Resource profiler and monitoring sidecar for diffusion image-generation services.",
     )
+    parser.add_argument("--version", action="version", version=f"zmon {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     w = sub.add_parser("watch", help="watch a host from outside: NVML + host counters, served as /metrics")
     _add_common(w)
-    w.add_argument("--pid", type=int, metavar="PID", help="process to watch as the workload")
+    w.add_argument("--pid", type=_pid, metavar="PID", help="process to watch as the workload")
 
     r = sub.add_parser("run", help="load a pipeline, generate a workload and serve its per-stage metrics")
     _add_common(r)
@@ -85,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop after N generations and exit 0 (default: workload.max_generations; unset = forever)",
     )
     r.add_argument(
-        "--linger", type=float, default=0.0, metavar="SECONDS",
+        "--linger", type=_non_negative_seconds, default=0.0, metavar="SECONDS",
         help="after the last generation keep serving /metrics this long, so a final scrape sees the totals",
     )
 
@@ -94,36 +129,81 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_probe_parsers(sub)
 
-    c = sub.add_parser("check-config", help="validate a configuration file; lists every error, exit 2 if any")
+    c = sub.add_parser(
+        "check-config",
+        help="validate a configuration file (with the ZMON_ environment) as `zmon run` and `zmon watch` would: "
+        "the files and directories it names too; lists every error, exit 2 if any",
+    )
     c.add_argument("file", metavar="FILE")
 
     sub.add_parser("version", help="print the version")
     return parser
 
 
-def _load(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Config:
+# Flags that override configuration keys: errors in their values name the flag, not the file.
+FLAGS = {
+    "server.listen": "--listen",
+    "server.web_config_file": "--web.config.file",
+    "sampling.process.pid": "--pid",
+    "workload.max_generations": "--max-generations",
+    "profiling.runs": "--runs",
+    "profiling.warmup": "--warmup",
+    "profiling.output_dir": "--out",
+}
+
+
+def _read(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Config:
+    """The file, the ZMON_ environment and the flags, validated (raises ConfigError); run again on SIGHUP."""
     overrides: dict[str, Any] = dict(extra or {})
     if getattr(args, "listen", None):
         overrides.setdefault("server", {})["listen"] = args.listen
     if getattr(args, "web_config_file", None):
         overrides.setdefault("server", {})["web_config_file"] = args.web_config_file
-    cfg = load_config(args.config, overrides=overrides)
-    if hasattr(args, "web_config_file") and cfg.server.web_config_file is not None:
-        from zmon.server import load_web_config  # every problem at once, exit 2, before anything starts
+    flags = {path: flag for path, flag in FLAGS.items() if _has(overrides, path.split("."))}
+    return load_config(args.config, overrides=overrides, flags=flags)
 
-        load_web_config(cfg.server.web_config_file)
-    return cfg
+
+def _has(tree: Any, path: list[str]) -> bool:
+    for key in path:
+        if not isinstance(tree, dict) or key not in tree:
+            return False
+        tree = tree[key]
+    return True
+
+
+def _load(args: argparse.Namespace, mode: Any, extra: dict[str, Any] | None = None) -> tuple[Config, list[str]]:
+    """_read, then the checks of zmon.app.checks for `mode` (the same ones check-config and a reload make):
+    every error at once as a ConfigError (exit 2, before anything starts); returns the warnings."""
+    from zmon.app.checks import require  # torch-free
+
+    cfg = _read(args, extra)
+    return cfg, require(cfg, mode, args.config or "configuration")
+
+
+def _source(args: argparse.Namespace, extra: dict[str, Any]) -> Any:
+    from zmon.app.reload import ConfigSource
+
+    return ConfigSource(lambda: _read(args, extra), args.config or "configuration (environment)", setup_logging)
+
+
+def _start_logging(cfg: Config, warnings: list[str]) -> None:
+    setup_logging(cfg)
+    for w in warnings:
+        log.warning("config: %s", w)
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
+    from zmon.app.reload import hold_sighup
+
+    hold_sighup()  # first: a SIGHUP from now on asks for a reload instead of ending the process
     extra: dict[str, Any] = {}
     if args.pid is not None:
         extra["sampling"] = {"process": {"pid": args.pid}}
-    cfg = _load(args, extra)
-    setup_logging(cfg)
+    cfg, warnings = _load(args, "watch", extra)
+    _start_logging(cfg, warnings)
     from zmon.app.watch import watch_main  # lazy: each command imports only what it runs
 
-    return watch_main(cfg)
+    return watch_main(cfg, _source(args, extra))
 
 
 def _export_alloc_conf(cfg: Config) -> bool:
@@ -140,20 +220,15 @@ def _export_alloc_conf(cfg: Config) -> bool:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from zmon.app.reload import hold_sighup
+
+    hold_sighup()  # first: a SIGHUP during the model load is queued for the first reload
     extra: dict[str, Any] = {}
     if args.max_generations is not None:
         extra["workload"] = {"max_generations": args.max_generations}
-    cfg = _load(args, extra)
-    setup_logging(cfg)
+    cfg, warnings = _load(args, "run", extra)  # torch-free: every problem is reported before any load
+    _start_logging(cfg, warnings)
     if not _export_alloc_conf(cfg):
-        return EXIT_USAGE
-    from zmon.workload.spec import validate_workload  # torch-free: problems are reported before any load
-
-    problems = validate_workload(cfg)
-    if problems:
-        print(f"error: workload: {len(problems)} error(s)", file=sys.stderr)
-        for p in problems:
-            print(f"  - {p}", file=sys.stderr)
         return EXIT_USAGE
     if cfg.model.devices is not None:
         from zmon.app.workers import run_workers_main  # lazy: the workers import torch, the parent need not
@@ -161,24 +236,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         return run_workers_main(cfg, linger_seconds=max(0.0, args.linger))
     from zmon.app.run import run_main  # lazy: imports torch / diffusers
 
-    return run_main(cfg, linger_seconds=max(0.0, args.linger))
-
-
-def iter_problems(cfg: Config) -> list[str]:
-    """Checks that need the filesystem (kept out of validation so check-config works anywhere)."""
-    return [
-        f"sampling.disk.paths: {p} does not exist (its free space will be reported as down)"
-        for p in cfg.sampling.disk.paths
-        if not p.expanduser().exists()
-    ]
+    return run_main(cfg, linger_seconds=args.linger, source=_source(args, extra))
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    """Everything `run`, `watch` and `profile` check before starting, on one file (and the environment)."""
     cfg = load_config(args.file)
-    warnings = [*cfg.notes, *iter_problems(cfg)]
-    for w in warnings:
+    from zmon.app.checks import check, raise_errors
+
+    found = check(cfg, "check-config")
+    for w in found.warnings:
         print(f"warning: {w}", file=sys.stderr)
-    print(f"{args.file}: OK")
+    raise_errors(found, args.file)  # ConfigError listing every error: exit 2
+    print(f"{_printable(args.file)}: OK")
     return EXIT_OK
 
 
@@ -222,7 +292,9 @@ def _add_profiling_parsers(sub: Any) -> None:
 
     d = sub.add_parser("diagnose", help="print the live verdict and active findings of a running zmon")
     d.add_argument("--url", required=True, metavar="URL", help="the daemon's base URL, e.g. http://127.0.0.1:8739")
-    d.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="HTTP timeout (default 5)")
+    d.add_argument(
+        "--timeout", type=_positive_seconds, default=5.0, metavar="SECONDS", help="HTTP timeout (default 5)"
+    )
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
@@ -233,21 +305,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
         prof["warmup"] = args.warmup
     if args.out is not None:
         prof["output_dir"] = args.out
-    cfg = _load(args, {"profiling": prof} if prof else None)
-    setup_logging(cfg)
+    cfg, warnings = _load(args, "profile", {"profiling": prof} if prof else None)  # before any load
+    _start_logging(cfg, warnings)
     if not _export_alloc_conf(cfg):
         return EXIT_USAGE
-    from zmon.workload.spec import validate_workload  # torch-free: problems are reported before any load
-
-    problems = validate_workload(cfg)
     out = cfg.profiling.output_dir.expanduser()
-    if out.exists() and not out.is_dir():
-        problems.append(f"profiling.output_dir (--out): {out} exists and is not a directory")
-    if problems:
-        print(f"error: {len(problems)} error(s)", file=sys.stderr)
-        for p in problems:
-            print(f"  - {p}", file=sys.stderr)
-        return EXIT_USAGE
     from zmon.app.profile import profile_main  # lazy: imports torch / diffusers
 
     return profile_main(cfg, out_dir=out, trace=args.trace, memory_snapshot=args.memory_snapshot)
@@ -326,7 +388,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print("\n".join(valid_variant_names()))
         return EXIT_OK
     names, problems = parse_variants(args.variants)
-    cfg = _load(args)
+    cfg = _read(args)
     setup_logging(cfg)
     from zmon.workload.spec import validate_workload  # torch-free: problems are reported before any load
 
@@ -458,7 +520,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "probe":
             return cmd_probe(args)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_printable(str(e))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_OK

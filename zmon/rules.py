@@ -118,6 +118,7 @@ SAMPLE_FIGURES: frozenset[str] = frozenset(k for k, f in FIGURES.items() if f.sc
 
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+MAX_RULE_SECONDS = 7 * 86400.0  # for_seconds, keep_firing_seconds, cooldown_seconds: a week at most
 
 
 def default_alertname(rule_name: str) -> str:
@@ -128,7 +129,7 @@ def default_alertname(rule_name: str) -> str:
 class Rule(BaseModel):
     """One policy rule (an item of `policy.rules`); unknown figures, operators and keys are rejected."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str  # snake_case, unique; label `rule` on metrics and alerts (in YAML: the key under policy.rules)
     enabled: bool = True  # false: the rule is not evaluated (how a default rule is switched off)
@@ -137,14 +138,14 @@ class Rule(BaseModel):
     threshold: float
     # Hysteresis: once firing, the rule stays firing while `value op clear` holds. Default: threshold.
     clear: float | None = None
-    for_samples: int | None = Field(None, ge=1)  # consecutive matching evaluations before firing
-    for_seconds: float | None = Field(None, ge=0)  # continuous matching time before firing
+    for_samples: int | None = Field(None, ge=1, le=1_000_000)  # consecutive matching evaluations before firing
+    for_seconds: float | None = Field(None, ge=0, le=MAX_RULE_SECONDS)  # continuous matching time before firing
     # Once the clear level is reached, stay firing this long anyway (counter rules: avoid flapping).
-    keep_firing_seconds: float = Field(0.0, ge=0)
-    cooldown_seconds: float = Field(300.0, ge=0)  # minimum time between two actions of this rule
+    keep_firing_seconds: float = Field(0.0, ge=0, le=MAX_RULE_SECONDS)
+    cooldown_seconds: float = Field(300.0, ge=0, le=MAX_RULE_SECONDS)  # minimum time between two actions
     # After this many ineffective remedial actions in a row, stop acting and raise <alertname>Persists.
     # An action is ineffective when the rule is firing again (or still) within cooldown_seconds of it.
-    persist_after: int | None = Field(3, ge=1)
+    persist_after: int | None = Field(3, ge=1, le=1000)
     actions: tuple[ActionName, ...] = ("alert",)
     severity: Severity = "warning"
     alertname: str | None = None  # default: Zmon + CamelCase(name)

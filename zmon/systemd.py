@@ -1,4 +1,4 @@
-"""systemd integration, no dependencies: sd_notify (READY, WATCHDOG, STATUS, STOPPING) over $NOTIFY_SOCKET.
+"""systemd integration, no dependencies: sd_notify (READY, RELOADING, WATCHDOG, STATUS, STOPPING) over $NOTIFY_SOCKET.
 
 Protocol (man sd_notify): newline-separated KEY=VALUE fields in one AF_UNIX datagram sent to the socket named
 by $NOTIFY_SOCKET; a leading '@' names a socket in the abstract namespace. The watchdog expects WATCHDOG=1 at
@@ -87,6 +87,11 @@ class Notifier:
     def stopping(self) -> bool:
         return self.notify("STOPPING=1")
 
+    def reloading(self) -> bool:
+        """RELOADING=1 with the monotonic time, as sd_notify(3) asks of a service reloading its configuration."""
+        usec = int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1e6)
+        return self.notify("RELOADING=1", f"MONOTONIC_USEC={usec}")
+
     def close(self) -> None:
         with self._lock:
             if self._sock is not None:
@@ -161,6 +166,7 @@ class SystemdHandle:
         self._last_attempt: dict[str, float] = {}
         self._min_gap: dict[str, float] = {}
         self._last_ping: float | None = None
+        self._first_seen: dict[str, float] = {}  # when a source was first checked (one a reload added: then)
         self._ready_sent = False
         self._stalled: tuple[str, ...] = ()
         self._closed = False
@@ -264,7 +270,9 @@ class SystemdHandle:
                 if last is None or gap is None:
                     # Until its usual interval is known, allow the whole watchdog timeout.
                     allowed = max(self.watchdog_seconds or 0.0, floor)
-                    since = last if last is not None else (self._started or now)
+                    if last is None and not self._first_seen:  # the sources of the start: since sampling began
+                        self._first_seen.update(dict.fromkeys(self.monitor.sampler.sources, self._started or now))
+                    since = last if last is not None else self._first_seen.setdefault(name, now)
                 else:
                     allowed = max(STALL_INTERVALS * gap, floor)
                     since = last
@@ -273,6 +281,16 @@ class SystemdHandle:
                 if now - since > allowed:
                     out.append(name)
         return tuple(out)
+
+    def reloading(self) -> None:
+        """A configuration reload begins (SIGHUP): RELOADING=1."""
+        if not self._closed:
+            self.notifier.reloading()
+
+    def reloaded(self, summary: str) -> None:
+        """The reload is over (applied or refused): READY=1 again, with the outcome as STATUS."""
+        if not self._closed:
+            self.notifier.notify("READY=1", f"STATUS={summary[:200].replace(chr(10), ' ')}")
 
     def close(self) -> None:
         self._closed = True

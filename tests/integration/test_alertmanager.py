@@ -285,3 +285,44 @@ def test_config_validation() -> None:
         )
     with pytest.raises(ValidationError, match="Extra inputs"):
         AlertingConfig.model_validate({"resend": 5})
+
+
+# ---------------------------------------------------------------------------------------- reload and shutdown
+
+
+def test_close_resolves_active_alerts_or_leaves_them(tmp_path: Path) -> None:
+    with alertmanager(tmp_path / "a", AM_CONFIG) as am:
+        c = client([am])
+        c.fire(make_alert())
+        wait_for(lambda: am_alerts(am, active="true"))
+        c.close(resolve_active=False)  # alerting.resolve_on_shutdown: false
+        time.sleep(0.5)
+        assert len(am_alerts(am, active="true")) == 1  # left to expire after resolve_timeout
+        c2 = client([am])
+        c2.fire(make_alert())
+        c2.close(resolve_active=True)  # the default when zmon stops: endsAt now
+        assert am_alerts(am) == []
+        c2.close(resolve_active=True)  # idempotent
+
+
+def test_reconfigure_moves_alerts_with_urls_and_labels(tmp_path: Path) -> None:
+    with alertmanager(tmp_path / "a", AM_CONFIG) as a, alertmanager(tmp_path / "b", AM_CONFIG) as b:
+        c = client([a])
+        try:
+            c.fire(make_alert())
+            wait_for(lambda: am_alerts(a, active="true"))
+            # a URL added gets the alerts in force; one removed gets them resolved
+            c.reconfigure(AlertingConfig.model_validate({"alertmanager_urls": [b], "backoff_seconds": 0.01}))
+            wait_for(lambda: am_alerts(b, active="true"))
+            wait_for(lambda: not am_alerts(a))
+            # new labels: resolved under the old ones, fired under the new ones (one alert, not two)
+            c.reconfigure(AlertingConfig.model_validate({"alertmanager_urls": [b], "instance": "renamed:8739"}))
+            got = wait_for(lambda: [x for x in am_alerts(b) if x["labels"]["instance"] == "renamed:8739"])
+            wait_for(lambda: len(am_alerts(b)) == 1)
+            assert got[0]["status"]["state"] == "active"
+            # no URL: nothing sent, the alert still tracked for a later URL
+            c.reconfigure(AlertingConfig())
+            assert not c.enabled and c.stats().active == 1
+            wait_for(lambda: not am_alerts(b))
+        finally:
+            c.close()

@@ -223,7 +223,7 @@ def test_attach_without_config_reads_the_environment(
     finally:
         handle.detach()
     monkeypatch.setenv("ZMON_SERVER__LISTEN", "nowhere")
-    with pytest.raises(ConfigError, match=r"server\.listen"):
+    with pytest.raises(ConfigError, match="ZMON_SERVER__LISTEN"):
         zmon.attach(tiny_pipe, model_id=MODEL)
     assert "encode_prompt" not in vars(tiny_pipe)
 

@@ -109,7 +109,9 @@ class Family:
 def exposition(tiny_pipe: Any, cfg: Config) -> dict[str, Family]:
     """{series family name (counters with _total): its type and label values} of one full assembly.
 
-    Two parts the in-process assembly does not have are added the way their own modes add them: the worker
+    The reload status is added as the daemon modes add it, the image-write failures as `zmon run` with an
+    output directory sets them. Two parts the in-process assembly does not have are added the way their own
+    modes add them: the worker
     families (`model.devices`: the parent's WorkerCollector over its workers' states) and the communication
     histograms (a record whose pipeline ran collectives, as the collective-timing hook writes it)."""
     import dataclasses
@@ -122,6 +124,7 @@ def exposition(tiny_pipe: Any, cfg: Config) -> dict[str, Family]:
     from zmon.app.parts import add_policy
     from zmon.app.sources import add_allocator_source, add_host_sources, add_nvml_sources
     from zmon.collectors.generation import GenerationMetrics, PipelineFacts
+    from zmon.collectors.reload import ReloadCollector, ReloadState
     from zmon.collectors.workers import ScalingState, WorkerCollector, WorkerStatus
     from zmon.instrumentation.records import CommunicationTiming, GenerationRecord
 
@@ -131,6 +134,8 @@ def exposition(tiny_pipe: Any, cfg: Config) -> dict[str, Family]:
     metrics.set_pipeline(PipelineFacts(MODEL, "ZImagePipeline", "cpu", "float32", distilled=True,
                                        load_seconds=0.5, checkpoint_bytes=10**6, read_bytes_per_second=2e6))
     mon.add_collector("generation", metrics)
+    mon.add_collector("config", ReloadCollector(ReloadState()))  # as `zmon run` / `zmon watch` add it
+    metrics.set_output_failures(lambda: 0)  # as `zmon run` with workload.output_dir sets it
     add_host_sources(mon, cfg.sampling, watched_pid=os.getpid())
     add_nvml_sources(mon, cfg.sampling.nvml, watched_pid=WORKLOAD_PID, nvml=_nvml())
     cuda = FakeTorchCuda()

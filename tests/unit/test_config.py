@@ -55,7 +55,8 @@ def test_env_overrides_take_types_and_precede_file(tmp_path: Path) -> None:
 def test_env_override_errors_are_reported_with_path() -> None:
     with pytest.raises(ConfigError) as exc:
         load_config(environ={"ZMON_SAMPLING__HOST__INTERVAL_SECONDS": "soon"})
-    assert exc.value.problems[0].startswith("sampling.host.interval_seconds:")
+    assert exc.value.problems[0].startswith("ZMON_SAMPLING__HOST__INTERVAL_SECONDS: ")
+    assert exc.value.source == "environment"  # not blamed on a config file
 
 
 def test_config_is_frozen() -> None:

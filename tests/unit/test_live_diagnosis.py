@@ -241,3 +241,12 @@ def test_exposition_passes_promtool(monitor: Monitor, clock: Clock) -> None:
     text = generate_latest(monitor.registry)
     r = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=30)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_the_window_is_bounded_in_count_too() -> None:
+    """A fast pipeline (37 generations/s) must not hold 300 s of records: the latest max_records are kept."""
+    live = LiveDiagnosis(SampleHistory(SnapshotStore(), ()), max_records=50, clock=lambda: 1000.0)
+    for i in range(200):
+        live.observe(record(1000.0 - 200 + i))
+    assert len(live._records) == 50
+    assert live._records[0].started_at == 1000.0 - 50

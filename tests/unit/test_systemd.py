@@ -87,6 +87,7 @@ def test_unit_settings() -> None:
     assert (one["User"], one["Group"], one["DynamicUser"]) == ("zmon", "zmon", "no")
     assert one["ExecStart"].startswith("/usr/local/bin/zmon watch --config /etc/zmon/config.yaml")
     assert one["EnvironmentFile"] == "-/etc/zmon/zmon.env"
+    assert one["ExecReload"] == "/bin/kill -HUP $MAINPID"  # zmon reloads its configuration on SIGHUP
     for key, value in {
         "NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes", "PrivateTmp": "yes",
         "DevicePolicy": "closed", "ProtectKernelTunables": "yes",

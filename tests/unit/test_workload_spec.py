@@ -233,7 +233,7 @@ def test_zmon_run_exits_2_before_loading_anything(tmp_path: Path) -> None:
     assert out["heavy"] == [], f"imported {out['heavy']} before reporting config errors"
     assert out["seconds"] < 5 and time.monotonic() - t0 < 30, out
     err = out["stderr"]
-    assert "workload: 3 error(s)" in err, err
+    assert f"{config}: 3 error(s)" in err, err
     assert f"workload.prompts_file: {prompts} contains no prompts" in err
     assert "workload.resolutions[0]: '1000x1000': width and height must be multiples of 16" in err
     assert "workload.steps: must be > 0, got 0" in err

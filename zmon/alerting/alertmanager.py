@@ -7,13 +7,16 @@ Usage::
     client.fire(alert)      # zmon.policy.engine.Alert; returns at once (queued per URL)
     client.resolve(alert)   # sends endsAt = now, so Alertmanager resolves it
     client.stats()          # DeliveryStats(ok, error, dropped, active, queued) for the policy collector
-    client.close()
+    client.reconfigure(new_config)  # a reload: URLs added or removed, labels changed (alerts follow)
+    client.close(resolve_active=True)  # zmon stops: its alerts resolve now, not after resolve_timeout
 
 Each URL has its own worker thread and bounded queue (the oldest delivery is dropped, and counted, when it is
 full), so a dead Alertmanager never delays the others, and sampling and generation never wait for HTTP.
 Active alerts are re-sent every `resend_seconds`: Alertmanager expires an alert without endsAt after its
 `resolve_timeout`. Network errors, 5xx and 429 are retried with exponential backoff; other 4xx are not.
 Counts are per alert per URL: an alert delivered to two Alertmanagers counts 2 under result="ok".
+A client with no URL sends nothing but still tracks the active alerts, so a reload that adds a URL delivers
+them there.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -76,7 +79,16 @@ class _Worker:
         self.busy = False
         self.failing = False
         self.next_resend = 0.0
+        self.stopping = threading.Event()
+        self.deadline = float("inf")  # monotonic: stop draining the queue after this once stopping
         self.thread = threading.Thread(target=self._run, name=f"zmon-alerts:{url}", daemon=True)
+
+    def stop(self, timeout: float) -> None:
+        """Deliver what is queued for at most `timeout` seconds more, then end the thread."""
+        self.deadline = self.client._clock() + timeout
+        self.stopping.set()
+        with self.cond:
+            self.cond.notify_all()
 
     def enqueue(self, batch: list[Payload]) -> int:
         """Queue a batch; returns how many alerts were dropped to make room."""
@@ -93,12 +105,12 @@ class _Worker:
         self.next_resend = c._clock() + c.config.resend_seconds
         while True:
             with self.cond:
-                while not self.queue and not c._stopping.is_set():
+                while not self.queue and not self.stopping.is_set():
                     left = self.next_resend - c._clock()
                     if left <= 0:
                         break
                     self.cond.wait(min(left, 1.0))
-                if c._stopping.is_set() and (not self.queue or c._clock() > c._drain_deadline):
+                if self.stopping.is_set() and (not self.queue or c._clock() > self.deadline):
                     self.cond.notify_all()
                     return
                 batch = self.queue.popleft() if self.queue else None
@@ -130,29 +142,54 @@ class AlertmanagerClient:
         config: AlertingConfig,
         *,
         generator_url: str | None = None,
-        instance: str | None = None,
+        instance: str | Callable[[], str] | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.generator_url = generator_url
-        # Without alerting.runbook_base_url: the runbooks served by the zmon that sends the alert (GET /runbooks).
-        self.runbook_base_url = config.runbook_base_url
-        if self.runbook_base_url is None and generator_url:
-            parts = urlsplit(generator_url)
-            self.runbook_base_url = urlunsplit((parts.scheme, parts.netloc, RUNBOOKS_PATH, "", "")) + "#runbook-"
-        self.instance = instance or config.instance or socket.gethostname()
+        # `instance` (a callable is asked at each send: the composition root knows the bound address only once
+        # the server runs) is the default; alerting.instance, when set, wins.
+        self._default_instance = instance
         self._clock = clock
         self._wall = wall
         self._lock = threading.Lock()
+        self._reconfigure_lock = threading.Lock()
         self._active: dict[tuple[tuple[str, str], ...], Alert] = {}
         self._counts = {"ok": 0, "error": 0, "dropped": 0}
-        self._stopping = threading.Event()
-        self._drain_deadline = float("inf")
         self._started = False
-        ctx = ssl.create_default_context(cafile=str(config.ca_file) if config.ca_file else None)
-        self._opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=ctx))
+        self._closed = False
+        self._opener = self._build_opener(config)
         self._workers = [_Worker(self, u) for u in config.alertmanager_urls]
+
+    @staticmethod
+    def _build_opener(config: AlertingConfig) -> urllib.request.OpenerDirector:
+        ctx = ssl.create_default_context(cafile=str(config.ca_file.expanduser()) if config.ca_file else None)
+        return urllib.request.build_opener(urllib.request.HTTPSHandler(context=ctx))
+
+    @property
+    def instance(self) -> str:
+        """The `instance` label: alerting.instance, else the composition root's default, else the host name."""
+        if self.config.instance:
+            return self.config.instance
+        default = self._default_instance
+        value = default() if callable(default) else default
+        return value or socket.gethostname()
+
+    @property
+    def runbook_base_url(self) -> str | None:
+        """alerting.runbook_base_url, else the runbooks served by the zmon that sends the alert (GET /runbooks)."""
+        if self.config.runbook_base_url is not None:
+            return self.config.runbook_base_url
+        if not self.generator_url:
+            return None
+        parts = urlsplit(self.generator_url)
+        return urlunsplit((parts.scheme, parts.netloc, RUNBOOKS_PATH, "", "")) + "#runbook-"
+
+    @property
+    def enabled(self) -> bool:
+        """True when there is at least one Alertmanager to send to."""
+        return bool(self._workers)
 
     # ------------------------------------------------------------------------------------ public API
 
@@ -162,8 +199,57 @@ class AlertmanagerClient:
             if self._started:
                 return
             self._started = True
-        for w in self._workers:
+            workers = list(self._workers)
+        for w in workers:
             w.thread.start()
+
+    def reconfigure(
+        self, config: AlertingConfig, *, instance: object = ..., timeout: float = 5.0
+    ) -> None:
+        """Adopt a new alerting configuration (a reload) without losing the alerts in force.
+
+        URLs that stay keep their queue and thread; a removed URL gets endsAt for every active alert (it will
+        not hear from zmon again), then its thread ends within `timeout`; an added URL gets every active
+        alert. When the labels change (instance, external_labels), the alerts under the old labels are
+        resolved and sent again under the new ones, since Alertmanager identifies an alert by its labels.
+        """
+        with self._reconfigure_lock:
+            before = self._active_payloads()
+            opener = self._build_opener(config) if config.ca_file != self.config.ca_file else self._opener
+            with self._lock:
+                self.config = config
+                if instance is not ...:
+                    self._default_instance = instance  # type: ignore[assignment]
+                self._opener = opener
+            after = self._active_payloads()
+            relabelled = [p["labels"] for p in before] != [p["labels"] for p in after]
+            ended = [{**p, "endsAt": rfc3339(self._wall())} for p in before]
+            old = {w.url: w for w in self._workers}
+            workers = [old.get(u) or _Worker(self, u) for u in config.alertmanager_urls]
+            gone = [w for u, w in old.items() if u not in config.alertmanager_urls]
+            with self._lock:
+                self._workers = workers
+                started = self._started
+            for w in gone:
+                if ended:
+                    w.enqueue(ended)
+                w.stop(timeout)
+            for w in workers:
+                if w.url not in old:
+                    if started:
+                        w.thread.start()
+                    if after:
+                        self._queue(w, after)
+                elif relabelled:
+                    if ended:
+                        self._queue(w, ended)
+                    if after:
+                        self._queue(w, after)
+            if (ended or after) and not started and workers:
+                self.start()
+            for w in gone:
+                if w.thread.is_alive():
+                    w.thread.join(timeout + 1.0)
 
     def fire(self, alert: Alert) -> None:
         """Mark an alert active and queue it for every URL; returns immediately."""
@@ -206,22 +292,30 @@ class AlertmanagerClient:
         return True
 
     def close(self, timeout: float = 5.0, *, resolve_active: bool = False) -> None:
-        """Stop the workers after at most `timeout` seconds of draining the queues.
+        """Stop the workers after at most `timeout` seconds of draining the queues; idempotent.
 
-        `resolve_active` sends endsAt for every active alert first (for a deliberate shutdown of the
-        watched service); by default active alerts are left to expire in Alertmanager.
+        `resolve_active` sends endsAt for every active alert first (zmon stops: alerting.resolve_on_shutdown),
+        so they resolve now; otherwise they are left to expire after Alertmanager's resolve_timeout.
         """
-        if resolve_active:
-            for a in self.active():
-                self.resolve(a)
-        self._drain_deadline = self._clock() + timeout
-        self._stopping.set()
-        for w in self._workers:
-            with w.cond:
-                w.cond.notify_all()
-        if self._started:
-            for w in self._workers:
-                w.thread.join(timeout + 1.0)
+        with self._reconfigure_lock:
+            if self._closed:
+                return
+            self._closed = True
+            if resolve_active:
+                active = self.active()
+                for a in active:
+                    self.resolve(a)
+                if active:
+                    log.info("resolving %d active alert(s) on shutdown", len(active))
+            with self._lock:
+                workers = list(self._workers)
+                started = self._started
+            for w in workers:
+                w.stop(timeout)
+            if started:
+                for w in workers:
+                    if w.thread.is_alive():
+                        w.thread.join(timeout + 1.0)
 
     def payload(self, alert: Alert) -> Payload:
         """The Alertmanager v2 JSON object for one alert."""
@@ -245,15 +339,20 @@ class AlertmanagerClient:
     # ------------------------------------------------------------------------------------ internals
 
     def _send(self, alerts: list[Alert]) -> None:
-        if not self._workers:
+        with self._lock:
+            workers = list(self._workers)
+        if not workers:
             return
         self.start()
         batch = [self.payload(a) for a in alerts]
-        for w in self._workers:
-            dropped = w.enqueue(batch)
-            if dropped:
-                self._count("dropped", dropped)
-                log.warning("alert queue for %s full: dropped %d alert(s)", w.url, dropped)
+        for w in workers:
+            self._queue(w, batch)
+
+    def _queue(self, w: _Worker, batch: Iterable[Payload]) -> None:
+        dropped = w.enqueue(list(batch))
+        if dropped:
+            self._count("dropped", dropped)
+            log.warning("alert queue for %s full: dropped %d alert(s)", w.url, dropped)
 
     def _active_payloads(self) -> list[Payload]:
         with self._lock:
@@ -283,7 +382,7 @@ class AlertmanagerClient:
         for attempt in range(cfg.retries + 1):
             if attempt:
                 delay = min(cfg.max_backoff_seconds, cfg.backoff_seconds * 2 ** (attempt - 1))
-                if self._stopping.wait(delay) and self._clock() > self._drain_deadline:
+                if w.stopping.wait(delay) and self._clock() > w.deadline:
                     break
             try:
                 req = urllib.request.Request(w.endpoint, data=body, headers=self._headers(), method="POST")

@@ -13,13 +13,14 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from zmon.app.checks import require
 from zmon.app.instrument import Instrumentation, pipeline_facts
 from zmon.app.monitor import Monitor
 from zmon.app.parts import PolicyParts, add_live_diagnosis, add_policy, add_trace_endpoint
-from zmon.app.sources import add_allocator_source, add_host_sources, add_nvml_sources
+from zmon.app.sources import install_sources
 from zmon.capture.live import LiveDiagnosis
 from zmon.collectors.generation import GenerationMetrics
-from zmon.config import Config, load_config
+from zmon.config import Config, SamplingConfig, load_config
 from zmon.instrumentation import anatomy
 from zmon.instrumentation.boundaries import BoundaryListener
 from zmon.workload.loading import model_defaults
@@ -34,13 +35,16 @@ class AttachError(RuntimeError):
     config says. The pipeline is left exactly as it was."""
 
 
+def install_in_process_sources(mon: Monitor, sampling: SamplingConfig) -> list[str]:
+    """Host, NVML and allocator sources watching this process (the one that owns the pipeline), built (or,
+    on a reload, rebuilt where their sub-config changed) as source groups."""
+    return install_sources(mon, sampling, watched_pid=os.getpid(), allocator=True)
+
+
 def add_in_process_sources(mon: Monitor, cfg: Config) -> PolicyParts | None:
-    """Host, NVML and allocator sources watching this process (the one that owns the pipeline), and the
-    policy over them. Connect the instrumented pipeline with `connect_in_process` once it exists."""
-    pid = os.getpid()
-    add_host_sources(mon, cfg.sampling, watched_pid=pid)
-    add_nvml_sources(mon, cfg.sampling.nvml, watched_pid=pid)
-    add_allocator_source(mon, cfg.sampling.allocator)
+    """The in-process sources and the policy over them. Connect the instrumented pipeline with
+    `connect_in_process` once it exists."""
+    install_in_process_sources(mon, cfg.sampling)
     return add_policy(mon, cfg.policy, cfg.alerting, listen=cfg.server.listen)
 
 
@@ -48,7 +52,7 @@ def connect_in_process(
     mon: Monitor, cfg: Config, inst: Instrumentation, policy: PolicyParts | None
 ) -> LiveDiagnosis:
     """Feed the pipeline's generations to the policy (its safe points are the gaps between generations), the
-    live diagnosis (GET /diagnosis, zmon_bottleneck*) and, when enabled, the trace endpoint (POST /trace)."""
+    live diagnosis (GET /diagnosis, zmon_bottleneck*; returned) and, when enabled, the trace endpoint."""
     if policy is not None:
         inst.boundaries.add(policy.runner)
         inst.record_listeners.append(policy.figures.observe)
@@ -147,11 +151,14 @@ def attach(
     host's own registry instead. The host may call the pipeline from several threads, one call at a time.
 
     Without `config`: the defaults with the `ZMON_<SECTION>__<KEY>` environment overrides applied, as
-    `zmon run` reads them (e.g. ZMON_SERVER__LISTEN=127.0.0.1:9000); a bad override raises ConfigError.
-    Raises AttachError when the pipeline is already attached or the listen address cannot be bound; the
-    pipeline is then left exactly as it was.
+    `zmon run` reads them (e.g. ZMON_SERVER__LISTEN=127.0.0.1:9000); a bad override raises ConfigError, and so
+    does a configuration naming files or directories zmon cannot use (the checks of zmon.app.checks, as `zmon
+    run` makes them). Raises AttachError when the pipeline is already attached or the listen address cannot be
+    bound; the pipeline is then left exactly as it was.
     """
     cfg = config if config is not None else load_config(None)
+    for warning in require(cfg, "attach"):
+        log.warning("config: %s", warning)
     with _ATTACH_LOCK:
         existing = attached_handle(pipe)
         if existing is not None:

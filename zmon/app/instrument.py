@@ -64,6 +64,7 @@ class Instrumentation:
         try:
             if workload.jsonl.path is not None:
                 jsonl = JsonlLog(workload.jsonl.path, workload.jsonl.max_bytes, workload.jsonl.backups)
+                jsonl.open()  # now: a line torn by the last run (kill -9) is cut before this one writes
                 self.jsonl = jsonl
                 metrics.set_jsonl_failures(lambda: jsonl.failures)
                 self._undo.append(jsonl.close)

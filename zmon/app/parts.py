@@ -8,6 +8,7 @@ composition root knows the Monitor.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -92,28 +93,59 @@ class WorkloadFigures:
         return {k: v for k, v in out.items() if v is not None}
 
 
+WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "*"})
+
+
+def target_instance(host: str, port: int) -> str:
+    """The `instance` label Prometheus gives the target zmon serves on host:port: the address as written, or,
+    for a wildcard address (0.0.0.0, ::), this host's name (what a Prometheus elsewhere scrapes); IPv6 in
+    brackets. A loopback address stays as it is: only a Prometheus on this host can scrape it, by that name."""
+    if host in WILDCARD_HOSTS:
+        host = socket.gethostname()
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
+def monitor_instance(mon: Monitor) -> str:
+    """target_instance of what `mon` serves: the configured listen host and the bound port (a listen port 0
+    is known only once bound); the listen address when it serves no HTTP."""
+    listen = mon.server_config.listen
+    server = mon.server
+    return target_instance(listen.host, server.port if server is not None else listen.port)
+
+
 @dataclass(frozen=True)
 class PolicyParts:
     """The policy watching this process: `runner` is a boundary listener (safe points are the gaps between
-    generations), `figures` wants every GenerationRecord."""
+    generations), `figures` wants every GenerationRecord, `alerts` sends (or, with no Alertmanager URL,
+    only tracks) the alerts the rules fire."""
 
     runner: PolicyRunner
     figures: WorkloadFigures
-    alerts: AlertmanagerClient | None
+    alerts: AlertmanagerClient
+
+    def reconfigure(self, mon: Monitor, policy: PolicyConfig, alerting: AlertingConfig) -> None:
+        """New policy and alerting settings (a reload): rules keep their state where unchanged, alerts follow
+        the Alertmanager URLs and labels."""
+        self.runner.reconfigure(policy)
+        self.alerts.generator_url = mon.server_config.listen.url("/metrics")
+        self.alerts.reconfigure(alerting)
 
 
 def add_policy(
     mon: Monitor, policy: PolicyConfig, alerting: AlertingConfig, *, listen: ListenAddress
 ) -> PolicyParts | None:
     """Policy rules evaluated after every allocator sample (after every host sample where there is no CUDA
-    allocator), with actions at safe points, alerts to Alertmanager and POST /actions."""
+    allocator), with actions at safe points, alerts to Alertmanager and POST /actions.
+
+    Alerts carry `instance` = alerting.instance or what Prometheus calls this target (monitor_instance), and
+    are resolved when the monitor stops unless alerting.resolve_on_shutdown is false (read at that moment,
+    so a reload can change it)."""
     if not policy.enabled:
         return None
-    alerts = None
-    if alerting.alertmanager_urls:
-        alerts = AlertmanagerClient(alerting, generator_url=listen.url("/metrics"))
-        client = alerts
-        mon.add_closer(lambda: client.close(timeout=5.0))
+    alerts = AlertmanagerClient(alerting, generator_url=listen.url("/metrics"), instance=lambda: monitor_instance(mon))
+    mon.add_closer(lambda: alerts.close(timeout=5.0, resolve_active=alerts.config.resolve_on_shutdown))
     runner = PolicyRunner(policy, alerts=alerts)
     figures = WorkloadFigures(mon.store)
 

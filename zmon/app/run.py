@@ -2,6 +2,11 @@
 
 The monitor starts first, so the model load itself is observed (disk, memory, GPU). The same in-process
 parts as `zmon.attach` watch the pipeline; zmon.workload's Runner generates.
+
+Signals: the first SIGTERM/SIGINT stops after the current generation, a second one interrupts; SIGHUP
+reloads the configuration (zmon.app.reload) without touching the generation in progress: sources, policy
+rules, alerting, diagnosis thresholds, the server and logging apply live; the model and the workload need a
+restart (said so in the log and in zmon_config_restart_required).
 """
 
 from __future__ import annotations
@@ -17,12 +22,15 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from zmon.app.attach import add_in_process_sources, connect_in_process
+from zmon.app.attach import add_in_process_sources, connect_in_process, install_in_process_sources
 from zmon.app.instrument import Instrumentation, pipeline_facts
 from zmon.app.monitor import Monitor
 from zmon.app.parts import PolicyParts
+from zmon.app.reload import ConfigSource, Plan, Reloader, hold_sighup
+from zmon.app.watch import systemd_hooks
 from zmon.capture.live import LiveDiagnosis
 from zmon.collectors.generation import GenerationMetrics
+from zmon.collectors.reload import ReloadCollector, ReloadState
 from zmon.config import Config
 from zmon.exitcodes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from zmon.instrumentation.boundaries import BoundaryListener
@@ -166,6 +174,8 @@ class RunSession:
         self.policy = policy
         self.live = live  # the live diagnosis (GET /diagnosis, zmon_bottleneck*)
         self.runner = Runner(Workload(loaded.pipe, spec), oom=oom)
+        runner = self.runner
+        metrics.set_output_failures((lambda: runner.output_failures) if spec.output_dir is not None else None)
         self.status = StatusLog(metrics, status_interval_seconds, policy=policy)
         instrumentation.record_listeners.append(self.status.observe)
         instrumentation.owner = self
@@ -223,6 +233,12 @@ def build_run(
     # Known class: its defaults now; unknown (a hub id not cached locally): provisional, redone after load.
     spec = build_spec(cfg, model_defaults(class_name, cfg.model.id) if class_name else {})
 
+    if spec.output_dir is not None:  # before the model loads: a directory that cannot be made stops here
+        try:
+            spec.output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise WorkloadError([f"workload.output_dir: cannot create {spec.output_dir}: {e.strerror or e}"]) from None
+
     metrics = GenerationMetrics(model=cfg.model.id)
     mon = Monitor(cfg.sampling, cfg.server, mode="run", registry=registry, serve_http=serve_http)
     mon.add_collector("generation", metrics)
@@ -268,12 +284,62 @@ def build_run(
     )
 
 
-def run_main(cfg: Config, *, linger_seconds: float = 0.0) -> int:
+# What `zmon run` cannot change while it runs: the loaded model, the generation loop and the instrumentation
+# built for it (prompts, resolutions, JSONL log, prompt cache, OOM handling), the trace endpoint's route, and
+# whether the policy exists at all.
+RUN_RESTART_ALWAYS = ("model", "workload", "profiling.trace", "policy.enabled")
+
+
+def run_plan(session: RunSession) -> Plan:
+    """What `zmon run` applies on SIGHUP. Without a running policy (policy.enabled false at start) policy and
+    alerting changes wait for a restart too."""
+    restart = list(RUN_RESTART_ALWAYS)
+    if session.policy is None:
+        restart += ["policy", "alerting"]
+    return Plan(
+        restart=tuple(restart),
+        live=("server", "sampling", "logging", "policy", "alerting", "profiling.thresholds"),
+        unused=("sampling.process.pid",),  # `zmon run` watches itself
+    )
+
+
+def run_reloader(
+    session: RunSession, cfg: Config, source: ConfigSource, *, systemd: Any | None = None
+) -> Reloader:
+    """The SIGHUP reloader of a run session (its state exported as zmon_config_*)."""
+    mon = session.monitor
+
+    def apply(old: Config, new: Config, live: list[str]) -> None:
+        server = mon.prepare_server(new.server)  # may raise: nothing has changed yet
+        mon.configure_sampling(new.sampling)
+        rebuilt = install_in_process_sources(mon, new.sampling)
+        if rebuilt:
+            log.info("sources rebuilt: %s", ", ".join(rebuilt))
+        if session.policy is not None:
+            session.policy.reconfigure(mon, new.policy, new.alerting)
+        if session.live is not None:
+            session.live.thresholds = new.diagnosis_thresholds
+        mon.commit_server(new.server, server)
+        if source.apply_logging is not None and new.logging != old.logging:
+            source.apply_logging(new)
+
+    state = ReloadState()
+    mon.add_collector("config", ReloadCollector(state))
+    return Reloader(
+        cfg, source, mode="run", plan=run_plan(session), apply=apply, state=state, requests=hold_sighup(),
+        lock=mon.lock, stopped=lambda: mon.wait(0), **systemd_hooks(systemd),
+    )
+
+
+def run_main(cfg: Config, *, linger_seconds: float = 0.0, source: ConfigSource | None = None) -> int:
     """The body of `zmon run` (after validation): returns the exit code. Installs SIGTERM/SIGINT handlers:
-    the first signal stops after the current generation, a second one interrupts."""
+    the first signal stops after the current generation, a second one interrupts; SIGHUP reloads (queued
+    while the model loads)."""
     stop = threading.Event()
     previous = _install_stop_handlers(stop)
+    hold_sighup()
     session: RunSession | None = None
+    reloader: Reloader | None = None
     try:
         try:
             session = build_run(cfg)
@@ -287,6 +353,8 @@ def run_main(cfg: Config, *, linger_seconds: float = 0.0) -> int:
         except Exception:
             log.exception("cannot load %s", cfg.model.id)
             return EXIT_FAILURE
+        reloader = run_reloader(session, cfg, source or ConfigSource(lambda: cfg))
+        reloader.start()
         result = session.run(stop_event=stop)
         if linger_seconds > 0 and not stop.is_set():
             log.info("done; serving /metrics for %.0fs more (SIGTERM to stop now)", linger_seconds)
@@ -296,6 +364,8 @@ def run_main(cfg: Config, *, linger_seconds: float = 0.0) -> int:
         log.info("interrupted")
         return EXIT_OK
     finally:
+        if reloader is not None:
+            reloader.stop()
         if session is not None:
             session.close()
         for sig, handler in previous.items():

@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 DEFAULT_WINDOW_SECONDS = 300.0
 DEFAULT_INTERVAL_SECONDS = 10.0
 DEFAULT_MIN_GENERATIONS = 3
+# The window is also bounded in count: at 37 generations/s (the embedded model) 300 s held 11,000 records,
+# ~3 KB each, and every evaluation walked them all (the soak in docs/BENCHMARKS.md found RSS +6 % this way).
+# The latest 1,000 generations are plenty for medians, CVs and shares.
+DEFAULT_MAX_RECORDS = 1000
 HISTORY_MARGIN_SECONDS = 60.0  # samples a little older than the window cover the time before its first generation
 
 
@@ -46,6 +50,7 @@ class LiveDiagnosis:
         *,
         window_seconds: float = DEFAULT_WINDOW_SECONDS,
         min_generations: int = DEFAULT_MIN_GENERATIONS,
+        max_records: int = DEFAULT_MAX_RECORDS,
         environment: Callable[[], EnvironmentFacts | None] | None = None,
         io: IoFacts | None = None,
         multi_gpu: Callable[[], MultiGpuFacts | None] | None = None,
@@ -63,7 +68,7 @@ class LiveDiagnosis:
         self._multi_gpu = multi_gpu
         self._clock = clock
         self._lock = threading.Lock()
-        self._records: deque[GenerationRecord] = deque()
+        self._records: deque[GenerationRecord] = deque(maxlen=max_records)  # the oldest drop out first
         self._first_record_at: float | None = None  # the process's first generation: first-gen slowdown
         self._resolver = GpuResolver()
         self.latest: LiveSnapshot | None = None

@@ -146,6 +146,7 @@ class GenerationMetrics:
         self._facts_set = False
         self._prompt_cache: PromptCacheStats | None = None
         self._jsonl_failures: Callable[[], int] | None = None
+        self._output_failures: Callable[[], int] | None = None
 
     # -- inputs -------------------------------------------------------------------------------------------
 
@@ -160,6 +161,10 @@ class GenerationMetrics:
 
     def set_jsonl_failures(self, read: Callable[[], int] | None) -> None:
         self._jsonl_failures = read
+
+    def set_output_failures(self, read: Callable[[], int] | None) -> None:
+        """Images that could not be written to workload.output_dir (`zmon run`), read at scrape time."""
+        self._output_failures = read
 
     def generation_started(self) -> None:
         with self._lock:
@@ -351,6 +356,12 @@ class GenerationMetrics:
                 "zmon_jsonl_write_failures",
                 "Generation records that could not be written to the JSONL log.",
                 value=float(self._jsonl_failures()),
+            )
+        if self._output_failures is not None:
+            yield CounterMetricFamily(
+                "zmon_output_write_failures",
+                "Generated images that could not be written to workload.output_dir (disk full, permissions).",
+                value=float(self._output_failures()),
             )
 
     def _pipeline_families(self, f: PipelineFacts) -> Iterable[Metric]:

@@ -113,7 +113,7 @@ class PolicyCollector:
             firings.add_metric([st.rule, device], float(st.firings_total))
         yield from (state, persistent, firings)
 
-        if self.alerts is not None:
+        if self.alerts is not None and getattr(self.alerts, "enabled", True):  # no Alertmanager URL: no families
             ds = self.alerts.stats()
             sent = CounterMetricFamily(
                 "zmon_alerts_sent",

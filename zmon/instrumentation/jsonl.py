@@ -1,12 +1,14 @@
-"""Per-generation JSONL log, size-rotated; one os.write per line; failures are counted, never raised."""
+"""Per-generation JSONL log, size-rotated; each line whole or not at all; failures are counted, never raised."""
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import json
 import logging
 import os
+import stat
 import threading
 from pathlib import Path
 from typing import Any
@@ -83,6 +85,11 @@ class JsonlLog:
     (threads, or processes sharing the file) never interleave inside a line. A failing write (disk full,
     permission, missing directory, path is a directory) is counted in `failures` and logged once per
     streak of failures; it never reaches the generation. The file is reopened on the next write.
+
+    Lines are all or nothing. A write that fits only partly (the disk fills mid-line) is cut back off at
+    once. A line torn by something zmon cannot catch (kill -9 or a power cut in the middle of a write) is
+    cut off the next time the file is opened (at start, and after any failed write), with a log line: no
+    line is ever glued to a partial one. Readers never see more than the lines' own bytes.
     """
 
     def __init__(self, path: str | Path, max_bytes: int = 50 * 1024 * 1024, backups: int = 5) -> None:
@@ -95,9 +102,21 @@ class JsonlLog:
         self.backups = backups
         self.failures = 0
         self.lines_written = 0
+        self.torn_bytes_cut = 0  # bytes of partial lines removed (interrupted or partial writes)
         self._fd: int | None = None
         self._failing = False
         self._lock = threading.Lock()
+
+    def open(self) -> bool:
+        """Open the file now (at start-up), so a torn tail left by the last run is cut before the first
+        generation; False when it cannot be opened (the first write then counts the failure)."""
+        with self._lock:
+            try:
+                self._open()
+            except OSError:
+                self._close_fd()
+                return False
+            return True
 
     def write(self, record: GenerationRecord, *, model: str) -> bool:
         """Append one record; True on success. Never raises."""
@@ -111,12 +130,15 @@ class JsonlLog:
         with self._lock:
             try:
                 fd = self._open()
-                if self._should_rotate(fd, len(line)):
+                size = os.fstat(fd).st_size  # fstat, not a counter: another process may append to the file
+                if size > 0 and size + len(line) > self.max_bytes:
                     self._rotate()
                     fd = self._open()
+                    size = os.fstat(fd).st_size
                 n = os.write(fd, line)
                 if n != len(line):
-                    raise OSError(f"short write: {n} of {len(line)} bytes (disk full?)")
+                    self._cut_partial(fd, size, n)
+                    raise OSError(errno.ENOSPC, f"short write: {n} of {len(line)} bytes (disk full?), cut off")
             except OSError as e:
                 self._close_fd()
                 return self._failed(f"{e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
@@ -137,13 +159,53 @@ class JsonlLog:
 
     def _open(self) -> int:
         if self._fd is None:
-            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
-            self._fd = os.open(self.path, flags, 0o644)
+            # Read access too: the tail is checked (pread) and a torn one cut (ftruncate) at each open.
+            flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+            try:
+                fd = os.open(self.path, flags, 0o644)
+            except PermissionError:  # a file we may append to but not read: no repair, still a log
+                fd = os.open(self.path, flags & ~os.O_RDWR | os.O_WRONLY, 0o644)
+            self._fd = fd
+            self._repair(fd)
         return self._fd
 
-    def _should_rotate(self, fd: int, incoming: int) -> bool:
-        size = os.fstat(fd).st_size  # fstat, not a counter: another process may append to the same file
-        return size > 0 and size + incoming > self.max_bytes
+    def _repair(self, fd: int) -> None:
+        """Cut a torn last line (one that does not end in a newline) back to the end of the last whole line."""
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size == 0 or os.pread(fd, 1, st.st_size - 1) == b"\n":
+                return
+            end = st.st_size
+            keep = 0
+            while end > 0:  # back to the last newline, 64 KiB at a time
+                start = max(0, end - 65536)
+                chunk = os.pread(fd, end - start, start)
+                i = chunk.rfind(b"\n")
+                if i >= 0:
+                    keep = start + i + 1
+                    break
+                end = start
+            os.ftruncate(fd, keep)
+        except OSError as e:  # not readable (write-only open), or the filesystem refuses: leave it
+            log.debug("JSONL log %s: cannot check its last line: %s", self.path, e)
+            return
+        cut = st.st_size - keep
+        self.torn_bytes_cut += cut
+        log.warning(
+            "JSONL log %s: cut a torn last line (%d bytes) left by an interrupted write; whole lines kept: %d bytes",
+            self.path, cut, keep,
+        )
+
+    def _cut_partial(self, fd: int, size_before: int, written: int) -> None:
+        """Undo a short write, if the file holds exactly what was there plus our partial bytes (else another
+        writer appended meanwhile: the next open cuts the torn tail instead)."""
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and written > 0 and st.st_size == size_before + written:
+                os.ftruncate(fd, size_before)
+                self.torn_bytes_cut += written
+        except OSError as e:
+            log.debug("JSONL log %s: cannot cut a partial line: %s", self.path, e)
 
     def _rotate(self) -> None:
         self._close_fd()

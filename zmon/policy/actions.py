@@ -294,6 +294,14 @@ class PolicyState:
             for s in statuses:
                 self._rules[(device, s.rule)] = s
 
+    def replace_rules(self, device: str, statuses: Sequence[RuleStatus]) -> None:
+        """The rules of one device after a reload: rules no longer configured leave the metrics."""
+        with self._lock:
+            for key in [k for k in self._rules if k[0] == device]:
+                del self._rules[key]
+            for s in statuses:
+                self._rules[(device, s.rule)] = s
+
     def set_pending(self, n: int) -> None:
         with self._lock:
             self._pending = n
@@ -381,6 +389,28 @@ class PolicyRunner:
         self.gate.idle_tick()
         self.state.set_pending(len(self.gate.pending()))
         return decisions
+
+    def reconfigure(self, config: PolicyConfig) -> list[Alert]:
+        """Adopt new policy settings (a configuration reload) between two evaluations: unchanged rules keep
+        their state, changed or removed ones start over and their firing alerts are resolved (returned, and
+        sent to the alert sink). `enabled` is read at each evaluation. A generation in progress is not
+        touched: actions already queued still run at its end."""
+        with self._lock:
+            self.config = config
+            self.remediator.dry_run = config.dry_run
+            self.state.dry_run = config.dry_run
+            ended: list[Alert] = []
+            for scope, engine in self._engines.items():
+                ended.extend(engine.reconfigure(config.active_rules, dry_run=config.dry_run))
+                self.state.replace_rules(scope, engine.status())
+        for alert in ended:
+            log.info("policy rule %s changed by a reload: resolving its alert %s", alert.rule, alert.alertname)
+            if self.alerts is not None:
+                try:
+                    self.alerts.resolve(alert)
+                except Exception:
+                    log.exception("alert hand-off failed for rule %s", alert.rule)
+        return ended
 
     def listener(
         self,

@@ -133,6 +133,25 @@ class PolicyEngine:
         self.dry_run = dry_run
         self._rt: dict[str, _Runtime] = {r.name: _Runtime() for r in self.rules}
 
+    def reconfigure(self, rules: Iterable[Rule], *, dry_run: bool | None = None) -> list[Alert]:
+        """New rules (a configuration reload). A rule whose definition is unchanged keeps its state (pending
+        count, firing alert, cooldown, persistence); a changed or removed rule starts over, and the alerts it
+        had firing are returned resolved (now) for the caller to send."""
+        new = tuple(rules)
+        names = [r.name for r in new]
+        if len(set(names)) != len(names):
+            raise ValueError("rule names must be unique")
+        before = {r.name: r for r in self.rules}
+        runtimes = {r.name: self._rt[r.name] if before.get(r.name) == r else _Runtime() for r in new}
+        ended: list[Alert] = []
+        for name, rt in self._rt.items():
+            if runtimes.get(name) is not rt:
+                ended.extend(a.resolved(self._wall()) for a in (rt.alert, rt.persist_alert) if a is not None)
+        self.rules, self._rt = new, runtimes
+        if dry_run is not None:
+            self.dry_run = dry_run
+        return ended
+
     def evaluate(self, figures: Mapping[str, float], now: float | None = None) -> list[Decision]:
         """Advance every rule by one observation; returns the decisions taken (often none)."""
         t = self._clock() if now is None else now

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -104,6 +105,32 @@ class Sampler:
         """fn(source_name, success) after every attempt; exceptions are logged, never propagated."""
         self._listeners.append(fn)
 
+    def remove(self, name: str) -> None:
+        """Stop sampling a source and forget it (a reload that disables or rebuilds it); the store keeps its
+        entry until the caller unregisters it. An attempt already running finishes."""
+        if self._specs.pop(name, None) is None:
+            return
+        with self._lock:
+            self._retry_at.pop(name, None)
+        sched = self._scheduler
+        if sched is not None:
+            _remove_job(sched, name)
+
+    def configure(self, *, misfire_grace_seconds: float, max_backoff_seconds: float) -> None:
+        """New misfire grace and backoff cap (a reload): jobs are rescheduled with the new grace."""
+        changed = misfire_grace_seconds != self._misfire_grace
+        self._misfire_grace = misfire_grace_seconds
+        self._max_backoff = max_backoff_seconds
+        if changed and self._scheduler is not None:
+            for spec in list(self._specs.values()):
+                with contextlib.suppress(JobLookupError):
+                    self._scheduler.modify_job(spec.name, misfire_grace_time=self._grace(spec))
+
+    def _grace(self, spec: SourceSpec) -> int:
+        """APScheduler's misfire grace of one job, whole seconds: the configured grace, but never more than the
+        job's interval (a run that late is the next one anyway, coalesced), and at least 1 s."""
+        return max(1, math.ceil(min(self._misfire_grace, spec.interval_seconds)))
+
     @property
     def sources(self) -> list[str]:
         return list(self._specs)
@@ -120,7 +147,13 @@ class Sampler:
             self._running_since[name] = time.monotonic()
         try:
             data = spec.sample()
+            if self._specs.get(name) is not spec:
+                self._sample_done(name, t0)
+                return False  # removed (or rebuilt) by a reload while sampling: its result belongs to no one
         except SourceUnavailable as e:  # cannot exist here (e.g. no CUDA): stop sampling it, say so once
+            if self._specs.get(name) is not spec:
+                self._sample_done(name, t0)
+                return False
             level = logging.INFO if e.expected else logging.WARNING
             log.log(level, "%s unavailable: %s — continuing without it", name, e)
             self.store.mark_unavailable(name, str(e))
@@ -128,6 +161,9 @@ class Sampler:
             self._sample_done(name, t0)
             return False
         except Exception as e:  # a failing source is reported, never fatal
+            if self._specs.get(name) is not spec:
+                self._sample_done(name, t0)
+                return False
             dur = time.perf_counter() - t0
             self.store.fail(name, f"{type(e).__name__}: {e}", dur)
             st = self.store.get(name)
@@ -220,7 +256,7 @@ class Sampler:
             with self._lock:
                 unavailable = self._retry_at.get(spec.name) == float("inf")
             with self._sched_lock:
-                if not self._stopping and not unavailable:
+                if not self._stopping and not unavailable and self._specs.get(spec.name) is spec:
                     with contextlib.suppress(SchedulerNotRunningError):
                         sched.add_job(
                             self.run_once,
@@ -228,6 +264,8 @@ class Sampler:
                             args=[spec.name],
                             id=spec.name,
                             name=f"sample:{spec.name}",
+                            misfire_grace_time=self._grace(spec),
+                            replace_existing=True,
                         )
 
     def start(self) -> None:
@@ -236,12 +274,9 @@ class Sampler:
         self._stopping = False
         self._scheduler = BackgroundScheduler(
             logger=_aps_log,
-            executors={"default": _Executor(max_workers=max(2, len(self._specs)))},
-            job_defaults={
-                "max_instances": 1,
-                "coalesce": True,
-                "misfire_grace_time": max(1, round(self._misfire_grace)),
-            },
+            # Room for the sources a reload may add (each job runs on its own worker, max_instances=1).
+            executors={"default": _Executor(max_workers=max(8, len(self._specs)))},
+            job_defaults={"max_instances": 1, "coalesce": True},
             timezone=dt.timezone.utc,
         )
         self._scheduler.add_listener(self._on_skipped_tick, EVENT_JOB_MAX_INSTANCES | EVENT_JOB_MISSED)

@@ -64,6 +64,12 @@ class SnapshotStore:
         with self._lock:
             self._status.setdefault(name, SourceStatus(name, available=available, unavailable_reason=reason))
 
+    def unregister(self, name: str) -> None:
+        """Forget a source (no longer sampled after a reload): it leaves readiness and the self-metrics."""
+        with self._lock:
+            self._status.pop(name, None)
+            self._changed.notify_all()
+
     def mark_unavailable(self, name: str, reason: str) -> None:
         """The source turned out not to exist here: it no longer counts for readiness or success."""
         with self._lock:

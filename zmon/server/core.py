@@ -117,6 +117,12 @@ class RenderCache:
         body = b"".join(self._text(c, encoder, content_type) for c in self._collectors())
         return body + (self.EOF if content_type.startswith("application/openmetrics-text") else b"")
 
+    def forget(self, name: str) -> None:
+        """Drop the texts of a collector that was removed (a reload), so a new one of that name starts fresh."""
+        with self._lock:
+            for slot in [k for k in self._texts if k[0] == name]:
+                del self._texts[slot]
+
     def warm(self, source: str) -> None:
         """After a new sample of `source`: re-render the collectors that read it (a sampler listener)."""
         with self._lock:

@@ -127,8 +127,10 @@ class _Stats:
 class Server:
     """Serves an App over HTTP/1.1 (and TLS with a web config) on a background thread; bounded throughout.
 
-    Binds in the constructor (an address in use raises OSError here); `start()` begins serving, `shutdown()`
-    closes every connection and joins the threads. A bad `web_config_file` raises zmon.config.ConfigError.
+    Binds in the constructor (an address in use raises OSError here), or serves `sock`, a listening socket
+    handed over by the server it replaces (`listener()`: same address, new limits or web config, no moment
+    without a listener); `start()` begins serving, `shutdown()` closes every connection and joins the threads.
+    A bad `web_config_file` raises zmon.config.ConfigError.
     """
 
     def __init__(
@@ -139,6 +141,7 @@ class Server:
         *,
         limits: Limits | None = None,
         web_config_file: str | Path | None = None,
+        sock: socket.socket | None = None,
     ) -> None:
         self.app = app
         self.limits = limits or Limits()
@@ -151,7 +154,8 @@ class Server:
             log.warning("server.max_connections lowered from %d to %d: RLIMIT_NOFILE is %d",
                         self.limits.max_connections, self.max_connections, soft)
         self.max_rejecting = self.max_connections
-        self._sock = _bind(host, port, self.limits.backlog)
+        self._sock = sock if sock is not None else _bind(host, port, self.limits.backlog)
+        self._address = self._sock.getsockname()  # kept: still known once the socket is closed
         self.stats = _Stats()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -162,16 +166,17 @@ class Server:
         self._conns: set[_Connection] = set()
         self._idle: collections.OrderedDict[_Connection, float] = collections.OrderedDict()  # oldest first
         self._rejecting = 0
+        self._drain_seconds = 0.0
 
     # --- public surface -------------------------------------------------------------------------------------
 
     @property
     def port(self) -> int:
-        return int(self._sock.getsockname()[1])
+        return int(self._address[1])
 
     @property
     def host(self) -> str:
-        return str(self._sock.getsockname()[0])
+        return str(self._address[0])
 
     @property
     def tls(self) -> bool:
@@ -187,13 +192,22 @@ class Server:
         self._thread.start()
         self._started.wait(10)
 
-    def shutdown(self) -> None:
+    def listener(self) -> socket.socket:
+        """A duplicate of the listening socket, for the Server that replaces this one on the same address."""
+        sock = self._sock.dup()
+        sock.setblocking(False)
+        return sock
+
+    def shutdown(self, drain_seconds: float = 0.0) -> None:
+        """Stop: close the listener, give requests in progress up to `drain_seconds` to finish (a reload
+        replacing this server), then close every connection."""
+        self._drain_seconds = drain_seconds
         loop, stop = self._loop, self._stop
         if loop is not None and stop is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):  # the loop ended meanwhile
                 loop.call_soon_threadsafe(stop.set)
         if self._thread is not None:
-            self._thread.join(timeout=5)
+            self._thread.join(timeout=5 + drain_seconds)
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self.web is not None:
             self.web.close()
@@ -223,6 +237,9 @@ class Server:
             await self._stop.wait()
         finally:
             server.close()
+            deadline = time.monotonic() + self._drain_seconds
+            while time.monotonic() < deadline and any(c not in self._idle for c in self._conns):
+                await asyncio.sleep(0.05)  # a request in progress finishes on the old server
             for conn in list(self._conns):
                 conn.abort()
             with contextlib.suppress(Exception):

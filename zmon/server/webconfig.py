@@ -40,10 +40,9 @@ from pathlib import Path
 from typing import Any
 
 import bcrypt
-import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from zmon.config import ConfigError
+from zmon.config import ConfigError, read_yaml_file
 
 log = logging.getLogger(__name__)
 
@@ -446,14 +445,8 @@ def _ssl_context(tls: TLSServerConfig, base: Path, problems: list[str]) -> tuple
 def load_web_config(path: Path) -> WebConfig:
     """Read and validate a web configuration file; raises ConfigError listing every problem."""
     source = str(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError([f"cannot read: {e.strerror or e}"], source) from None
-    try:
-        data: Any = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError([f"invalid YAML: {e}"], source) from None
+    # zmon's YAML reader: a size cap, UTF-8 only, nesting / alias / integer limits; every problem a ConfigError
+    data: Any = read_yaml_file(path, source)
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -7,8 +7,10 @@ already instrumented by the composition root (zmon.app); nothing here knows abou
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -103,13 +105,18 @@ class Runner:
     """The `zmon run` loop: generate until max_generations or a stop event, at a rate or back to back.
 
     `oom` decides what an out-of-memory generation leads to (snapshot, empty_cache, one retry); None: it is
-    only counted and the run goes on. Images are written to the spec's output_dir when it is set.
+    only counted and the run goes on. Images are written to the spec's output_dir when it is set, each whole
+    or not at all (written under a temporary name, then renamed); a failed write is counted in
+    `output_failures`, logged once per streak, and never stops the run.
     """
 
     def __init__(self, workload: Workload, *, oom: OomHandler | None = None) -> None:
         self.workload = workload
         self.spec = workload.spec
         self.oom = oom
+        self.output_failures = 0  # images not written (zmon_output_write_failures_total)
+        self.images_written = 0
+        self._output_failing = False
 
     def run(
         self,
@@ -135,7 +142,10 @@ class Runner:
             items = range(limit) if limit is not None else itertools.count()
         stop = stop_event or threading.Event()
         if spec.output_dir is not None:
-            spec.output_dir.mkdir(parents=True, exist_ok=True)
+            try:  # created (and checked writable) at start-up already; this covers a directory removed since
+                spec.output_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                log.error("cannot create workload.output_dir %s: %s", spec.output_dir, e.strerror or e)
         if self.oom is not None:
             self.oom.start()  # the pipeline is loaded: CUDA, if used, is initialised
         result = RunResult()
@@ -216,10 +226,23 @@ class Runner:
         assert self.spec.output_dir is not None
         for k, image in enumerate(getattr(out, "images", None) or []):
             path = self.spec.output_dir / f"gen-{i:06d}-{k}.png"
+            tmp = path.with_name(f".{path.name}.tmp")
             try:
-                image.save(path)
-            except (OSError, AttributeError) as e:
-                log.warning("cannot save %s: %s", path, e)
+                image.save(tmp, format="PNG")
+                os.replace(tmp, path)  # all or nothing: a full disk never leaves a truncated PNG behind
+            except (OSError, AttributeError, ValueError) as e:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                self.output_failures += 1
+                if not self._output_failing:
+                    self._output_failing = True
+                    log.warning("cannot save %s: %s (counting failures until a save works again)", path, e)
+                continue
+            self.images_written += 1
+            if self._output_failing:
+                self._output_failing = False
+                log.info("saving images to %s works again after %d failure(s)", self.spec.output_dir,
+                         self.output_failures)
 
     def stop(self) -> None:
         """Stop what the run started (the OOM handler's allocator history); idempotent."""

@@ -57,6 +57,7 @@ RESOLUTION_MULTIPLE_BY_CLASS: Mapping[str, int] = {
     "StableDiffusionXLImg2ImgPipeline": 8,
 }
 DEFAULT_RESOLUTION_MULTIPLE = 8
+MAX_RESOLUTION_SIDE = 16384  # pixels; 16384² is already ~4× what any diffusion model of this family generates
 BUILTIN_MODEL_PREFIX = "builtin:"
 Z_IMAGE_HUB_IDS = ("tongyi-mai/z-image-turbo", "tongyi-mai/z-image")
 
@@ -160,6 +161,8 @@ def parse_resolution(value: str, multiple: int) -> tuple[int, int]:
         raise ValueError(f"{value!r} is not WIDTHxHEIGHT (e.g. 1024x1024)") from None
     if w <= 0 or h <= 0:
         raise ValueError(f"{value!r}: width and height must be positive")
+    if w > MAX_RESOLUTION_SIDE or h > MAX_RESOLUTION_SIDE:
+        raise ValueError(f"{value!r}: width and height must be at most {MAX_RESOLUTION_SIDE}")
     if w % multiple or h % multiple:
         raise ValueError(
             f"{value!r}: width and height must be multiples of {multiple} for this pipeline "
