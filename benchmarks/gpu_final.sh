@@ -9,7 +9,7 @@
 source benchmarks/gpu_env.sh || exit 1
 [ -x /tmp/promtool ] && export PATH="/tmp:$PATH"
 echo "== 1. overhead"
-OUT=/tmp/ovh timeout 150 python3 -m benchmarks.gpu_zoo --cases none --overhead-pairs 6 2>&1 | grep -v "skipped: maximum\|was missed by" | tail -4
+OUT=/tmp/ovh timeout 120 python3 -m benchmarks.gpu_zoo --cases none --overhead-pairs 5 2>&1 | grep -v "skipped: maximum\|was missed by" | tail -4
 cp /tmp/ovh/zoo.json "$OUT/overhead.json" 2>/dev/null
 echo "== 2. zmon watch, real NVML, SIGHUP"
 cfg=/tmp/zmon-watch.yaml
@@ -26,5 +26,5 @@ grep -E '^zmon_config|^zmon_gpu_(sm_active|tensor_active|dram_bandwidth)|^zmon_c
 kill -TERM $pid; wait $pid; echo "watch exit: $?"
 grep -v DEBUG /tmp/watch.log | tee "$OUT/watch.log" | tail -20
 echo "== 3. one-GPU worker path"
-timeout 170 bash benchmarks/gpu_multi.sh one | tail -30
+timeout 150 bash benchmarks/gpu_multi.sh one | tail -30
 ls "$OUT"
