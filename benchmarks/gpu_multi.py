@@ -158,6 +158,7 @@ def dp_run(label: str, devices: Any, *, cpu: bool, size: int, steps: int, gens: 
     parent.monitor.start()
     url = f"{parent.monitor.server.url}/metrics" if parent.monitor.server else None
     scrapes: list[float] = []
+    live_text: list[str] = [""]  # the last scrape while the workers ran: their gauges go when they exit
     stop = threading.Event()
 
     def scrape_loop() -> None:
@@ -165,8 +166,10 @@ def dp_run(label: str, devices: Any, *, cpu: bool, size: int, steps: int, gens: 
             t0 = time.perf_counter()
             try:
                 with urllib.request.urlopen(url, timeout=10) as r:  # type: ignore[arg-type]
-                    r.read()
+                    body = r.read().decode()
                 scrapes.append(time.perf_counter() - t0)
+                if "zmon_torch_reserved_bytes{" in body:
+                    live_text[0] = body
             except OSError:
                 pass
 
@@ -200,8 +203,12 @@ def dp_run(label: str, devices: Any, *, cpu: bool, size: int, steps: int, gens: 
         "worker_up_families": sorted(k for k in values if k.startswith("zmon_worker_up{")),
         "scaling_efficiency_ratio": values.get("zmon_scaling_efficiency_ratio"),
         "worker_images_per_second": {k: v for k, v in values.items() if k.startswith("zmon_worker_images_per_second")},
-        "allocator_devices": sorted(
-            {m.group(1) for k in values if (m := re.match(r'zmon_torch_reserved_bytes\{device="(\d+)"', k))}
+        "allocator_devices": sorted(  # from a scrape while the workers ran (a worker's gauges go with it)
+            {
+                m.group(1)
+                for k in samples(live_text[0])
+                if (m := re.match(r'zmon_torch_reserved_bytes\{device="(\d+)"', k))
+            }
         ),
         "nvml_gpus": sorted(
             {m.group(1) for k in values if (m := re.match(r'zmon_gpu_utilization_ratio\{gpu="(\d+)"', k))}
