@@ -94,8 +94,9 @@ def main() -> None:
     mon.stop()
 
     port = 20000 + os.getpid() % 20000
-    proc = subprocess.Popen([sys.executable, "-c", _daemon_code(args.real_nvml), str(port)],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _daemon_code(args.real_nvml), str(port)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "READY"
         url = f"http://127.0.0.1:{port}/metrics"
@@ -124,8 +125,10 @@ def main() -> None:
     print("|---|---|---|")
     print(f"| scrape over HTTP p50 | {pct(http, 0.5):.2f} ms | |")
     print(f"| scrape over HTTP p99 | {pct(http, 0.99):.2f} ms | <= 5 ms |")
-    print(f"| exposition in process p99 (prometheus_client / zmon cache) | {pct(ts, 0.99):.2f} / "
-          f"{pct(cached, 0.99):.2f} ms | |")
+    print(
+        f"| exposition in process p99 (prometheus_client / zmon cache) | {pct(ts, 0.99):.2f} / "
+        f"{pct(cached, 0.99):.2f} ms | |"
+    )
     print(f"| RSS (max over {args.seconds:.0f} s, idle) | {max(rss) / 2**20:.1f} MiB | <= 60 MB |")
     print(f"| CPU (idle, no scrapes) | {cpu * 100:.2f}% of a core | <= 1% |")
     for k, v in rows:

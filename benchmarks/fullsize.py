@@ -30,15 +30,29 @@ def build_full_z_image(device: str = "cuda", dtype: Any = None, seed: int = 0) -
         with torch.device(device):
             transformer = ZImageTransformer2DModel()
             text_encoder = Qwen3Model(
-                Qwen3Config(vocab_size=151936, hidden_size=2560, num_hidden_layers=36, num_attention_heads=32,
-                            num_key_value_heads=8, intermediate_size=9728, head_dim=128,
-                            max_position_embeddings=40960)
+                Qwen3Config(
+                    vocab_size=151936,
+                    hidden_size=2560,
+                    num_hidden_layers=36,
+                    num_attention_heads=32,
+                    num_key_value_heads=8,
+                    intermediate_size=9728,
+                    head_dim=128,
+                    max_position_embeddings=40960,
+                )
             )
             vae = AutoencoderKL(
-                in_channels=3, out_channels=3, latent_channels=16,
-                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
+                in_channels=3,
+                out_channels=3,
+                latent_channels=16,
+                down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4,
+                block_out_channels=(128, 256, 512, 512),
+                layers_per_block=2,
+                scaling_factor=0.3611,
+                shift_factor=0.1159,
+                use_quant_conv=False,
+                use_post_quant_conv=False,
             )
     finally:
         torch.set_default_dtype(prev)
@@ -46,7 +60,10 @@ def build_full_z_image(device: str = "cuda", dtype: Any = None, seed: int = 0) -
         m.to(device=device, dtype=dtype).eval()
     pipe = ZImagePipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
-        vae=vae, text_encoder=text_encoder, tokenizer=make_tiny_tokenizer(), transformer=transformer,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=make_tiny_tokenizer(),
+        transformer=transformer,
     )
     pipe.set_progress_bar_config(disable=True)
     n = sum(p.numel() for m in (transformer, text_encoder, vae) for p in m.parameters())

@@ -114,11 +114,7 @@ def gpu_of(sample: Any, nvml_index: int) -> Any:
 
 def window_summary(samples: Sequence[Sampled], window: Window, nvml_index: int) -> dict[str, Any]:
     """Medians over the samples whose GPM interval (previous sample, this sample] lies inside the window."""
-    inside = [
-        cur
-        for prev, cur in itertools.pairwise(samples)
-        if prev.t >= window.start and cur.t <= window.end
-    ]
+    inside = [cur for prev, cur in itertools.pairwise(samples) if prev.t >= window.start and cur.t <= window.end]
     out: dict[str, Any] = {"samples": len(inside), "seconds": round(window.end - window.start, 3), **window.stats}
     gpus = [g for s in inside if (g := gpu_of(s.sample, nvml_index)) is not None and g.up]
     for name, _ in COLUMNS:
@@ -169,8 +165,11 @@ def time_samples(
     def ms(values: list[float]) -> dict[str, Any]:
         return {"calls": len(values), "median_ms": 1e3 * (median(values) or 0.0), "p95_ms": 1e3 * (p95(values) or 0.0)}
 
-    return {"gpm_on": {**ms(on_s), "samples_with_gpm_values": with_gpm}, "gpm_off": ms(off_s),
-            "spacing_seconds": spacing_seconds}
+    return {
+        "gpm_on": {**ms(on_s), "samples_with_gpm_values": with_gpm},
+        "gpm_off": ms(off_s),
+        "spacing_seconds": spacing_seconds,
+    }
 
 
 def exposition(sample: Any) -> str:
@@ -232,8 +231,10 @@ def measure(
     n_gpus = len(thread.samples[-1].sample.gpus) if thread.samples else None
     on, off = timing["gpm_on"], timing["gpm_off"]
     print(f"\nprovider.sample() for {n_gpus} GPU(s), {timing_calls} calls each, {timing_spacing_seconds:.2f} s apart:")
-    print(f"  gpm on : median {on['median_ms']:.2f} ms, p95 {on['p95_ms']:.2f} ms "
-          f"({on['samples_with_gpm_values']} of {on['calls']} with GPM values)")
+    print(
+        f"  gpm on : median {on['median_ms']:.2f} ms, p95 {on['p95_ms']:.2f} ms "
+        f"({on['samples_with_gpm_values']} of {on['calls']} with GPM values)"
+    )
     print(f"  gpm off: median {off['median_ms']:.2f} ms, p95 {off['p95_ms']:.2f} ms")
 
     # The exposition of a sample from the GEMM window (GPM values present where supported).
@@ -301,8 +302,11 @@ def cuda_workloads(torch: Any) -> dict[str, Workload]:
             count += 5
         elapsed = time.perf_counter() - t0
         # Each copy reads and writes copy_bytes.
-        return {"copies": count, "copied_gb_per_s": copy_bytes * count / elapsed / 1e9,
-                "dram_traffic_gb_per_s": 2 * copy_bytes * count / elapsed / 1e9}
+        return {
+            "copies": count,
+            "copied_gb_per_s": copy_bytes * count / elapsed / 1e9,
+            "dram_traffic_gb_per_s": 2 * copy_bytes * count / elapsed / 1e9,
+        }
 
     def tiny(deadline: float) -> dict[str, float]:
         count, t0 = 0, time.perf_counter()
@@ -359,9 +363,14 @@ def nvml_metric_info(nvml_index: int) -> dict[str, Any]:
 
         for i, (name, const, _) in enumerate(GPM_METRICS):
             m = req.metrics[i]
-            out[name] = {"metric": const, "nvmlReturn": int(m.nvmlReturn), "value": float(m.value),
-                         "shortName": text(m.metricInfo.shortName), "longName": text(m.metricInfo.longName),
-                         "unit": text(m.metricInfo.unit)}
+            out[name] = {
+                "metric": const,
+                "nvmlReturn": int(m.nvmlReturn),
+                "value": float(m.value),
+                "shortName": text(m.metricInfo.shortName),
+                "longName": text(m.metricInfo.longName),
+                "unit": text(m.metricInfo.unit),
+            }
     finally:
         for s in samples:
             pynvml.nvmlGpmSampleFree(s)
@@ -396,19 +405,26 @@ def main(argv: list[str] | None = None) -> int:
         first = provider_on.sample()  # arms GPM; its values come with the next sample
         nvml_index = nvml_index_of_cuda0(torch, first.gpus)
         gpu = gpu_of(first, nvml_index)
-        print(f"GPU {nvml_index}: {gpu.name}, driver {provider_on.driver_version}, torch {torch.__version__} "
-              f"(CUDA {torch.version.cuda})\n")
+        print(
+            f"GPU {nvml_index}: {gpu.name}, driver {provider_on.driver_version}, torch {torch.__version__} "
+            f"(CUDA {torch.version.cuda})\n"
+        )
         workloads = cuda_workloads(torch)
         try:
             info: Any = nvml_metric_info(nvml_index)
         except Exception as e:  # pre-Hopper, old driver or pynvml: the provider reports GPM absent anyway
             info = f"{type(e).__name__}: {e}"
         extra = {
-            "gpu": gpu.name, "driver_version": provider_on.driver_version, "nvml_version": provider_on.nvml_version,
-            "torch": torch.__version__, "torch_cuda": torch.version.cuda, "gpm_metric_info": info,
+            "gpu": gpu.name,
+            "driver_version": provider_on.driver_version,
+            "nvml_version": provider_on.nvml_version,
+            "torch": torch.__version__,
+            "torch_cuda": torch.version.cuda,
+            "gpm_metric_info": info,
         }
-        result = measure(provider_on, provider_off, workloads, nvml_index, args.out,
-                         window_seconds=args.window_seconds, extra=extra)
+        result = measure(
+            provider_on, provider_off, workloads, nvml_index, args.out, window_seconds=args.window_seconds, extra=extra
+        )
         if all(s["sm_active_ratio"] is None for s in result["workloads"].values()):
             print("note: no GPM values on this GPU (GPM needs Hopper or later, driver >= 520, no MIG)")
     except Unavailable as e:

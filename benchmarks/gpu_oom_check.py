@@ -19,10 +19,13 @@ def main() -> None:
     from zmon.config import load_config
 
     snap = args.out / "oom-snapshots"
-    cfg = load_config(environ={}, overrides={
-        "model": {"device": "cuda", "cache_dir": "/tmp/zmon-oom-cache"},
-        "workload": {"max_generations": 3, "oom": {"memory_snapshot_dir": str(snap)}},
-    })
+    cfg = load_config(
+        environ={},
+        overrides={
+            "model": {"device": "cuda", "cache_dir": "/tmp/zmon-oom-cache"},
+            "workload": {"max_generations": 3, "oom": {"memory_snapshot_dir": str(snap)}},
+        },
+    )
     session = build_run(cfg, serve_http=False)
     calls = {"n": 0}
 
@@ -38,15 +41,23 @@ def main() -> None:
         h.remove()
         reg = session.monitor.registry
         for status in ("ok", "oom"):
-            v = sum(s.value for m in reg.collect() if m.name == "zmon_generations" for s in m.samples
-                    if s.name == "zmon_generations_total" and s.labels.get("status") == status)
+            v = sum(
+                s.value
+                for m in reg.collect()
+                if m.name == "zmon_generations"
+                for s in m.samples
+                if s.name == "zmon_generations_total" and s.labels.get("status") == status
+            )
             print(f"zmon_generations_total{{status={status!r}}} = {v}")
-        print("empty_cache actions:", reg.get_sample_value(
-            "zmon_remediation_actions_total", {"action": "empty_cache", "result": "ok"}))
+        print(
+            "empty_cache actions:",
+            reg.get_sample_value("zmon_remediation_actions_total", {"action": "empty_cache", "result": "ok"}),
+        )
         session.close()
     print("result:", result)
-    print("snapshots:", sorted(p.name for p in snap.glob("*.pickle")),
-          [p.stat().st_size for p in snap.glob("*.pickle")])
+    print(
+        "snapshots:", sorted(p.name for p in snap.glob("*.pickle")), [p.stat().st_size for p in snap.glob("*.pickle")]
+    )
 
 
 if __name__ == "__main__":

@@ -69,9 +69,21 @@ def profile_summary(result: Any, seconds: float) -> dict[str, Any]:
             "reserved_unallocated_ratio": f.memory.reserved_unallocated_ratio,
             "fragmentation_ratio": f.memory.fragmentation_ratio,
         },
-        "environment": {k: getattr(f.environment, k) for k in (
-            "card_name", "driver_version", "cuda_version", "torch_version", "diffusers_version", "device",
-            "dtype", "attention_backend", "compiled", "alloc_conf")},
+        "environment": {
+            k: getattr(f.environment, k)
+            for k in (
+                "card_name",
+                "driver_version",
+                "cuda_version",
+                "torch_version",
+                "diffusers_version",
+                "device",
+                "dtype",
+                "attention_backend",
+                "compiled",
+                "alloc_conf",
+            )
+        },
         "timing_method": f.workload.timing_method,
         "verdict": d.verdict,
         "verdict_summary": d.summary,
@@ -120,8 +132,14 @@ def main() -> None:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    summary: dict[str, Any] = {"card": card, "torch": torch.__version__,
-                               "size": args.size, "steps": args.steps, "runs": args.runs, "warmup": args.warmup}
+    summary: dict[str, Any] = {
+        "card": card,
+        "torch": torch.__version__,
+        "size": args.size,
+        "steps": args.steps,
+        "runs": args.runs,
+        "warmup": args.warmup,
+    }
 
     def save() -> None:
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
@@ -129,18 +147,23 @@ def main() -> None:
     t0 = time.perf_counter()
     pipe = build_full_z_image()
     summary["build_seconds"] = time.perf_counter() - t0
-    cfg = load_config(None, environ={}, overrides={
-        "model": {"id": MODEL_ID},
-        "workload": {"resolutions": [f"{args.size}x{args.size}"], "steps": args.steps, "guidance_scale": 0.0},
-        "profiling": {"runs": args.runs, "warmup": args.warmup, "disk_test_bytes": 0},
-    })
+    cfg = load_config(
+        None,
+        environ={},
+        overrides={
+            "model": {"id": MODEL_ID},
+            "workload": {"resolutions": [f"{args.size}x{args.size}"], "steps": args.steps, "guidance_scale": 0.0},
+            "profiling": {"runs": args.runs, "warmup": args.warmup, "disk_test_bytes": 0},
+        },
+    )
     progress = Progress(sys.stderr)
     save()
 
     # 1. eager, with a trace and a memory snapshot after the measured runs
     t0 = time.perf_counter()
-    eager = profile_pipeline(pipe, cfg, out_dir=out / "profile-eager", model_id=MODEL_ID, trace=True,
-                             memory_snapshot=True, progress=progress)
+    eager = profile_pipeline(
+        pipe, cfg, out_dir=out / "profile-eager", model_id=MODEL_ID, trace=True, memory_snapshot=True, progress=progress
+    )
     summary["eager"] = profile_summary(eager, time.perf_counter() - t0)
     if eager.trace is not None:
         summary["eager"]["trace"] = trace_summary(eager.trace.chrome_trace)
@@ -164,8 +187,10 @@ def main() -> None:
         profiled_wall += p_wall
         profiled_reported += p_rep
         blocks.append({"bare": b, "profiled_wall": p_wall, "profiled_reported": p_rep})
-        print(f"overhead block {rep}: bare {statistics.median(b):.4f}s  profiled {statistics.median(p_wall):.4f}s "
-              f"(reported {statistics.median(p_rep):.4f}s)")
+        print(
+            f"overhead block {rep}: bare {statistics.median(b):.4f}s  profiled {statistics.median(p_wall):.4f}s "
+            f"(reported {statistics.median(p_rep):.4f}s)"
+        )
     mb, mw, mr = (statistics.median(x) for x in (bare, profiled_wall, profiled_reported))
     summary["overhead"] = {
         "phase_seconds": time.perf_counter() - t0,
@@ -174,13 +199,13 @@ def main() -> None:
         "profiled_reported_median_s": mr,
         "overhead_pct": (mw / mb - 1) * 100,  # what profiling costs each generation
         "reported_vs_bare_pct": (mr / mb - 1) * 100,  # how close the report's figure is to an unprofiled loop
-        "block_medians": [
-            {k: statistics.median(v) for k, v in blk.items()} for blk in blocks
-        ],
+        "block_medians": [{k: statistics.median(v) for k, v in blk.items()} for blk in blocks],
         "blocks": blocks,
     }
-    print(f"overhead: bare {mb:.4f}s  profiled {mw:.4f}s ({(mw / mb - 1) * 100:+.2f}%)  "
-          f"reported {mr:.4f}s ({(mr / mb - 1) * 100:+.2f}%)")
+    print(
+        f"overhead: bare {mb:.4f}s  profiled {mw:.4f}s ({(mw / mb - 1) * 100:+.2f}%)  "
+        f"reported {mr:.4f}s ({(mr / mb - 1) * 100:+.2f}%)"
+    )
     save()
 
     # 3. compiled transformer (compilation happens in the first warm-up generation)
@@ -189,16 +214,20 @@ def main() -> None:
 
         pipe.transformer = torch.compile(pipe.transformer)
         t0 = time.perf_counter()
-        compiled = profile_pipeline(pipe, cfg, out_dir=out / "profile-compiled", model_id=MODEL_ID,
-                                    progress=progress)
+        compiled = profile_pipeline(pipe, cfg, out_dir=out / "profile-compiled", model_id=MODEL_ID, progress=progress)
         summary["compiled"] = profile_summary(compiled, time.perf_counter() - t0)
-        summary["compiled"]["dynamo_counters"] = {k: dict(v) for k, v in dynamo_utils.counters.items()
-                                                  if k in ("stats", "recompiles", "frames")}
-        print(f"compiled: {summary['compiled']['reported_median_s']:.4f} s median, "
-              f"verdict {compiled.diagnosis.verdict}")
+        summary["compiled"]["dynamo_counters"] = {
+            k: dict(v) for k, v in dynamo_utils.counters.items() if k in ("stats", "recompiles", "frames")
+        }
+        print(
+            f"compiled: {summary['compiled']['reported_median_s']:.4f} s median, verdict {compiled.diagnosis.verdict}"
+        )
         save()
-    print(json.dumps({k: summary[k] for k in ("eager", "overhead", "compiled") if k in summary},
-                     indent=1, default=str)[:6000])
+    print(
+        json.dumps({k: summary[k] for k in ("eager", "overhead", "compiled") if k in summary}, indent=1, default=str)[
+            :6000
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -35,8 +35,14 @@ def main() -> None:
 
     pipe = build_full_z_image()
     prompt = "a photorealistic portrait of an astronaut in a garden at sunset, cinematic lighting, 8k"
-    kw: dict[str, Any] = dict(prompt=prompt, height=args.size, width=args.size,
-                              num_inference_steps=args.steps, guidance_scale=0.0, output_type="pil")
+    kw: dict[str, Any] = dict(
+        prompt=prompt,
+        height=args.size,
+        width=args.size,
+        num_inference_steps=args.steps,
+        guidance_scale=0.0,
+        output_type="pil",
+    )
 
     def gen(seed: int) -> float:
         torch.cuda.synchronize()
@@ -48,8 +54,13 @@ def main() -> None:
     for i in range(3):
         print(f"warm-up {i}: {gen(i):.3f}s")
     records: list[GenerationRecord] = []
-    result: dict[str, Any] = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__,
-                              "size": args.size, "steps": args.steps, "comparisons": []}
+    result: dict[str, Any] = {
+        "card": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "size": args.size,
+        "steps": args.steps,
+        "comparisons": [],
+    }
     for rep in range(args.repeats):
         bare, inst = [], []
         for i in range(args.pairs):
@@ -58,8 +69,15 @@ def main() -> None:
             inst.append(gen(i))
             h.remove()
         b, n = statistics.median(bare), statistics.median(inst)
-        result["comparisons"].append({"bare_median_s": b, "instrumented_median_s": n,
-                                      "overhead_pct": (n / b - 1) * 100, "bare": bare, "instrumented": inst})
+        result["comparisons"].append(
+            {
+                "bare_median_s": b,
+                "instrumented_median_s": n,
+                "overhead_pct": (n / b - 1) * 100,
+                "bare": bare,
+                "instrumented": inst,
+            }
+        )
         print(f"repeat {rep}: bare {b:.4f}s  instrumented {n:.4f}s  overhead {(n / b - 1) * 100:+.2f}%")
 
     stage_med = {s: statistics.median([r.stage_seconds(s) for r in records]) for s in STAGES}
@@ -80,17 +98,22 @@ def main() -> None:
     cached = [gen(i) for i in range(args.pairs)]
     h.remove()
     cache.remove()
-    result["prompt_cache"] = {"median_s": statistics.median(cached), "hits": cache.hits, "misses": cache.misses,
-                              "text_encode_median_s": statistics.median(r.stage_seconds("text_encode")
-                                                                         for r in recs2[1:])}
+    result["prompt_cache"] = {
+        "median_s": statistics.median(cached),
+        "hits": cache.hits,
+        "misses": cache.misses,
+        "text_encode_median_s": statistics.median(r.stage_seconds("text_encode") for r in recs2[1:]),
+    }
     print("\n| stage | median s | share |")
     print("|---|---|---|")
     for s, v in stage_med.items():
         print(f"| {s} | {v:.4f} | {v / total:.1%} |")
     print(f"| total (instrumented) | {total:.4f} | |")
-    print(f"\nstep median {result['step_median_s'] * 1e3:.1f} ms × {result['step_count']} steps; "
-          f"peak allocated {result['peak_allocated_bytes'] / 1e9:.1f} GB, reserved "
-          f"{result['peak_reserved_bytes'] / 1e9:.1f} GB; card {result['card']}")
+    print(
+        f"\nstep median {result['step_median_s'] * 1e3:.1f} ms × {result['step_count']} steps; "
+        f"peak allocated {result['peak_allocated_bytes'] / 1e9:.1f} GB, reserved "
+        f"{result['peak_reserved_bytes'] / 1e9:.1f} GB; card {result['card']}"
+    )
     print(f"prompt cache: {result['prompt_cache']}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_stages.json").write_text(json.dumps(result, indent=1))

@@ -93,8 +93,13 @@ class Gen:
 
 
 def action(r: Any) -> dict[str, Any]:
-    return {"action": r.action, "result": r.result, "freed_bytes": r.freed_bytes, "seconds": r.seconds,
-            "reason": r.reason}
+    return {
+        "action": r.action,
+        "result": r.result,
+        "freed_bytes": r.freed_bytes,
+        "seconds": r.seconds,
+        "reason": r.reason,
+    }
 
 
 def recording_remediator(dry_run: bool) -> Any:
@@ -116,8 +121,16 @@ def recording_remediator(dry_run: bool) -> Any:
 
 def mem(sample: Any) -> Mem:
     d = sample.devices[0]
-    return Mem(d.allocated_bytes, d.reserved_bytes, d.inactive_split_bytes, d.reserved_unallocated_ratio,
-               d.fragmentation_ratio, d.headroom_bytes, d.alloc_retries, d.ooms)
+    return Mem(
+        d.allocated_bytes,
+        d.reserved_bytes,
+        d.inactive_split_bytes,
+        d.reserved_unallocated_ratio,
+        d.fragmentation_ratio,
+        d.headroom_bytes,
+        d.alloc_retries,
+        d.ooms,
+    )
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -172,9 +185,15 @@ class Child:
         self.deadline = deadline
         self.provider = AllocatorProvider()
         self.result: dict[str, Any] = {
-            "mode": mode, "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
-            "card": torch.cuda.get_device_name(0), "torch": torch.__version__, "phases": {}, "skipped": [],
-            "sweep": SWEEP, "steps": STEPS, "guidance_scale": 0.0,
+            "mode": mode,
+            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
+            "card": torch.cuda.get_device_name(0),
+            "torch": torch.__version__,
+            "phases": {},
+            "skipped": [],
+            "sweep": SWEEP,
+            "steps": STEPS,
+            "guidance_scale": 0.0,
             "policy_rules": "zmon defaults; reserved_unallocated_high with for_samples=1, cooldown_seconds=0",
         }
         t0 = time.perf_counter()
@@ -183,8 +202,9 @@ class Child:
         self.result["build_seconds"] = time.perf_counter() - t0
         self.total = int(torch.cuda.mem_get_info(0)[1])
         self.weights = int(torch.cuda.memory_allocated(0))
-        self.result.update(total_bytes=self.total, weights_bytes=self.weights,
-                           settings=asdict(self.provider.settings()))
+        self.result.update(
+            total_bytes=self.total, weights_bytes=self.weights, settings=asdict(self.provider.settings())
+        )
         self.sweep_walls: list[float] = []
         self.save()
 
@@ -220,13 +240,21 @@ class Child:
         from zmon.policy import PolicyRunner
 
         rules = {"reserved_unallocated_high": {"for_samples": 1, "cooldown_seconds": 0}}
-        return PolicyRunner(PolicyConfig.model_validate({"rules": rules, "dry_run": not on}),
-                            remediator=recording_remediator(dry_run=not on))
+        return PolicyRunner(
+            PolicyConfig.model_validate({"rules": rules, "dry_run": not on}),
+            remediator=recording_remediator(dry_run=not on),
+        )
 
     def call(self, size: int, seed: int) -> None:
         torch = self.torch
-        self.pipe(prompt=PROMPT, width=size, height=size, num_inference_steps=STEPS, guidance_scale=0.0,
-                  generator=torch.Generator("cuda").manual_seed(seed))
+        self.pipe(
+            prompt=PROMPT,
+            width=size,
+            height=size,
+            num_inference_steps=STEPS,
+            guidance_scale=0.0,
+            generator=torch.Generator("cuda").manual_seed(seed),
+        )
         torch.cuda.synchronize()
 
     def generate(self, index: int, size: int, policy: Any, oom: Any | None) -> Gen:
@@ -263,9 +291,21 @@ class Child:
         # between generations, as zmon's sampler would see it (idle: an action would run at once)
         decisions += [f"{d.rule}:{d.event}" for d in policy.observe(self.provider.sample())]
         stats = torch.cuda.memory_stats(0)
-        return Gen(index, size, status, seconds, attempts, ooms, int(stats.get("allocated_bytes.all.peak", 0)),
-                   int(stats.get("reserved_bytes.all.peak", 0)), before, mem(self.provider.sample()),
-                   decisions, [action(r) for r in log[mark:]], error)
+        return Gen(
+            index,
+            size,
+            status,
+            seconds,
+            attempts,
+            ooms,
+            int(stats.get("allocated_bytes.all.peak", 0)),
+            int(stats.get("reserved_bytes.all.peak", 0)),
+            before,
+            mem(self.provider.sample()),
+            decisions,
+            [action(r) for r in log[mark:]],
+            error,
+        )
 
     def sweep(self, name: str, *, on: bool) -> dict[str, Any]:
         from zmon.config import OomConfig
@@ -281,11 +321,18 @@ class Child:
             g = self.generate(i, size, policy, oom)
             gens.append(g)
             ec = [a for a in g.actions if a["action"] == "empty_cache"]
-            print(f"[{self.mode}/{name}] {size:>4}² {g.status:<5} {g.seconds:6.2f}s  ratio "
-                  f"{_f(g.before.reserved_unallocated_ratio)}→{_f(g.after.reserved_unallocated_ratio)}  frag "
-                  f"{_f(g.before.fragmentation_ratio)}  alloc retries so far {g.after.alloc_retries}  "
-                  + (f"empty_cache {ec[0]['result']} {(ec[0]['freed_bytes'] or 0) / GIB:.2f} GiB "
-                     f"{ec[0]['seconds'] * 1e3:.1f} ms" if ec else ""), flush=True)
+            print(
+                f"[{self.mode}/{name}] {size:>4}² {g.status:<5} {g.seconds:6.2f}s  ratio "
+                f"{_f(g.before.reserved_unallocated_ratio)}→{_f(g.after.reserved_unallocated_ratio)}  frag "
+                f"{_f(g.before.fragmentation_ratio)}  alloc retries so far {g.after.alloc_retries}  "
+                + (
+                    f"empty_cache {ec[0]['result']} {(ec[0]['freed_bytes'] or 0) / GIB:.2f} GiB "
+                    f"{ec[0]['seconds'] * 1e3:.1f} ms"
+                    if ec
+                    else ""
+                ),
+                flush=True,
+            )
         wall = time.perf_counter() - t0
         self.sweep_walls.append(wall)
         summary = summarize(gens)
@@ -294,9 +341,14 @@ class Child:
         if start.ooms is not None and gens[-1].after.ooms is not None:
             summary["allocator_ooms_in_sweep"] = gens[-1].after.ooms - start.ooms
         snap = policy.state.snapshot()
-        return {"policy": "on" if on else "off (dry run)", "wall_seconds": wall, "start": asdict(start),
-                "summary": summary, "decisions": [list(d) for d in snap.decisions],
-                "generations": [asdict(g) for g in gens]}
+        return {
+            "policy": "on" if on else "off (dry run)",
+            "wall_seconds": wall,
+            "start": asdict(start),
+            "summary": summary,
+            "decisions": [list(d) for d in snap.decisions],
+            "generations": [asdict(g) for g in gens],
+        }
 
     # -- phases -----------------------------------------------------------------------------------------
 
@@ -335,10 +387,17 @@ class Child:
         except torch.OutOfMemoryError:
             status = "oom"  # the peaks below are then those at the failure
         stats = torch.cuda.memory_stats(0)
-        self.iso: dict[str, Any] = {"status": status, "peak_allocated": int(stats["allocated_bytes.all.peak"]),
-                    "peak_reserved": int(stats["reserved_bytes.all.peak"]), "seconds_1536": time.perf_counter() - t1}
-        print(f"[{self.mode}] 1536² alone ({status}): peak allocated {self.iso['peak_allocated'] / GIB:.1f} GiB, "
-              f"reserved {self.iso['peak_reserved'] / GIB:.1f} GiB of {self.total / GIB:.1f}", flush=True)
+        self.iso: dict[str, Any] = {
+            "status": status,
+            "peak_allocated": int(stats["allocated_bytes.all.peak"]),
+            "peak_reserved": int(stats["reserved_bytes.all.peak"]),
+            "seconds_1536": time.perf_counter() - t1,
+        }
+        print(
+            f"[{self.mode}] 1536² alone ({status}): peak allocated {self.iso['peak_allocated'] / GIB:.1f} GiB, "
+            f"reserved {self.iso['peak_reserved'] / GIB:.1f} GiB of {self.total / GIB:.1f}",
+            flush=True,
+        )
         return {"seconds": time.perf_counter() - t0, "largest_alone": self.iso}
 
     def capped(self, phases: dict[str, Any]) -> None:
@@ -376,8 +435,9 @@ class Child:
         self.fresh()
         state = PolicyState()
         with tempfile.TemporaryDirectory(prefix="zmon-oom-") as d:
-            h = OomHandler(OomConfig(memory_snapshot_dir=Path(d), max_snapshots=2), remediator=Remediator(),
-                           state=state)
+            h = OomHandler(
+                OomConfig(memory_snapshot_dir=Path(d), max_snapshots=2), remediator=Remediator(), state=state
+            )
             recording = h.start()
             cap = self.weights + 4 * GIB  # room for text encoding, not for a 1536² denoise
             torch.cuda.set_per_process_memory_fraction(min(1.0, cap / self.total), 0)
@@ -400,14 +460,20 @@ class Child:
                 h.stop()
             files = {p.name: p.stat().st_size for p in sorted(Path(d).iterdir())}
         res = {
-            "recording": recording, "cap_bytes": cap, "statuses": statuses, "seconds": time.perf_counter() - t0,
+            "recording": recording,
+            "cap_bytes": cap,
+            "statuses": statuses,
+            "seconds": time.perf_counter() - t0,
             "snapshots": files,
             "empty_cache": [asdict(e.empty_cache) for e in h.events],
             "retry_decisions": [e.retry for e in h.events],
             "policy_state_actions": [list(a) for a in state.snapshot().actions],
         }
-        print(f"[{self.mode}/oom] {statuses} snapshots {files} empty_cache "
-              f"{[(e.empty_cache.result, e.empty_cache.freed_bytes) for e in h.events]}", flush=True)
+        print(
+            f"[{self.mode}/oom] {statuses} snapshots {files} empty_cache "
+            f"{[(e.empty_cache.result, e.empty_cache.freed_bytes) for e in h.events]}",
+            flush=True,
+        )
         return res
 
 
@@ -432,8 +498,17 @@ def run_child(mode: str, out: Path, deadline: float) -> dict[str, Any]:
     conf = MODES[mode]
     if conf is not None:
         env["PYTORCH_CUDA_ALLOC_CONF"] = conf
-    cmd = [sys.executable, "-m", "benchmarks.gpu_sweep", "--out", str(out), "--child", mode,
-           "--deadline", f"{deadline:.0f}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.gpu_sweep",
+        "--out",
+        str(out),
+        "--child",
+        mode,
+        "--deadline",
+        f"{deadline:.0f}",
+    ]
     print(f"=== {mode}: PYTORCH_CUDA_ALLOC_CONF={conf or '(unset)'}", flush=True)
     t0 = time.time()
     try:
@@ -448,8 +523,9 @@ def run_child(mode: str, out: Path, deadline: float) -> dict[str, Any]:
 
 def table(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths, strict=True)))
-                     for r in rows)
+    return "\n".join(
+        "  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths, strict=True))) for r in rows
+    )
 
 
 def gib(x: Any) -> str:
@@ -462,39 +538,78 @@ def num(x: Any, fmt: str = "{:.3f}") -> str:
 
 def report(results: dict[str, dict[str, Any]]) -> str:
     """The summary table (one row per sweep), then per mode the policy sweep and the other phases."""
-    rows = [["mode/phase", "ok", "oom", "ooms(att)", "retries", "p50 s", "p95 s", "total s", "max ratio",
-             "last ratio", "max frag", "peak res GiB", "ec n", "ec ms", "freed GiB"]]
+    rows = [
+        [
+            "mode/phase",
+            "ok",
+            "oom",
+            "ooms(att)",
+            "retries",
+            "p50 s",
+            "p95 s",
+            "total s",
+            "max ratio",
+            "last ratio",
+            "max frag",
+            "peak res GiB",
+            "ec n",
+            "ec ms",
+            "freed GiB",
+        ]
+    ]
     for mode, data in results.items():
         for phase, p in data.get("phases", {}).items():
             sweeps = [(phase, p)] if "summary" in p else [(f"{phase}-{v}", p[v]) for v in ("off", "on") if v in p]
             for label, sweep in sweeps:
                 s = sweep["summary"]
-                rows.append([f"{mode}/{label}", str(s["ok"]), str(s["oom"]), str(s["oom_attempts"]),
-                             num(s.get("alloc_retries_in_sweep"), "{}"), num(s["p50_s"]), num(s["p95_s"]),
-                             num(s["total_s"], "{:.1f}"), num(s["max_reserved_unallocated_ratio"]),
-                             num(s["last_reserved_unallocated_ratio"]), num(s["max_fragmentation_ratio"]),
-                             gib(s["max_peak_reserved"]), str(s["empty_cache_calls"]),
-                             num(s["empty_cache_ms_median"], "{:.1f}"), gib(s["freed_bytes"])])
-    lines = ["ratio = (reserved − allocated)/reserved at the end of each generation (before the safe point); "
-             "frag = inactive_split/reserved; retries = num_alloc_retries during the sweep; "
-             "ec = empty_cache (ok) at safe points", table(rows), ""]
+                rows.append(
+                    [
+                        f"{mode}/{label}",
+                        str(s["ok"]),
+                        str(s["oom"]),
+                        str(s["oom_attempts"]),
+                        num(s.get("alloc_retries_in_sweep"), "{}"),
+                        num(s["p50_s"]),
+                        num(s["p95_s"]),
+                        num(s["total_s"], "{:.1f}"),
+                        num(s["max_reserved_unallocated_ratio"]),
+                        num(s["last_reserved_unallocated_ratio"]),
+                        num(s["max_fragmentation_ratio"]),
+                        gib(s["max_peak_reserved"]),
+                        str(s["empty_cache_calls"]),
+                        num(s["empty_cache_ms_median"], "{:.1f}"),
+                        gib(s["freed_bytes"]),
+                    ]
+                )
+    lines = [
+        "ratio = (reserved − allocated)/reserved at the end of each generation (before the safe point); "
+        "frag = inactive_split/reserved; retries = num_alloc_retries during the sweep; "
+        "ec = empty_cache (ok) at safe points",
+        table(rows),
+        "",
+    ]
     for mode, data in results.items():
         phases = data.get("phases", {})
         lines += policy_table(mode, phases.get("policy"))
         oom = phases.get("oom")
         if oom:
-            lines.append(f"{mode}: forced OOM → {oom['statuses']}, retry decisions {oom['retry_decisions']}, "
-                         f"snapshots {oom['snapshots']}, policy counters {oom['policy_state_actions']}")
+            lines.append(
+                f"{mode}: forced OOM → {oom['statuses']}, retry decisions {oom['retry_decisions']}, "
+                f"snapshots {oom['snapshots']}, policy counters {oom['policy_state_actions']}"
+            )
         for k in ("capped", "capped_tighter"):
             if k in phases:
-                lines.append(f"{mode}: {k} at {phases[k]['cap_bytes'] / GIB:.1f} GiB "
-                             f"(fraction {phases[k]['fraction']:.3f})")
+                lines.append(
+                    f"{mode}: {k} at {phases[k]['cap_bytes'] / GIB:.1f} GiB (fraction {phases[k]['fraction']:.3f})"
+                )
         if data.get("skipped"):
             lines.append(f"{mode}: skipped (deadline) {data['skipped']}")
         if data.get("errors"):
             lines.append(f"{mode}: failed phases {data['errors']}")
-        lines.append(f"{mode}: exit {data.get('returncode')}, {data.get('process_seconds', 0):.0f}s, "
-                     f"build {data.get('build_seconds', 0):.1f}s, card {data.get('card')}")
+        lines.append(
+            f"{mode}: exit {data.get('returncode')}, {data.get('process_seconds', 0):.0f}s, "
+            f"build {data.get('build_seconds', 0):.1f}s, card {data.get('card')}"
+        )
         lines.append("")
     return "\n".join(lines)
 
@@ -503,18 +618,39 @@ def policy_table(mode: str, pol: dict[str, Any] | None) -> list[str]:
     """One row per generation of the sweep with the policy on."""
     if not pol:
         return []
-    rows = [["gen", "size", "status", "s", "ratio before", "after", "frag before", "headroom GiB",
-             "actions", "freed GiB", "ec ms"]]
+    rows = [
+        [
+            "gen",
+            "size",
+            "status",
+            "s",
+            "ratio before",
+            "after",
+            "frag before",
+            "headroom GiB",
+            "actions",
+            "freed GiB",
+            "ec ms",
+        ]
+    ]
     for g in pol["generations"]:
         ec = [a for a in g["actions"] if a["action"] == "empty_cache"]
-        rows.append([str(g["index"]), str(g["size"]), g["status"], f"{g['seconds']:.2f}",
-                     num(g["before"]["reserved_unallocated_ratio"]), num(g["after"]["reserved_unallocated_ratio"]),
-                     num(g["before"]["fragmentation_ratio"]), gib(g["before"]["headroom"]),
-                     ",".join(f"{a['action']}:{a['result']}" for a in g["actions"]) or "-",
-                     gib(sum(a["freed_bytes"] or 0 for a in ec)) if ec else "-",
-                     ",".join(f"{a['seconds'] * 1e3:.1f}" for a in ec) or "-"])
-    return [f"{mode}: sweep with the policy on (reserved_unallocated_high: for_samples 1, cooldown 0)",
-            table(rows), ""]
+        rows.append(
+            [
+                str(g["index"]),
+                str(g["size"]),
+                g["status"],
+                f"{g['seconds']:.2f}",
+                num(g["before"]["reserved_unallocated_ratio"]),
+                num(g["after"]["reserved_unallocated_ratio"]),
+                num(g["before"]["fragmentation_ratio"]),
+                gib(g["before"]["headroom"]),
+                ",".join(f"{a['action']}:{a['result']}" for a in g["actions"]) or "-",
+                gib(sum(a["freed_bytes"] or 0 for a in ec)) if ec else "-",
+                ",".join(f"{a['seconds'] * 1e3:.1f}" for a in ec) or "-",
+            ]
+        )
+    return [f"{mode}: sweep with the policy on (reserved_unallocated_high: for_samples 1, cooldown 0)", table(rows), ""]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -546,6 +682,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     print(f"total {time.time() - start:.0f}s")
     return 0 if all(r.get("returncode") == 0 for r in results.values()) else 1
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -44,10 +44,14 @@ MODEL_ID = "random-weights/Z-Image-Turbo"  # its last component picks the model 
 # _native_flash, _native_efficient, _native_math and flex are left out by default: FACTS.md measured flash
 # and efficient slower than the default SDPA choice, math and (uncompiled) flex materialise the full score
 # matrix; add them with --variants when the budget allows.
-GPU_VARIANTS = ("compile,compile_vae,cuda_graphs,prompt_cache,channels_last,fewer_steps,"
-                "attention:_native_cudnn,fp8,expandable_segments")
-TINY_VARIANTS = ("compile,cuda_graphs,compile_vae,prompt_cache,channels_last,fewer_steps,"
-                 "attention:_native_flash,fp8,expandable_segments")
+GPU_VARIANTS = (
+    "compile,compile_vae,cuda_graphs,prompt_cache,channels_last,fewer_steps,"
+    "attention:_native_cudnn,fp8,expandable_segments"
+)
+TINY_VARIANTS = (
+    "compile,cuda_graphs,compile_vae,prompt_cache,channels_last,fewer_steps,"
+    "attention:_native_flash,fp8,expandable_segments"
+)
 COMPILE_SECONDS_HINT = 100.0  # full-size transformer compile + warm-up on an H200: 93 s measured
 STARTUP_SECONDS = 30.0  # a fresh process: imports, building the 10 B-parameter pipeline, CUDA initialisation
 REPRODUCE_RESERVE_SECONDS = 30.0  # in-process reproduction: warm-up + 2 rounds, compiled wrappers reused
@@ -67,15 +71,17 @@ def _config(args: argparse.Namespace) -> Any:
 
     if args.tiny:
         return load_config(None, environ={}, overrides={"model": {"id": "builtin:tiny-z-image", "cpu_threads": 1}})
-    return load_config(None, environ={}, overrides={
-        "model": {"id": MODEL_ID},
-        "workload": {"resolutions": [f"{args.size}x{args.size}"], "steps": args.steps, "guidance_scale": 0.0},
-    })
+    return load_config(
+        None,
+        environ={},
+        overrides={
+            "model": {"id": MODEL_ID},
+            "workload": {"resolutions": [f"{args.size}x{args.size}"], "steps": args.steps, "guidance_scale": 0.0},
+        },
+    )
 
 
-def reproduce(
-    tuner: Any, result: Any, tuned_config: Path, *, time_left: float, where: str = "auto"
-) -> dict[str, Any]:
+def reproduce(tuner: Any, result: Any, tuned_config: Path, *, time_left: float, where: str = "auto") -> dict[str, Any]:
     """Measure the emitted configuration again and compare its p50 with the tune's spread of the winner."""
     from zmon.config import load_config
     from zmon.tune.runner import Bench, Measurement, run_worker
@@ -83,8 +89,11 @@ def reproduce(
 
     cfg = load_config(tuned_config, environ={})
     best = result.best_stats
-    out: dict[str, Any] = {"config": str(tuned_config), "variants": result.best,
-                           "tune_latency_seconds": None if best is None else best.to_dict()}
+    out: dict[str, Any] = {
+        "config": str(tuned_config),
+        "variants": result.best,
+        "tune_latency_seconds": None if best is None else best.to_dict(),
+    }
     compiles = bool(cfg.model.compile or cfg.model.compile_vae)
     needed = STARTUP_SECONDS + (tuner._compile_estimate() if compiles else 0.0) + tuner._worker_estimate()
     if where == "fresh" or (where == "auto" and time_left >= needed):
@@ -99,8 +108,11 @@ def reproduce(
     else:
         # Not enough time for a fresh process that compiles again: apply the emitted options to this pipeline
         # (the tune undid its variants; its compiled wrappers are reused, so no second compile).
-        out["where"] = (f"this process (a fresh one needs ~{needed:.0f} s, {time_left:.0f} s left)"
-                        if where == "auto" else "this process (--reproduce inprocess)")
+        out["where"] = (
+            f"this process (a fresh one needs ~{needed:.0f} s, {time_left:.0f} s left)"
+            if where == "auto"
+            else "this process (--reproduce inprocess)"
+        )
         ctx = tuner.ctx
         model = cfg.model
         if model.alloc_conf is not None:  # read once at CUDA start: only a fresh process can apply it
@@ -146,9 +158,13 @@ def main() -> int:
     ap.add_argument("--max-warmup", type=int, default=10)
     ap.add_argument("--min-psnr", type=float, default=None, help="exact-variant tolerance (default 30 dB in bf16)")
     ap.add_argument("--tiny", action="store_true", help="dry run on the CPU with the embedded tiny model")
-    ap.add_argument("--reproduce", choices=("auto", "fresh", "inprocess", "off"), default="auto",
-                    help="where to reproduce the winner: a fresh process when the budget allows (auto), always "
-                    "fresh, in this process (reuses the compiled code), or not at all")
+    ap.add_argument(
+        "--reproduce",
+        choices=("auto", "fresh", "inprocess", "off"),
+        default="auto",
+        help="where to reproduce the winner: a fresh process when the budget allows (auto), always "
+        "fresh, in this process (reuses the compiled code), or not at all",
+    )
     args = ap.parse_args()
     t_start = time.monotonic()
 
@@ -185,14 +201,21 @@ def main() -> int:
 
     pipe = getattr(importlib.import_module(module), fn)()
     build_seconds = time.monotonic() - t_start
-    print(f"pipeline ready after {build_seconds:.1f} s ({torch.__version__}, "
-          f"{cuda.device_name(0) if not args.tiny else 'cpu'})", flush=True)
+    print(
+        f"pipeline ready after {build_seconds:.1f} s ({torch.__version__}, "
+        f"{cuda.device_name(0) if not args.tiny else 'cpu'})",
+        flush=True,
+    )
 
     reserve = 0.0 if args.reproduce == "off" else REPRODUCE_RESERVE_SECONDS
     tune_budget = max(60.0, args.max_seconds - (time.monotonic() - t_start) - reserve)
     options = TuneOptions(
-        runs=args.runs, rounds=args.rounds, max_seconds=tune_budget, factory=factory,
-        warmup=WarmupRule(max_runs=args.max_warmup), min_psnr_db=args.min_psnr,
+        runs=args.runs,
+        rounds=args.rounds,
+        max_seconds=tune_budget,
+        factory=factory,
+        warmup=WarmupRule(max_runs=args.max_warmup),
+        min_psnr_db=args.min_psnr,
         compile_seconds_hint=None if args.tiny else COMPILE_SECONDS_HINT,
     )
     # A sample skipped because the previous one still runs (a busy host while compiling) is expected and
@@ -200,15 +223,26 @@ def main() -> int:
     logging.getLogger("apscheduler").setLevel(logging.ERROR)
     monitor, history = profile_monitor(cfg)  # the Tuner starts and stops its sampling
     try:
-        tuner = Tuner(pipe, cfg, names, options, model_id=model_id, progress=Progress(sys.stderr),
-                      sampling=monitor, history=history)
+        tuner = Tuner(
+            pipe,
+            cfg,
+            names,
+            options,
+            model_id=model_id,
+            progress=Progress(sys.stderr),
+            sampling=monitor,
+            history=history,
+        )
         result = tuner.run()
     finally:
         monitor.stop()
     paths = write_reports(result, out)
-    summary: dict[str, Any] = {"build_seconds": build_seconds, "tune_budget_seconds": tune_budget,
-                               "tune_seconds": result.elapsed_seconds,
-                               "reports": {k: str(v) for k, v in paths.items()}}
+    summary: dict[str, Any] = {
+        "build_seconds": build_seconds,
+        "tune_budget_seconds": tune_budget,
+        "tune_seconds": result.elapsed_seconds,
+        "reports": {k: str(v) for k, v in paths.items()},
+    }
     if args.reproduce != "off" and result.best_stats is not None:
         left = args.max_seconds - (time.monotonic() - t_start) - 5.0
         t0 = time.monotonic()
@@ -229,12 +263,16 @@ def main() -> int:
         else:
             s, b = rep.get("latency_seconds") or {}, rep.get("tune_latency_seconds") or {}
             print(f"- where: {rep['where']}" + (f"; {rep['note']}" if rep.get("note") else ""))
-            print(f"- tune: p50 {b.get('p50', float('nan')):.4f} s (min–max {b.get('min', float('nan')):.4f}–"
-                  f"{b.get('max', float('nan')):.4f}, n={b.get('n')})")
+            print(
+                f"- tune: p50 {b.get('p50', float('nan')):.4f} s (min–max {b.get('min', float('nan')):.4f}–"
+                f"{b.get('max', float('nan')):.4f}, n={b.get('n')})"
+            )
             verdict = "REPRODUCED" if rep.get("reproduced") else "NOT reproduced"
-            print(f"- again: p50 {s.get('p50', float('nan')):.4f} s (n={s.get('n')}), "
-                  f"{rep.get('p50_diff_rel', float('nan')):+.1%} vs the tune; measured spread ±"
-                  f"{rep.get('tolerance_rel', float('nan')):.1%} → {verdict}")
+            print(
+                f"- again: p50 {s.get('p50', float('nan')):.4f} s (n={s.get('n')}), "
+                f"{rep.get('p50_diff_rel', float('nan')):+.1%} vs the tune; measured spread ±"
+                f"{rep.get('tolerance_rel', float('nan')):.1%} → {verdict}"
+            )
     print(f"\ntotal {summary['total_seconds']:.0f} s; reports in {out}")
     return result.exit_code
 

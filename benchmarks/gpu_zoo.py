@@ -54,25 +54,59 @@ class Case:
 
 CASES: tuple[Case, ...] = (
     Case("healthy_eager", "nothing: the eager pipeline as built", "optimized", healthy=True, allowed=("compile_off",)),
-    Case("cpu_text_encoding", "0.6 s of CPU work in the text encoder's forward (a text encoder on the CPU)",
-         "cpu_bound"),
-    Case("cpu_output_processing", "PNG-encoding the image repeatedly in output processing (~0.5 s of CPU)",
-         "cpu_bound"),
-    Case("host_pre_hook", "a host forward pre-hook on the transformer, registered before zmon's: 80 ms of CPU "
-         "per forward", "cpu_bound"),
-    Case("memory_pressure", "the card filled so the caching allocator must flush and retry (a blocker tensor "
-         "leaving half the cache the generation needs)", "memory_bound", gpu_only=True),
+    Case(
+        "cpu_text_encoding", "0.6 s of CPU work in the text encoder's forward (a text encoder on the CPU)", "cpu_bound"
+    ),
+    Case(
+        "cpu_output_processing", "PNG-encoding the image repeatedly in output processing (~0.5 s of CPU)", "cpu_bound"
+    ),
+    Case(
+        "host_pre_hook",
+        "a host forward pre-hook on the transformer, registered before zmon's: 80 ms of CPU per forward",
+        "cpu_bound",
+    ),
+    Case(
+        "memory_pressure",
+        "the card filled so the caching allocator must flush and retry (a blocker tensor "
+        "leaving half the cache the generation needs)",
+        "memory_bound",
+        gpu_only=True,
+    ),
     Case("uneven_steps", "every third denoise step runs 60 extra 8192² bf16 matmuls on the GPU", "kernel_issue"),
-    Case("storage_reads", "each generation's text encoding reads a 2 GB file from storage (page cache dropped)",
-         "io_or_caching"),
-    Case("cfg_on_distilled", "guidance_scale 5.0 on the guidance-distilled model", None,
-         expect_finding="cfg_on_distilled", workload={"guidance_scale": 5.0}),
-    Case("excess_steps", "50 steps (the pipeline default) where the model card says 9", None,
-         expect_finding="excess_steps", workload={"steps": 50}, runs=3),
-    Case("compile_off", "the eager pipeline on a GPU (torch.compile off)", None, expect_finding="compile_off",
-         gpu_only=True),
-    Case("healthy_compiled", "torch.compile(transformer), default warm-up 1, prompts of varying length",
-         "optimized", healthy=True, runs=8),
+    Case(
+        "storage_reads",
+        "each generation's text encoding reads a 2 GB file from storage (page cache dropped)",
+        "io_or_caching",
+    ),
+    Case(
+        "cfg_on_distilled",
+        "guidance_scale 5.0 on the guidance-distilled model",
+        None,
+        expect_finding="cfg_on_distilled",
+        workload={"guidance_scale": 5.0},
+    ),
+    Case(
+        "excess_steps",
+        "50 steps (the pipeline default) where the model card says 9",
+        None,
+        expect_finding="excess_steps",
+        workload={"steps": 50},
+        runs=3,
+    ),
+    Case(
+        "compile_off",
+        "the eager pipeline on a GPU (torch.compile off)",
+        None,
+        expect_finding="compile_off",
+        gpu_only=True,
+    ),
+    Case(
+        "healthy_compiled",
+        "torch.compile(transformer), default warm-up 1, prompts of varying length",
+        "optimized",
+        healthy=True,
+        runs=8,
+    ),
 )
 
 
@@ -189,9 +223,12 @@ def injected(case: Case, pipe: Any, tiny: bool, scratch: Path) -> Iterator[None]
         transient = peak_alloc - resident
         room = transient + (peak_res - peak_alloc) // 2
         blocker = torch.empty(max(0, free - room), dtype=torch.uint8, device=dev)
-        print(f"  memory_pressure: weights {resident / 1e9:.1f} GB, generation peak +{transient / 1e9:.1f} GB "
-              f"allocated / {peak_res / 1e9:.1f} GB reserved; blocker {blocker.numel() / 1e9:.1f} GB leaves "
-              f"{room / 1e9:.1f} GB free", flush=True)
+        print(
+            f"  memory_pressure: weights {resident / 1e9:.1f} GB, generation peak +{transient / 1e9:.1f} GB "
+            f"allocated / {peak_res / 1e9:.1f} GB reserved; blocker {blocker.numel() / 1e9:.1f} GB leaves "
+            f"{room / 1e9:.1f} GB free",
+            flush=True,
+        )
         try:
             yield
         finally:
@@ -215,14 +252,22 @@ SPEC: Any = None
 
 
 def config(args: argparse.Namespace, case: Case, tiny_cache: str | None) -> Config:
-    workload: dict[str, Any] = {"resolutions": [f"{args.size}x{args.size}"], "steps": args.steps,
-                                "guidance_scale": 0.0, **case.workload}
+    workload: dict[str, Any] = {
+        "resolutions": [f"{args.size}x{args.size}"],
+        "steps": args.steps,
+        "guidance_scale": 0.0,
+        **case.workload,
+    }
     model = {"id": "builtin:tiny-z-image", "cache_dir": tiny_cache} if args.tiny else {"id": MODEL_ID}
-    return load_config(None, environ={}, overrides={
-        "model": model, "workload": workload,
-        "profiling": {"runs": case.runs or args.runs, "warmup": 1, "disk_test_bytes": 0,
-                      "formats": ["json", "md"]},
-    })
+    return load_config(
+        None,
+        environ={},
+        overrides={
+            "model": model,
+            "workload": workload,
+            "profiling": {"runs": case.runs or args.runs, "warmup": 1, "disk_test_bytes": 0, "formats": ["json", "md"]},
+        },
+    )
 
 
 def profile(pipe: Any, cfg: Config, out: Path, model_id: str) -> ProfileResult:
@@ -305,8 +350,13 @@ def main() -> int:
     base_cfg = config(args, CASES[0], tiny_cache)
     SPEC = build_spec(base_cfg, {"distilled": True})
     rows: list[dict[str, Any]] = []
-    summary: dict[str, Any] = {"card": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-                               "torch": torch.__version__, "size": args.size, "steps": args.steps, "cases": rows}
+    summary: dict[str, Any] = {
+        "card": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "size": args.size,
+        "steps": args.steps,
+        "cases": rows,
+    }
     for case in chosen:
         if case.gpu_only and args.tiny:
             rows.append({"case": case.name, "ok": None, "note": "skipped on CPU"})
@@ -326,18 +376,28 @@ def main() -> int:
         ok, note = judge(case, result)
         d, f = result.diagnosis, result.facts
         lat = f.baseline.latency
-        rows.append({
-            "case": case.name, "injected": case.injected, "expected": case.expect_verdict or case.expect_finding,
-            "verdict": d.verdict, "confidence": d.confidence,
-            "findings": [(x.kind, x.priority) for x in d.active_findings],
-            "p50_s": None if lat is None else lat.p50,
-            "gpu_util_whole": f.utilization.gpu_by_stage.get("generation"),
-            "untimed_share": f.stages.unattributed_share,
-            "excluded": [(x.kind, x.reason) for x in f.baseline.excluded],
-            "summary": d.summary, "ok": ok, "note": note, "seconds": time.monotonic() - t0,
-        })
-        print(f"{case.name}: {d.verdict} ({'ok' if ok else 'WRONG: ' + note}) in {time.monotonic() - t0:.0f} s",
-              flush=True)
+        rows.append(
+            {
+                "case": case.name,
+                "injected": case.injected,
+                "expected": case.expect_verdict or case.expect_finding,
+                "verdict": d.verdict,
+                "confidence": d.confidence,
+                "findings": [(x.kind, x.priority) for x in d.active_findings],
+                "p50_s": None if lat is None else lat.p50,
+                "gpu_util_whole": f.utilization.gpu_by_stage.get("generation"),
+                "untimed_share": f.stages.unattributed_share,
+                "excluded": [(x.kind, x.reason) for x in f.baseline.excluded],
+                "summary": d.summary,
+                "ok": ok,
+                "note": note,
+                "seconds": time.monotonic() - t0,
+            }
+        )
+        print(
+            f"{case.name}: {d.verdict} ({'ok' if ok else 'WRONG: ' + note}) in {time.monotonic() - t0:.0f} s",
+            flush=True,
+        )
         (out / "zoo.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     if args.overhead_pairs > 0 and time.monotonic() - started < args.max_seconds + 60:
         summary["overhead"] = overhead(pipe, base_cfg, args.overhead_pairs, 3)
@@ -359,8 +419,10 @@ def main() -> int:
         )
     if "overhead" in summary:
         o = summary["overhead"]
-        lines.append(f"\nprofiler overhead: bare {o['bare_median_s']:.4f} s, profiled {o['profiled_median_s']:.4f} s "
-                     f"({o['overhead']:+.2%}, {o['n_each']} generations each, interleaved)")
+        lines.append(
+            f"\nprofiler overhead: bare {o['bare_median_s']:.4f} s, profiled {o['profiled_median_s']:.4f} s "
+            f"({o['overhead']:+.2%}, {o['n_each']} generations each, interleaved)"
+        )
     (out / "zoo.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0 if all(r["ok"] in (True, None) for r in rows) else 1

@@ -99,8 +99,14 @@ class Report:
 
     @property
     def errors(self) -> float:
-        return (self.generations_failed + self.scrapes_failed + self.collector_failures + self.exposition_errors
-                + self.jsonl_failures + self.jsonl_bad_lines)
+        return (
+            self.generations_failed
+            + self.scrapes_failed
+            + self.collector_failures
+            + self.exposition_errors
+            + self.jsonl_failures
+            + self.jsonl_bad_lines
+        )
 
 
 def _median(xs: list[float]) -> float | None:
@@ -114,8 +120,9 @@ def _pct(xs: list[float], q: float) -> float | None:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-def soak(generations: int, out: Path, *, interval: float = 1.0, cache_dir: str | None = None,
-         threads: int = 1) -> Report:
+def soak(
+    generations: int, out: Path, *, interval: float = 1.0, cache_dir: str | None = None, threads: int = 1
+) -> Report:
     out.mkdir(parents=True, exist_ok=True)
     jsonl = out / "generations.jsonl"
     jsonl.unlink(missing_ok=True)
@@ -123,19 +130,38 @@ def soak(generations: int, out: Path, *, interval: float = 1.0, cache_dir: str |
     model: dict[str, object] = {"cpu_threads": threads}
     if cache_dir:
         model["cache_dir"] = cache_dir
-    cfg.write_text(json.dumps({  # JSON is YAML
-        "model": model,
-        "workload": {"steps": 2, "resolutions": ["64x64"], "jsonl": {"path": str(jsonl), "max_bytes": 1 << 30}},
-    }))
+    cfg.write_text(
+        json.dumps(
+            {  # JSON is YAML
+                "model": model,
+                "workload": {"steps": 2, "resolutions": ["64x64"], "jsonl": {"path": str(jsonl), "max_bytes": 1 << 30}},
+            }
+        )
+    )
     port = _free_port()
     url = f"http://127.0.0.1:{port}/metrics"
     env = {k: v for k, v in os.environ.items() if not k.startswith("ZMON_")}
     env["PYTHONPATH"] = str(ROOT)
     log = open(out / "zmon.log", "wb")  # noqa: SIM115 - closed after the process
     proc = subprocess.Popen(
-        [sys.executable, "-m", "zmon", "run", "--config", str(cfg), "--listen", f"127.0.0.1:{port}",
-         "--max-generations", str(generations), "--linger", "3"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=out,
+        [
+            sys.executable,
+            "-m",
+            "zmon",
+            "run",
+            "--config",
+            str(cfg),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--max-generations",
+            str(generations),
+            "--linger",
+            "3",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=out,
     )
     report = Report(loadavg_start=" ".join(Path("/proc/loadavg").read_text().split()[:3]))
     scrapes: list[Scrape] = []
@@ -169,8 +195,11 @@ def soak(generations: int, out: Path, *, interval: float = 1.0, cache_dir: str |
         if time.monotonic() - progress_at > 60 and scrapes:
             progress_at = time.monotonic()
             s = scrapes[-1]
-            print(f"[{s.t:6.0f}s] {int(s.generations)} generations, RSS {((s.rss or 0) / 2**20):.1f} MiB",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[{s.t:6.0f}s] {int(s.generations)} generations, RSS {((s.rss or 0) / 2**20):.1f} MiB",
+                file=sys.stderr,
+                flush=True,
+            )
     th.join(15)
     log.close()
     report.exit_code = proc.returncode
@@ -208,8 +237,9 @@ def soak(generations: int, out: Path, *, interval: float = 1.0, cache_dir: str |
         if rec.get("status") == "ok" and rec.get("total_seconds") is not None:
             times.append(float(rec["total_seconds"]))
     window = min(WINDOW, len(times) // 2)
-    report.latency_block_medians_ms = [round(statistics.median(times[i:i + WINDOW]) * 1e3, 2)
-                                       for i in range(0, len(times), WINDOW)]
+    report.latency_block_medians_ms = [
+        round(statistics.median(times[i : i + WINDOW]) * 1e3, 2) for i in range(0, len(times), WINDOW)
+    ]
     if window:
         first, last = _median(times[:window]), _median(times[-window:])
         assert first is not None and last is not None
@@ -235,21 +265,41 @@ def table(r: Report, generations: int) -> str:
         return "n/a" if x is None else fmt.format(x)
 
     rows = [
-        ("generations", f"{r.generations} of {generations} ({r.generations_ok} ok) in {r.wall_seconds / 60:.1f} min",
-         "all ok", r.generations == generations and r.generations_failed == 0),
-        ("RSS (median, first 1,000 after warm-up → last 1,000)",
-         f"{f(r.rss_start_mib)} → {f(r.rss_end_mib)} MiB ({f(r.rss_growth_pct, '{:+.2f}')} %), "
-         f"peak {f(r.rss_peak_mib)} MiB",
-         "< 5 %", r.rss_growth_pct is not None and r.rss_growth_pct < 5),
-        ("generation time (median, first 1,000 → last 1,000)",
-         f"{f(r.latency_first_median_ms, '{:.2f}')} → {f(r.latency_last_median_ms, '{:.2f}')} ms "
-         f"({f(r.latency_drift_pct, '{:+.2f}')} %)",
-         "< 5 %", r.latency_drift_pct is not None and abs(r.latency_drift_pct) < 5),
-        ("scrapes (1/s)", f"{r.scrapes} ({r.scrapes_failed} failed), p50 {f(r.scrape_p50_ms, '{:.2f}')} ms, "
-         f"p99 {f(r.scrape_p99_ms, '{:.2f}')} ms", "0 failed", r.scrapes_failed == 0),
-        ("errors", f"generations {r.generations_failed}, collector failures {r.collector_failures:g}, exposition "
-         f"{r.exposition_errors:g}, JSONL failures {r.jsonl_failures:g}, JSONL bad lines {r.jsonl_bad_lines} "
-         f"(of {r.jsonl_lines})", "0", r.errors == 0),
+        (
+            "generations",
+            f"{r.generations} of {generations} ({r.generations_ok} ok) in {r.wall_seconds / 60:.1f} min",
+            "all ok",
+            r.generations == generations and r.generations_failed == 0,
+        ),
+        (
+            "RSS (median, first 1,000 after warm-up → last 1,000)",
+            f"{f(r.rss_start_mib)} → {f(r.rss_end_mib)} MiB ({f(r.rss_growth_pct, '{:+.2f}')} %), "
+            f"peak {f(r.rss_peak_mib)} MiB",
+            "< 5 %",
+            r.rss_growth_pct is not None and r.rss_growth_pct < 5,
+        ),
+        (
+            "generation time (median, first 1,000 → last 1,000)",
+            f"{f(r.latency_first_median_ms, '{:.2f}')} → {f(r.latency_last_median_ms, '{:.2f}')} ms "
+            f"({f(r.latency_drift_pct, '{:+.2f}')} %)",
+            "< 5 %",
+            r.latency_drift_pct is not None and abs(r.latency_drift_pct) < 5,
+        ),
+        (
+            "scrapes (1/s)",
+            f"{r.scrapes} ({r.scrapes_failed} failed), p50 {f(r.scrape_p50_ms, '{:.2f}')} ms, "
+            f"p99 {f(r.scrape_p99_ms, '{:.2f}')} ms",
+            "0 failed",
+            r.scrapes_failed == 0,
+        ),
+        (
+            "errors",
+            f"generations {r.generations_failed}, collector failures {r.collector_failures:g}, exposition "
+            f"{r.exposition_errors:g}, JSONL failures {r.jsonl_failures:g}, JSONL bad lines {r.jsonl_bad_lines} "
+            f"(of {r.jsonl_lines})",
+            "0",
+            r.errors == 0,
+        ),
         ("median per 1,000 generations", " ".join(f"{x:.1f}" for x in r.latency_block_medians_ms) + " ms", "", True),
         ("load average (start → end)", f"{r.loadavg_start} → {r.loadavg_end}", "", True),
         ("exit code", str(r.exit_code), "0", r.exit_code == 0),

@@ -136,8 +136,12 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    log.info("serving POST http://%s:%d/generate; zmon /metrics at %s/metrics",
-             server.server_address[0], server.server_address[1], handle.url)
+    log.info(
+        "serving POST http://%s:%d/generate; zmon /metrics at %s/metrics",
+        server.server_address[0],
+        server.server_address[1],
+        handle.url,
+    )
     try:
         server.serve_forever()
     finally:

@@ -78,10 +78,16 @@ def alertmanager(tmp_path: Path, config: str | None = None) -> Iterator[str]:
     )
     port, cport = free_port(), free_port()
     proc = subprocess.Popen(
-        [binary, f"--config.file={d / 'alertmanager.yml'}", f"--storage.path={d / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}", f"--cluster.listen-address=127.0.0.1:{cport}",
-         "--cluster.advertise-address=127.0.0.1:" + str(cport)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        [
+            binary,
+            f"--config.file={d / 'alertmanager.yml'}",
+            f"--storage.path={d / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            f"--cluster.listen-address=127.0.0.1:{cport}",
+            "--cluster.advertise-address=127.0.0.1:" + str(cport),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -102,9 +108,16 @@ def prometheus(tmp_path: Path, config: str, rule_files: dict[str, str] | None = 
     (d / "prometheus.yml").write_text(config)
     port = free_port()
     proc = subprocess.Popen(
-        [binary, f"--config.file={d / 'prometheus.yml'}", f"--storage.tsdb.path={d / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--web.enable-lifecycle"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=d,
+        [
+            binary,
+            f"--config.file={d / 'prometheus.yml'}",
+            f"--storage.tsdb.path={d / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--web.enable-lifecycle",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=d,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -115,15 +128,18 @@ def prometheus(tmp_path: Path, config: str, rule_files: dict[str, str] | None = 
 
 
 @contextmanager
-def zmon_process(args: list[str], env: dict[str, str] | None = None, ready_timeout: float = 60.0
-                 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+def zmon_process(
+    args: list[str], env: dict[str, str] | None = None, ready_timeout: float = 60.0
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """`python -m zmon ARGS --listen 127.0.0.1:<free>`; yields (base URL, process) once /readyz is 200."""
     import sys
 
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "zmon", *args, "--listen", f"127.0.0.1:{port}"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
     )
     url = f"http://127.0.0.1:{port}"
     try:

@@ -24,7 +24,7 @@ def render() -> str:
     text = README.read_text()
     start = text.index("\n" + HEADING + "\n") + 1
     end = text.find("\n## ", start + len(HEADING))
-    section = text[start:] if end < 0 else text[start:end + 1]
+    section = text[start:] if end < 0 else text[start : end + 1]
     header = "<!-- Generated from README.md by tools/gen_runbooks.py: edit the README. -->\n"
     return header + section.rstrip("\n") + "\n"
 

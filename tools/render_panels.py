@@ -90,8 +90,14 @@ scrape_configs:
                     expr = t.get("expr")
                     if not expr:
                         continue
-                    r = prom_query(prom, "/api/v1/query_range", query=grafana_to_promql(expr),
-                                   start=f"{start:.3f}", end=f"{end:.3f}", step=f"{step:g}")
+                    r = prom_query(
+                        prom,
+                        "/api/v1/query_range",
+                        query=grafana_to_promql(expr),
+                        start=f"{start:.3f}",
+                        end=f"{end:.3f}",
+                        step=f"{step:g}",
+                    )
                     if r.get("status") != "success":
                         raise RuntimeError(f"{p.get('title')}: {expr}: {r}")
                     p["_results"].append((t, expr, r["data"]["result"]))
@@ -181,8 +187,10 @@ def chart_svg(panel: dict[str, Any], start: float, end: float) -> tuple[str, lis
     def py(y: float) -> float:
         return top + (1 - (y - lo) / (hi - lo)) * ph
 
-    out = [f'<svg viewBox="0 0 {w} {h}" width="{w}" height="{h}" xmlns="http://www.w3.org/2000/svg">',
-           f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="#181b1f" stroke="#2c3235"/>']
+    out = [
+        f'<svg viewBox="0 0 {w} {h}" width="{w}" height="{h}" xmlns="http://www.w3.org/2000/svg">',
+        f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="#181b1f" stroke="#2c3235"/>',
+    ]
     for frac in (0.25, 0.5, 0.75):
         y = top + frac * ph
         out.append(f'<line x1="{left}" x2="{left + pw}" y1="{y:.1f}" y2="{y:.1f}" stroke="#2c3235"/>')
@@ -216,8 +224,9 @@ def card_html(panel: dict[str, Any], start: float, end: float) -> tuple[str, boo
         msg = "no data on CPU (GPU-only)" if is_gpu_only(panel) else "no data in this run"
         body = f'<div class="empty">{msg}</div>'
     else:
-        items = "".join(f'<li><span class="sw" style="background:{c}"></span>{html.escape(t)}</li>'
-                        for c, t in legend[:MAX_LEGEND])
+        items = "".join(
+            f'<li><span class="sw" style="background:{c}"></span>{html.escape(t)}</li>' for c, t in legend[:MAX_LEGEND]
+        )
         more = f'<li class="more">… {len(legend) - MAX_LEGEND} more series</li>' if len(legend) > MAX_LEGEND else ""
         body = f'{svg}<ul class="lg">{items}{more}</ul>'
     return f'<div class="card"><div class="ttl">{title}<span class="kind">{kind}</span></div>{body}</div>', bool(svg)
@@ -255,15 +264,17 @@ def build_html(panels: list[dict[str, Any]], start: float, end: float) -> tuple[
                 groups.append(("", []))
             groups[-1][1].append(p)
     when = dt.datetime.fromtimestamp(end, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    body = [f'<div class="banner"><b>Rendered from Prometheus query results by tools/render_panels.py — not a '
-            f'Grafana screenshot.</b><div>zmon run on the embedded model, CPU host, {when}. Window '
-            f'{end - start:.0f} s, scrape every 1 s, query_range step 2 s; panel queries from '
-            f'grafana/dashboards/zmon.json with $instance/$gpu = .*, $__rate_interval/$__range = 1m.</div></div>']
+    body = [
+        f'<div class="banner"><b>Rendered from Prometheus query results by tools/render_panels.py — not a '
+        f"Grafana screenshot.</b><div>zmon run on the embedded model, CPU host, {when}. Window "
+        f"{end - start:.0f} s, scrape every 1 s, query_range step 2 s; panel queries from "
+        f"grafana/dashboards/zmon.json with $instance/$gpu = .*, $__rate_interval/$__range = 1m.</div></div>"
+    ]
     height, with_data, empty = BANNER_H, 0, 0
     for title, ps in groups:
         if not ps:
             continue
-        body.append(f"<h2>{html.escape(title)}</h2><div class=\"grid\">")
+        body.append(f'<h2>{html.escape(title)}</h2><div class="grid">')
         height += ROW_HEAD_H
         for p in ps:
             card, has = card_html(p, start, end)
@@ -272,8 +283,10 @@ def build_html(panels: list[dict[str, Any]], start: float, end: float) -> tuple[
             empty += not has
         body.append("</div>")
         height += math.ceil(len(ps) / COLUMNS) * CARD_H + 10
-    page = (f'<!doctype html><html><head><meta charset="utf-8"><title>zmon dashboard preview (rendered, not Grafana)'
-            f"</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>\n")
+    page = (
+        f'<!doctype html><html><head><meta charset="utf-8"><title>zmon dashboard preview (rendered, not Grafana)'
+        f"</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>\n"
+    )
     return page, height + 20, with_data, empty
 
 
@@ -283,11 +296,26 @@ def screenshot(html_path: Path, png: Path, height: int) -> None:
         raise SystemExit("chromium not found: the HTML is written, the PNG is not")
     with tempfile.TemporaryDirectory(prefix="zmon-chromium-") as profile:
         subprocess.run(
-            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--hide-scrollbars", f"--user-data-dir={profile}", f"--window-size=1400,{height}",
-             f"--screenshot={png.resolve()}", html_path.resolve().as_uri()],
-            check=True, timeout=120, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                chromium,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--hide-scrollbars",
+                f"--user-data-dir={profile}",
+                f"--window-size=1400,{height}",
+                f"--screenshot={png.resolve()}",
+                html_path.resolve().as_uri(),
+            ],
+            check=True,
+            timeout=120,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
 
 

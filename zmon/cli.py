@@ -56,7 +56,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         "--listen", metavar="HOST:PORT", help=f"address for /metrics (default {DEFAULT_LISTEN}; loopback only)"
     )
     p.add_argument(
-        "--web.config.file", dest="web_config_file", metavar="FILE",
+        "--web.config.file",
+        dest="web_config_file",
+        metavar="FILE",
         help="exporter-toolkit web configuration (TLS, basic auth, headers), as node_exporter takes "
         "(server.web_config_file)",
     )
@@ -116,11 +118,16 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="load a pipeline, generate a workload and serve its per-stage metrics")
     _add_common(r)
     r.add_argument(
-        "--max-generations", type=_positive_int, metavar="N",
+        "--max-generations",
+        type=_positive_int,
+        metavar="N",
         help="stop after N generations and exit 0 (default: workload.max_generations; unset = forever)",
     )
     r.add_argument(
-        "--linger", type=_non_negative_seconds, default=0.0, metavar="SECONDS",
+        "--linger",
+        type=_non_negative_seconds,
+        default=0.0,
+        metavar="SECONDS",
         help="after the last generation keep serving /metrics this long, so a final scrape sees the totals",
     )
 
@@ -277,11 +284,13 @@ def _add_profiling_parsers(sub: Any) -> None:
     )
     p.add_argument("--out", metavar="DIR", help="report directory (profiling.output_dir)")
     p.add_argument(
-        "--trace", action="store_true",
+        "--trace",
+        action="store_true",
         help="then trace 2 generations with torch.profiler: DIR/trace.json (Chrome) and DIR/tb/ (TensorBoard)",
     )
     p.add_argument(
-        "--memory-snapshot", action="store_true",
+        "--memory-snapshot",
+        action="store_true",
         help="then record 2 generations of CUDA allocator history: DIR/memory_snapshot.pickle (CUDA only)",
     )
 
@@ -292,9 +301,7 @@ def _add_profiling_parsers(sub: Any) -> None:
 
     d = sub.add_parser("diagnose", help="print the live verdict and active findings of a running zmon")
     d.add_argument("--url", required=True, metavar="URL", help="the daemon's base URL, e.g. http://127.0.0.1:8739")
-    d.add_argument(
-        "--timeout", type=_positive_seconds, default=5.0, metavar="SECONDS", help="HTTP timeout (default 5)"
-    )
+    d.add_argument("--timeout", type=_positive_seconds, default=5.0, metavar="SECONDS", help="HTTP timeout (default 5)")
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
@@ -362,23 +369,44 @@ def _add_tune_parser(sub: Any) -> None:
     )
     t.add_argument("--config", "-c", metavar="FILE", help="YAML configuration (see config.example.yaml)")
     t.add_argument(
-        "--variants", metavar="LIST",
+        "--variants",
+        metavar="LIST",
         help="comma-separated variant names (default: all but compile_max_autotune); 'attention' = torch's "
         "attention backends; --variants help lists them",
     )
-    t.add_argument("--runs", type=_positive_int, default=6, metavar="N",
-                   help="measured generations per configuration, split over the rounds (default 6)")
-    t.add_argument("--rounds", type=_positive_int, default=3, metavar="R",
-                   help="interleaved timing rounds (default 3)")
+    t.add_argument(
+        "--runs",
+        type=_positive_int,
+        default=6,
+        metavar="N",
+        help="measured generations per configuration, split over the rounds (default 6)",
+    )
+    t.add_argument("--rounds", type=_positive_int, default=3, metavar="R", help="interleaved timing rounds (default 3)")
     t.add_argument("--out", metavar="DIR", default="zmon-tune", help="report directory (default zmon-tune)")
-    t.add_argument("--max-seconds", type=float, metavar="S",
-                   help="wall-clock budget; phases that would not fit are skipped and listed")
-    t.add_argument("--allow-lossy", action="store_true",
-                   help="let lossy winners (fp8, fewer_steps) into the combination and the snippet")
-    t.add_argument("--max-warmup", type=_positive_int, default=12, metavar="N",
-                   help="warm-up generations at most per configuration (default 12)")
-    t.add_argument("--min-psnr", type=float, metavar="DB",
-                   help="PSNR exact variants must reach against the baseline (default: 30 dB bf16/fp16, 60 float32)")
+    t.add_argument(
+        "--max-seconds",
+        type=float,
+        metavar="S",
+        help="wall-clock budget; phases that would not fit are skipped and listed",
+    )
+    t.add_argument(
+        "--allow-lossy",
+        action="store_true",
+        help="let lossy winners (fp8, fewer_steps) into the combination and the snippet",
+    )
+    t.add_argument(
+        "--max-warmup",
+        type=_positive_int,
+        default=12,
+        metavar="N",
+        help="warm-up generations at most per configuration (default 12)",
+    )
+    t.add_argument(
+        "--min-psnr",
+        type=float,
+        metavar="DB",
+        help="PSNR exact variants must reach against the baseline (default: 30 dB bf16/fp16, 60 float32)",
+    )
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -414,23 +442,38 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from zmon.tune.runner import TuneOptions
 
     options = TuneOptions(
-        runs=args.runs, rounds=args.rounds, max_seconds=args.max_seconds, allow_lossy=args.allow_lossy,
-        warmup=WarmupRule(max_runs=args.max_warmup), min_psnr_db=args.min_psnr,
+        runs=args.runs,
+        rounds=args.rounds,
+        max_seconds=args.max_seconds,
+        allow_lossy=args.allow_lossy,
+        warmup=WarmupRule(max_runs=args.max_warmup),
+        min_psnr_db=args.min_psnr,
     )
     return tune_main(cfg, names, options, out_dir=out)
 
 
 # --- zmon probe interconnect ---------------------------------------------------------------------------------
 
-_SIZE_SUFFIXES = {"": 1, "B": 1, "K": 1024, "KB": 1024, "KIB": 1024, "M": 1024**2, "MB": 1024**2, "MIB": 1024**2,
-                  "G": 1024**3, "GB": 1024**3, "GIB": 1024**3}
+_SIZE_SUFFIXES = {
+    "": 1,
+    "B": 1,
+    "K": 1024,
+    "KB": 1024,
+    "KIB": 1024,
+    "M": 1024**2,
+    "MB": 1024**2,
+    "MIB": 1024**2,
+    "G": 1024**3,
+    "GB": 1024**3,
+    "GIB": 1024**3,
+}
 
 
 def _size(value: str) -> int:
     """'64', '4K', '16MiB', '1G' → bytes (binary multiples)."""
     text = value.strip().upper()
     digits = text.rstrip("BKMGI")
-    suffix = text[len(digits):]
+    suffix = text[len(digits) :]
     try:
         n = int(digits) * _SIZE_SUFFIXES[suffix]
     except (ValueError, KeyError):
@@ -450,7 +493,8 @@ def _add_probe_parsers(sub: Any) -> None:
     )
     i.add_argument("--config", "-c", metavar="FILE", help="YAML configuration (model.devices is the default)")
     i.add_argument(
-        "--devices", metavar="LIST",
+        "--devices",
+        metavar="LIST",
         help='CUDA devices "0,1", "auto" (every visible one) or "cpu:N" (gloo, for a check without GPUs); '
         "default: model.devices, else auto",
     )
@@ -461,8 +505,13 @@ def _add_probe_parsers(sub: Any) -> None:
     i.add_argument("--factor", type=_positive_int, default=4, metavar="N", help="size step (default ×4)")
     i.add_argument("--iters", type=_positive_int, default=20, metavar="N", help="timed calls per size (default 20)")
     i.add_argument("--warmup", type=_non_negative_int, default=5, metavar="N", help="untimed calls first (default 5)")
-    i.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS", help="rendezvous and collective "
-                   "timeout (default 300)")
+    i.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="rendezvous and collective timeout (default 300)",
+    )
     i.add_argument("--out", metavar="FILE.json", help="also write the figures as JSON")
 
 
@@ -473,8 +522,11 @@ def cmd_probe(args: argparse.Namespace) -> int:
     if args.devices is not None:
         text = args.devices.strip()
         devices = [part.strip() for part in text.split(",")] if "," in text or text.isdigit() else text
-        devices = [int(d) if isinstance(d, str) and d.isdigit() else d for d in devices] if isinstance(
-            devices, list) else devices
+        devices = (
+            [int(d) if isinstance(d, str) and d.isdigit() else d for d in devices]
+            if isinstance(devices, list)
+            else devices
+        )
         try:
             devices = ModelConfig.model_validate({"devices": devices}).devices
         except ValueError as e:  # pydantic's ValidationError
@@ -484,8 +536,14 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from zmon.app.probe import ProbeOptions, probe_main  # lazy: imports torch in the ranks' parent
 
     options = ProbeOptions(
-        devices=devices, backend=args.backend, ops=ops, min_bytes=args.min_bytes,
-        max_bytes=args.max_bytes, factor=args.factor, iters=args.iters, warmup=args.warmup,
+        devices=devices,
+        backend=args.backend,
+        ops=ops,
+        min_bytes=args.min_bytes,
+        max_bytes=args.max_bytes,
+        factor=args.factor,
+        iters=args.iters,
+        warmup=args.warmup,
         timeout_seconds=args.timeout,
     )
     return probe_main(options, out=Path(args.out) if args.out else None, stdout=sys.stdout, stderr=sys.stderr)

@@ -46,7 +46,8 @@ NON_CONFIG_ENV: Mapping[str, str] = {
     "ZMON_AUTH_TOKEN": "the control-endpoint token (server.auth.token_env's default)",
     "ZMON_ARGS": "extra command-line arguments in deploy/systemd/zmon.service",
     "ZMON_WORKLOAD_CMDLINE": "the watched service's command line in deploy/kubernetes/deployment.yaml",
-    "ZMON_TORCH_VERSION": "the torch version .ci/setup installs",
+    "ZMON_TORCH_VERSION": "the torch version scripts/setup installs",
+    "ZMON_TORCH_INDEX_URL": "the package index scripts/setup takes torch from",
     "ZMON_GPU_CACHE": "the cache directory of benchmarks/gpu_profile.sh",
     "ZMON_FAULTS_HEAVY": "the heavy cases of the fault-injection tests (tests/e2e/test_faults_*.py)",
 }
@@ -89,7 +90,8 @@ def _user_path(p: Path) -> Path:
         except RuntimeError:
             user = text[1:].split("/", 1)[0]
             raise ValueError(
-                f"{text!r}: no user named {user!r} on this host (~{user} cannot be expanded)" if user
+                f"{text!r}: no user named {user!r} on this host (~{user} cannot be expanded)"
+                if user
                 else f"{text!r}: the home directory is unknown ($HOME unset and no passwd entry)"
             ) from None
     return p
@@ -1146,7 +1148,7 @@ def _env_entries(
     for key in sorted(environ):
         if not key.startswith(ENV_PREFIX) or key in allowed:
             continue
-        parts = tuple(key[len(ENV_PREFIX):].lower().split("__"))
+        parts = tuple(key[len(ENV_PREFIX) :].lower().split("__"))
         if parts[0] not in sections or len(parts) < 2:
             what = "names no setting" if parts[0] not in sections else "names a whole section, not a key in it"
             problems.append(

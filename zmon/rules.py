@@ -181,13 +181,9 @@ class Rule(BaseModel):
             raise ValueError("set for_samples or for_seconds, not both")
         if self.clear is not None:
             if self.op in (">", ">=") and self.clear > self.threshold:
-                raise ValueError(
-                    f"clear ({self.clear}) must be <= threshold ({self.threshold}) for op {self.op}"
-                )
+                raise ValueError(f"clear ({self.clear}) must be <= threshold ({self.threshold}) for op {self.op}")
             if self.op in ("<", "<=") and self.clear < self.threshold:
-                raise ValueError(
-                    f"clear ({self.clear}) must be >= threshold ({self.threshold}) for op {self.op}"
-                )
+                raise ValueError(f"clear ({self.clear}) must be >= threshold ({self.threshold}) for op {self.op}")
             if self.op in ("==", "!=") and self.clear != self.threshold:
                 raise ValueError(f"clear has no meaning for op {self.op}; leave it out")
         if len(set(self.actions)) != len(self.actions):
@@ -235,9 +231,7 @@ def default_rules() -> list[Rule]:
                 "keeps for the largest shape seen, not fragmentation; zmon releases it with empty_cache "
                 "between generations. Check zmon_torch_fragmentation_ratio for real fragmentation."
             ),
-            persist_summary=(
-                "fragmentation persists — consider expandable_segments / fixed resolution buckets"
-            ),
+            persist_summary=("fragmentation persists — consider expandable_segments / fixed resolution buckets"),
             persist_description=(
                 "empty_cache did not keep the reserved-unallocated share below the threshold several times "
                 "in a row, so zmon stopped calling it. Set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "

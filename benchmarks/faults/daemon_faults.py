@@ -131,9 +131,17 @@ def wait_until(fn: Callable[[], object], timeout: float, step: float = 0.1) -> o
 
 @contextlib.contextmanager
 def daemon(
-    mode: str, workdir: Path, config: dict[str, object] | None, *, args: tuple[str, ...] = (),
-    env: dict[str, str] | None = None, wrap: list[str] | None = None, ready: bool = True, timeout: float = 120.0,
-    port: int | None = None, log_name: str = "zmon.log",
+    mode: str,
+    workdir: Path,
+    config: dict[str, object] | None,
+    *,
+    args: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+    wrap: list[str] | None = None,
+    ready: bool = True,
+    timeout: float = 120.0,
+    port: int | None = None,
+    log_name: str = "zmon.log",
 ) -> Iterator[Daemon]:
     """`python -m zmon MODE --config workdir/zmon.yaml --listen 127.0.0.1:free`; yields once /readyz is 200
     (or at once with ready=False). With `port`, the file sets server.listen to it (no --listen flag, so a
@@ -147,11 +155,13 @@ def daemon(
         cmd += ["--listen", f"127.0.0.1:{port}"]
     log = workdir / log_name
     with open(log, "wb") as out:
-        proc = subprocess.Popen([*(wrap or []), *cmd], cwd=workdir, stdout=out, stderr=subprocess.STDOUT,
-                                env=zmon_env(env))
+        proc = subprocess.Popen(
+            [*(wrap or []), *cmd], cwd=workdir, stdout=out, stderr=subprocess.STDOUT, env=zmon_env(env)
+        )
     d = Daemon(proc, f"http://127.0.0.1:{port}", log, f"/proc/{proc.pid}/root" if wrap else "")
     try:
         if ready:
+
             def up() -> bool:
                 if proc.poll() is not None:
                     raise RuntimeError(f"zmon {mode} exited {proc.returncode}:\n{d.text()[-3000:]}")
@@ -168,10 +178,20 @@ def daemon(
         d.stop()
 
 
-def zmon_cli(args: list[str], workdir: Path, env: dict[str, str] | None = None, timeout: float = 120.0,
-             wrap: list[str] | None = None) -> tuple[int, str]:
-    r = subprocess.run([*(wrap or []), sys.executable, "-m", "zmon", *args], cwd=workdir, capture_output=True,
-                       timeout=timeout, env=zmon_env(env))
+def zmon_cli(
+    args: list[str],
+    workdir: Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 120.0,
+    wrap: list[str] | None = None,
+) -> tuple[int, str]:
+    r = subprocess.run(
+        [*(wrap or []), sys.executable, "-m", "zmon", *args],
+        cwd=workdir,
+        capture_output=True,
+        timeout=timeout,
+        env=zmon_env(env),
+    )
     return r.returncode, (r.stdout + r.stderr).decode(errors="replace")
 
 
@@ -196,8 +216,10 @@ class SmallFs:
         unshare = shutil.which("unshare")
         if not unshare:
             return "not root and no unshare(1)"
-        r = subprocess.run([unshare, "--user", "--map-root-user", "--mount", "sh", "-c",
-                            "mount -t tmpfs -o size=64k tmpfs /tmp"], capture_output=True)
+        r = subprocess.run(
+            [unshare, "--user", "--map-root-user", "--mount", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /tmp"],
+            capture_output=True,
+        )
         return None if r.returncode == 0 else f"not root and no user namespaces: {r.stderr.decode().strip()}"
 
     def make(self, name: str, size: str, *, read_only: bool = False) -> Path:
@@ -238,8 +260,9 @@ class Result:
 
 def table(results: list[Result]) -> str:
     head = ("case", "expected", "observed", "s", "result")
-    rows = [head] + [(r.case, r.expected, r.observed, f"{r.seconds:.1f}", "pass" if r.passed else "FAIL")
-                     for r in results]
+    rows = [head] + [
+        (r.case, r.expected, r.observed, f"{r.seconds:.1f}", "pass" if r.passed else "FAIL") for r in results
+    ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
@@ -278,43 +301,102 @@ def bad_inputs(tmp: Path) -> list[BadInput]:
     return [
         BadInput("deep-yaml", "a: " + "[" * 50_000 + "]" * 50_000, "nested more than 64 levels deep"),
         BadInput("5000-digit-int", "server:\n  max_connections: " + "9" * 5000, "integer too long"),
-        BadInput("non-utf8", b"logging:\n  level: \"\xff\xfe\"\n", "not UTF-8 text"),
-        BadInput("tilde-nosuchuser", "workload:\n  output_dir: ~nosuchuser/out\n", "no user named 'nosuchuser'",
-                 modes=("run",)),
-        BadInput("alias-bomb", "a: &a [x,x,x,x,x,x,x,x,x,x]\n" + "".join(
-            f"{c}: &{c} [{', '.join([f'*{p}'] * 10)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True)),
-            "aliases are expanded"),
-        BadInput("interval-inf", "sampling:\n  host:\n    interval_seconds: .inf\n",
-                 "sampling.host.interval_seconds: Input should be a finite number", modes=("watch", "run")),
-        BadInput("interval-1e12", "sampling:\n  host:\n    interval_seconds: 1e12\n",
-                 "sampling.host.interval_seconds: Input should be less than or equal to 3600", modes=("watch",)),
-        BadInput("huge-misfire-grace", "sampling:\n  misfire_grace_seconds: 1e12\n",
-                 "sampling.misfire_grace_seconds: Input should be less than or equal to 3600", modes=("watch",)),
-        BadInput("env-conflict", "{}\n", "ZMON_SAMPLING__NVML and ZMON_SAMPLING__NVML__ENABLED conflict",
-                 env={"ZMON_SAMPLING__NVML": "1", "ZMON_SAMPLING__NVML__ENABLED": "true"}, modes=("watch",)),
-        BadInput("env-unknown", "{}\n", "did you mean ZMON_SAMPLING__NVML__INTERVAL_SECONDS?",
-                 env={"ZMON_SAMPLING_NVML_INTERVAL_SECONDS": "2"}, modes=("watch",)),
-        BadInput("env-bad-value", "{}\n", "ZMON_SAMPLING__NVML__INTERVAL_SECONDS: Input should be greater",
-                 env={"ZMON_SAMPLING__NVML__INTERVAL_SECONDS": "-1"}, modes=("watch",)),
-        BadInput("bad-resolution", "workload:\n  resolutions: ['64x']\n", "workload.resolutions[0]: '64x'",
-                 modes=("run",)),
-        BadInput("missing-prompts", f"workload:\n  prompts_file: {tmp / 'absent.txt'}\n",
-                 "workload.prompts_file: cannot read", modes=("run",)),
-        BadInput("unwritable-output-dir", f"workload:\n  output_dir: {ro}\n", "workload.output_dir: cannot write",
-                 modes=("run",)),
-        BadInput("uncreatable-output-dir", f"workload:\n  output_dir: {ro}/zmon/out\n",
-                 "workload.output_dir: /proc/sys/zmon/out does not exist and cannot be created", modes=("run",)),
-        BadInput("jsonl-dir-missing", f"workload:\n  jsonl:\n    path: {tmp / 'nope' / 'g.jsonl'}\n",
-                 "workload.jsonl.path: the directory", modes=("run",)),
-        BadInput("web-config-missing", f"server:\n  web_config_file: {tmp / 'web.yml'}\n",
-                 "server.web_config_file", modes=("watch",)),
+        BadInput("non-utf8", b'logging:\n  level: "\xff\xfe"\n', "not UTF-8 text"),
+        BadInput(
+            "tilde-nosuchuser",
+            "workload:\n  output_dir: ~nosuchuser/out\n",
+            "no user named 'nosuchuser'",
+            modes=("run",),
+        ),
+        BadInput(
+            "alias-bomb",
+            "a: &a [x,x,x,x,x,x,x,x,x,x]\n"
+            + "".join(
+                f"{c}: &{c} [{', '.join([f'*{p}'] * 10)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+            ),
+            "aliases are expanded",
+        ),
+        BadInput(
+            "interval-inf",
+            "sampling:\n  host:\n    interval_seconds: .inf\n",
+            "sampling.host.interval_seconds: Input should be a finite number",
+            modes=("watch", "run"),
+        ),
+        BadInput(
+            "interval-1e12",
+            "sampling:\n  host:\n    interval_seconds: 1e12\n",
+            "sampling.host.interval_seconds: Input should be less than or equal to 3600",
+            modes=("watch",),
+        ),
+        BadInput(
+            "huge-misfire-grace",
+            "sampling:\n  misfire_grace_seconds: 1e12\n",
+            "sampling.misfire_grace_seconds: Input should be less than or equal to 3600",
+            modes=("watch",),
+        ),
+        BadInput(
+            "env-conflict",
+            "{}\n",
+            "ZMON_SAMPLING__NVML and ZMON_SAMPLING__NVML__ENABLED conflict",
+            env={"ZMON_SAMPLING__NVML": "1", "ZMON_SAMPLING__NVML__ENABLED": "true"},
+            modes=("watch",),
+        ),
+        BadInput(
+            "env-unknown",
+            "{}\n",
+            "did you mean ZMON_SAMPLING__NVML__INTERVAL_SECONDS?",
+            env={"ZMON_SAMPLING_NVML_INTERVAL_SECONDS": "2"},
+            modes=("watch",),
+        ),
+        BadInput(
+            "env-bad-value",
+            "{}\n",
+            "ZMON_SAMPLING__NVML__INTERVAL_SECONDS: Input should be greater",
+            env={"ZMON_SAMPLING__NVML__INTERVAL_SECONDS": "-1"},
+            modes=("watch",),
+        ),
+        BadInput(
+            "bad-resolution", "workload:\n  resolutions: ['64x']\n", "workload.resolutions[0]: '64x'", modes=("run",)
+        ),
+        BadInput(
+            "missing-prompts",
+            f"workload:\n  prompts_file: {tmp / 'absent.txt'}\n",
+            "workload.prompts_file: cannot read",
+            modes=("run",),
+        ),
+        BadInput(
+            "unwritable-output-dir",
+            f"workload:\n  output_dir: {ro}\n",
+            "workload.output_dir: cannot write",
+            modes=("run",),
+        ),
+        BadInput(
+            "uncreatable-output-dir",
+            f"workload:\n  output_dir: {ro}/zmon/out\n",
+            "workload.output_dir: /proc/sys/zmon/out does not exist and cannot be created",
+            modes=("run",),
+        ),
+        BadInput(
+            "jsonl-dir-missing",
+            f"workload:\n  jsonl:\n    path: {tmp / 'nope' / 'g.jsonl'}\n",
+            "workload.jsonl.path: the directory",
+            modes=("run",),
+        ),
+        BadInput(
+            "web-config-missing",
+            f"server:\n  web_config_file: {tmp / 'web.yml'}\n",
+            "server.web_config_file",
+            modes=("watch",),
+        ),
     ]
 
 
 @timed
 def config_case(case: BadInput, tmp: Path) -> Result:
-    r = Result(f"config/{case.name}", "exit 2, key named, no traceback" + (f"; {'+'.join(case.modes)} too"
-                                                                          if case.modes else ""))
+    r = Result(
+        f"config/{case.name}",
+        "exit 2, key named, no traceback" + (f"; {'+'.join(case.modes)} too" if case.modes else ""),
+    )
     d = tmp / case.name
     d.mkdir(parents=True, exist_ok=True)
     f = d / "zmon.yaml"
@@ -325,8 +407,11 @@ def config_case(case: BadInput, tmp: Path) -> Result:
     seen = []
     ok = True
     for mode in ("check-config", *case.modes):
-        args = ["check-config", str(f)] if mode == "check-config" else [mode, "--config", str(f), "--listen",
-                                                                          "127.0.0.1:0"]
+        args = (
+            ["check-config", str(f)]
+            if mode == "check-config"
+            else [mode, "--config", str(f), "--listen", "127.0.0.1:0"]
+        )
         rc, out = zmon_cli(args, d, case.env)
         good = rc == 2 and case.fragment in out and "Traceback" not in out
         ok &= good
@@ -406,8 +491,11 @@ def sighup_watch(tmp: Path, storm: int) -> Result:
 
 
 def run_config(tmp: Path, **workload: object) -> dict[str, object]:
-    return {"model": {"cpu_threads": 1}, "workload": {**RUN_WORKLOAD, **workload},
-            "sampling": {"host": {"interval_seconds": 0.5}}}
+    return {
+        "model": {"cpu_threads": 1},
+        "workload": {**RUN_WORKLOAD, **workload},
+        "sampling": {"host": {"interval_seconds": 0.5}},
+    }
 
 
 @timed
@@ -424,25 +512,38 @@ def sighup_run(tmp: Path, env: dict[str, str]) -> Result:
             r.notes.append(d.text()[-1500:])
             return r
         for i in range(10):
-            changed = {**cfg, "sampling": {"host": {"interval_seconds": 0.5 + 0.1 * (i % 3)}},
-                       "model": {"cpu_threads": 1 + i % 2}}
+            changed = {
+                **cfg,
+                "sampling": {"host": {"interval_seconds": 0.5 + 0.1 * (i % 3)}},
+                "model": {"cpu_threads": 1 + i % 2},
+            }
             (tmp / "zmon.yaml").write_text(yaml_text(changed))
             d.signal(signal.SIGHUP)
             time.sleep(0.3)
         wait_until(lambda: d.text().count("configuration reloaded") >= 2, 10)
         text = d.scrape() or ""
         errors = (metric(text, "zmon_generations_total", 'status="error"') or 0) + (
-            metric(text, "zmon_generations_total", 'status="oom"') or 0)
+            metric(text, "zmon_generations_total", 'status="oom"') or 0
+        )
         ok_gens = metric(text, "zmon_generations_total", 'status="ok"') or 0
         success = metric(text, "zmon_config_last_reload_successful")
     code = d.proc.returncode
     lines = [json.loads(ln) for ln in jsonl.read_text().splitlines()] if jsonl.exists() else []
     log = d.text()
-    r.observed = (f"{int(ok_gens)} ok, {int(errors)} errors, {log.count('configuration reloaded')} reloads logged, "
-                  f"success={success}, jsonl {len(lines)} lines, exit {code}")
-    r.passed = code == 0 and errors == 0 and success == 1.0 and ok_gens > 0 \
-        and "needs a restart" in log and "model.cpu_threads" in log and "Traceback" not in log \
+    r.observed = (
+        f"{int(ok_gens)} ok, {int(errors)} errors, {log.count('configuration reloaded')} reloads logged, "
+        f"success={success}, jsonl {len(lines)} lines, exit {code}"
+    )
+    r.passed = (
+        code == 0
+        and errors == 0
+        and success == 1.0
+        and ok_gens > 0
+        and "needs a restart" in log
+        and "model.cpu_threads" in log
+        and "Traceback" not in log
         and all(x["status"] == "ok" for x in lines)
+    )
     if not r.passed:
         r.notes.append(log[-1500:])
     return r
@@ -466,10 +567,20 @@ def sigterm_mid_generation(tmp: Path, env: dict[str, str]) -> Result:
     raw = jsonl.read_bytes() if jsonl.exists() else b""
     lines = [json.loads(ln) for ln in raw.splitlines()]
     finished = int(m.group(1)) if m else -1
-    r.observed = (f"in progress={bool(busy)}, exit {code} after {took:.1f}s, {finished} generation(s) "
-                  f"({int(before)} before the signal), jsonl {len(lines)} lines")
-    r.passed = bool(busy) and code == 0 and m is not None and m.group(4) == "0" and finished == len(lines) \
-        and finished == before + 1 and raw.endswith(b"\n") and "Traceback" not in log
+    r.observed = (
+        f"in progress={bool(busy)}, exit {code} after {took:.1f}s, {finished} generation(s) "
+        f"({int(before)} before the signal), jsonl {len(lines)} lines"
+    )
+    r.passed = (
+        bool(busy)
+        and code == 0
+        and m is not None
+        and m.group(4) == "0"
+        and finished == len(lines)
+        and finished == before + 1
+        and raw.endswith(b"\n")
+        and "Traceback" not in log
+    )
     if not r.passed:
         r.notes.append(log[-1500:])
     return r
@@ -486,8 +597,14 @@ def disk_full(tmp: Path, env: dict[str, str], fs: SmallFs) -> Result:
     out = fs.make("out", "160k")
     cfg = run_config(tmp, jsonl={"path": str(logs / "gen.jsonl")}, output_dir=str(out))
     with daemon("run", tmp, cfg, env=env, wrap=fs.wrap()) as d:
-        full = wait_until(lambda: (d.metric("zmon_jsonl_write_failures_total") or 0) >= 5
-                          and (d.metric("zmon_output_write_failures_total") or 0) >= 5, 180, 0.5)
+        full = wait_until(
+            lambda: (
+                (d.metric("zmon_jsonl_write_failures_total") or 0) >= 5
+                and (d.metric("zmon_output_write_failures_total") or 0) >= 5
+            ),
+            180,
+            0.5,
+        )
         text = d.scrape() or ""
         raw = d.path(logs / "gen.jsonl").read_bytes()
         names = sorted(p.name for p in d.path(out).iterdir())
@@ -501,9 +618,11 @@ def disk_full(tmp: Path, env: dict[str, str], fs: SmallFs) -> Result:
     whole = raw.endswith(b"\n")
     pngs = len([n for n in names if n.endswith(".png")])
     temps = len([n for n in names if not n.endswith(".png")])
-    r.observed = (f"{int(ok_gens)} generations ok, {int(errors)} errors; jsonl {parsed}/{len(lines)} lines parse, "
-                  f"ends in a newline={whole}, {int(jsonl_fail)} failures counted; {pngs} PNGs all whole={pngs_ok}, "
-                  f"{int(out_fail)} failures counted, other files left={temps}")
+    r.observed = (
+        f"{int(ok_gens)} generations ok, {int(errors)} errors; jsonl {parsed}/{len(lines)} lines parse, "
+        f"ends in a newline={whole}, {int(jsonl_fail)} failures counted; {pngs} PNGs all whole={pngs_ok}, "
+        f"{int(out_fail)} failures counted, other files left={temps}"
+    )
     r.passed = bool(full) and errors == 0 and parsed == len(lines) > 0 and whole and pngs_ok and temps == 0
     if fs.userns:
         r.notes.append("tmpfs in a user namespace (not root)")
@@ -547,8 +666,13 @@ def read_only_output(tmp: Path, env: dict[str, str], fs: SmallFs) -> Result:
         cfg.write_text(yaml_text(run_config(tmp, output_dir=str(target))))
         for args in (["check-config", str(cfg)], ["run", "--config", str(cfg), "--listen", "127.0.0.1:0"]):
             rc, out = zmon_cli(args, tmp, env, wrap=fs.wrap())
-            good = rc == 2 and "workload.output_dir: " in out and str(target) in out and fragment in out \
+            good = (
+                rc == 2
+                and "workload.output_dir: " in out
+                and str(target) in out
+                and fragment in out
                 and "Traceback" not in out
+            )
             seen.append(f"{args[0]} {target.name}: {rc}")
             ok &= good
             if not good:
@@ -594,8 +718,13 @@ def kill9_torn_tail(tmp: Path, env: dict[str, str], rounds: int) -> Result:
 CASES = ("config", "sighup", "sigterm", "disk")
 
 
-def run_cases(*, heavy: bool, only: list[str] | None = None, cache_dir: str | None = None,
-              progress: Callable[[Result], None] | None = None) -> list[Result]:
+def run_cases(
+    *,
+    heavy: bool,
+    only: list[str] | None = None,
+    cache_dir: str | None = None,
+    progress: Callable[[Result], None] | None = None,
+) -> list[Result]:
     env = {"ZMON_MODEL__CACHE_DIR": cache_dir} if cache_dir else {}
     results: list[Result] = []
 
@@ -650,9 +779,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-dir", help="model.cache_dir holding the embedded model (default: zmon's)")
     ap.add_argument("--json", type=Path, help="also write the results here as JSON")
     args = ap.parse_args(argv)
-    results = run_cases(heavy=args.heavy, only=args.only, cache_dir=args.cache_dir,
-                        progress=lambda r: print(f"{r.case}: {'pass' if r.passed else 'FAIL'} ({r.seconds:.1f}s)",
-                                                 file=sys.stderr, flush=True))
+    results = run_cases(
+        heavy=args.heavy,
+        only=args.only,
+        cache_dir=args.cache_dir,
+        progress=lambda r: print(
+            f"{r.case}: {'pass' if r.passed else 'FAIL'} ({r.seconds:.1f}s)", file=sys.stderr, flush=True
+        ),
+    )
     print(table(results))
     if args.json:
         args.json.write_text(json.dumps([r.__dict__ for r in results], indent=1))

@@ -70,8 +70,12 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def daemon(
-    zmon_root: Path = ROOT, config_text: str | None = None, extra_args: tuple[str, ...] = (),
-    env: dict[str, str] | None = None, workdir: Path | None = None, soft_nofile: int | None = None,
+    zmon_root: Path = ROOT,
+    config_text: str | None = None,
+    extra_args: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+    workdir: Path | None = None,
+    soft_nofile: int | None = None,
 ) -> Iterator[Daemon]:
     """`python -m zmon watch --listen 127.0.0.1:<free>` from `zmon_root`; yields once /readyz answers 200.
 
@@ -96,7 +100,11 @@ def daemon(
                 resource.setrlimit(resource.RLIMIT_NOFILE, (soft_nofile, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 
         proc = subprocess.Popen(
-            args, cwd=workdir or zmon_root, stdout=log, stderr=subprocess.STDOUT, preexec_fn=limit,
+            args,
+            cwd=workdir or zmon_root,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=limit,
             env={**os.environ, "PYTHONPATH": str(zmon_root), **(env or {})},
         )
         d = Daemon(f"http://127.0.0.1:{port}", "127.0.0.1", port, proc)
@@ -268,8 +276,9 @@ def _finish(r: Result, d: Daemon, w: RssWatch) -> Result:
     return r
 
 
-def concurrent_scrapes(d: Daemon, n: int, *, timeout: float = 60.0, p99_limit: float = 1.0,
-                       rss_limit: int = 100 << 20, gzip: bool = False) -> Result:
+def concurrent_scrapes(
+    d: Daemon, n: int, *, timeout: float = 60.0, p99_limit: float = 1.0, rss_limit: int = 100 << 20, gzip: bool = False
+) -> Result:
     """n GETs of /metrics at once, each on its own connection: every answer 200 or 503, p99 of the 200s bounded."""
     r = Result(f"{n} concurrent scrapes" + (" (gzip)" if gzip else ""), sent=n)
     raw = get_raw("/metrics", {"Accept-Encoding": "gzip"} if gzip else None)
@@ -285,8 +294,9 @@ def concurrent_scrapes(d: Daemon, n: int, *, timeout: float = 60.0, p99_limit: f
     r.errors = sum(1 for s, _, _ in results if s is None)
     r.other = n - r.ok - r.s503 - r.errors
     r.p50, r.p99 = _pct(lat, 0.5), _pct(lat, 0.99)
-    r.passed = (r.errors == 0 and r.other == 0 and r.ok > 0 and (r.p99 or 0) <= p99_limit
-                and w.peak - w.before <= rss_limit)
+    r.passed = (
+        r.errors == 0 and r.other == 0 and r.ok > 0 and (r.p99 or 0) <= p99_limit and w.peak - w.before <= rss_limit
+    )
     return _finish(r, d, w)
 
 
@@ -377,23 +387,40 @@ def slowloris(d: Daemon, n: int, *, read_timeout: float, fresh: int = 3) -> Resu
 
 
 BAD_INPUTS: list[tuple[str, bytes, Callable[[int | None], bool]]] = [
-    ("Content-Length: -1", b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
-     lambda s: s == 400),
-    ("Content-Length: abc", b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
-     lambda s: s == 400),
-    ("Content-Length: 10**12", b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000000\r\n\r\n",
-     lambda s: s == 413),
-    ("body shorter than Content-Length", b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{",
-     lambda s: s is not None and 400 <= s < 500),
-    ("bad chunked body", b"POST /healthz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
-     lambda s: s == 400),
-    ("deep JSON", b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 60000\r\n"
-     b"\r\n" + b"[" * 30000 + b"]" * 30000, lambda s: s is not None and 400 <= s < 500),
+    ("Content-Length: -1", b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n", lambda s: s == 400),
+    ("Content-Length: abc", b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", lambda s: s == 400),
+    (
+        "Content-Length: 10**12",
+        b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000000\r\n\r\n",
+        lambda s: s == 413,
+    ),
+    (
+        "body shorter than Content-Length",
+        b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{",
+        lambda s: s is not None and 400 <= s < 500,
+    ),
+    (
+        "bad chunked body",
+        b"POST /healthz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        lambda s: s == 400,
+    ),
+    (
+        "deep JSON",
+        b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 60000\r\n"
+        b"\r\n" + b"[" * 30000 + b"]" * 30000,
+        lambda s: s is not None and 400 <= s < 500,
+    ),
     ("request line 20 KiB", b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", lambda s: s == 414),
-    ("headers 40 KiB", b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + b"X-A: " + b"b" * 40000 + b"\r\n\r\n",
-     lambda s: s == 431),
-    ("200 headers", b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(200))
-     + b"\r\n", lambda s: s == 431),
+    (
+        "headers 40 KiB",
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + b"X-A: " + b"b" * 40000 + b"\r\n\r\n",
+        lambda s: s == 431,
+    ),
+    (
+        "200 headers",
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(200)) + b"\r\n",
+        lambda s: s == 431,
+    ),
     ("unknown method", b"BREW /metrics HTTP/1.1\r\nHost: x\r\n\r\n", lambda s: s in (405, 501)),
     ("non-UTF-8 path", b"GET /metr\xffics HTTP/1.1\r\nHost: x\r\n\r\n", lambda s: s == 400),
     ("garbage", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(256)), lambda s: s == 400),
@@ -407,7 +434,8 @@ def bad_input(d: Daemon, *, read_timeout: float) -> Result:
 
     async def run() -> list[tuple[int | None, bytes, float]]:
         return await asyncio.gather(
-            *(request(d.host, d.port, raw, timeout=read_timeout + 5) for _, raw, _ in BAD_INPUTS))
+            *(request(d.host, d.port, raw, timeout=read_timeout + 5) for _, raw, _ in BAD_INPUTS)
+        )
 
     with RssWatch(d) as w:
         results = asyncio.run(run())
@@ -431,13 +459,40 @@ def table(results: list[Result]) -> str:
     def ms(x: float | None) -> str:
         return "-" if x is None else f"{x * 1000:.0f} ms" if x < 10 else f"{x:.1f} s"
 
-    head = ("case", "sent", "200", "503", "other", "err/timeout", "p50", "p99", "RSS before→peak", "threads", "fds",
-            "samplers", "result")
+    head = (
+        "case",
+        "sent",
+        "200",
+        "503",
+        "other",
+        "err/timeout",
+        "p50",
+        "p99",
+        "RSS before→peak",
+        "threads",
+        "fds",
+        "samplers",
+        "result",
+    )
     rows = [head]
     for r in results:
-        rows.append((r.case, str(r.sent), str(r.ok), str(r.s503), str(r.other), str(r.errors), ms(r.p50), ms(r.p99),
-                     f"{r.rss_before >> 20}→{r.rss_peak >> 20} MiB", str(r.threads), str(r.fds),
-                     "ok" if r.samplers else "FAILED", "pass" if r.passed else "FAIL"))
+        rows.append(
+            (
+                r.case,
+                str(r.sent),
+                str(r.ok),
+                str(r.s503),
+                str(r.other),
+                str(r.errors),
+                ms(r.p50),
+                ms(r.p99),
+                f"{r.rss_before >> 20}→{r.rss_peak >> 20} MiB",
+                str(r.threads),
+                str(r.fds),
+                "ok" if r.samplers else "FAILED",
+                "pass" if r.passed else "FAIL",
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
@@ -450,9 +505,11 @@ FAST_CONFIG = f"server:\n  read_timeout_seconds: {FAST_READ_TIMEOUT}\n"
 
 
 def run_cases(d: Daemon, *, heavy: bool, read_timeout: float) -> list[Result]:
-    out = [bad_input(d, read_timeout=read_timeout),
-           concurrent_scrapes(d, 1000 if heavy else 200),
-           idle_connections(d, 2000 if heavy else 600)]
+    out = [
+        bad_input(d, read_timeout=read_timeout),
+        concurrent_scrapes(d, 1000 if heavy else 200),
+        idle_connections(d, 2000 if heavy else 600),
+    ]
     if heavy:
         out.append(concurrent_scrapes(d, 1000, gzip=True))
     out.append(slowloris(d, 200 if heavy else 30, read_timeout=read_timeout))
@@ -463,10 +520,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--heavy", action="store_true", help="1,000 concurrent scrapes and 2,000 idle connections")
     ap.add_argument("--zmon-root", type=Path, default=ROOT, help="checkout whose zmon is started (default: this one)")
-    ap.add_argument("--no-config", action="store_true",
-                    help="start with no config file (for checkouts that lack server.read_timeout_seconds)")
-    ap.add_argument("--soft-nofile", type=int, default=1024,
-                    help="the daemon's soft RLIMIT_NOFILE at start (default 1024, systemd's; 0 = inherit)")
+    ap.add_argument(
+        "--no-config",
+        action="store_true",
+        help="start with no config file (for checkouts that lack server.read_timeout_seconds)",
+    )
+    ap.add_argument(
+        "--soft-nofile",
+        type=int,
+        default=1024,
+        help="the daemon's soft RLIMIT_NOFILE at start (default 1024, systemd's; 0 = inherit)",
+    )
     ap.add_argument("--only", nargs="*", help="case name prefixes to run (bad, concurrent, idle, slowloris)")
     args = ap.parse_args(argv)
     cfg = None if args.no_config else FAST_CONFIG

@@ -21,24 +21,41 @@ ALERT = "ZmonTestAlways"
 
 def _am_config() -> str:
     shipped = yaml.safe_load((ROOT / "deploy" / "docker" / "alertmanager.yml").read_text())
-    return yaml.safe_dump({
-        "route": {"receiver": "null", "group_wait": "0s", "group_interval": "1s", "repeat_interval": "1h"},
-        "receivers": [{"name": "null"}],
-        "inhibit_rules": shipped["inhibit_rules"],
-    })
+    return yaml.safe_dump(
+        {
+            "route": {"receiver": "null", "group_wait": "0s", "group_interval": "1s", "repeat_interval": "1h"},
+            "receivers": [{"name": "null"}],
+            "inhibit_rules": shipped["inhibit_rules"],
+        }
+    )
 
 
 def _zmon_config(tmp_path: Path, am: str) -> Path:
     p = tmp_path / "zmon.yaml"
-    p.write_text(yaml.safe_dump({
-        "model": {"cpu_threads": 1, "cache_dir": str(Path.home() / ".cache" / "zmon")},
-        "workload": {"steps": 2, "resolutions": ["64x64"], "rate_per_second": 2},
-        "sampling": {"host": {"interval_seconds": 0.5}},
-        "policy": {"rules": {"test_always": {
-            "metric": "host_memory_available_ratio", "op": ">=", "threshold": 0.0, "for_samples": 1,
-            "actions": ["alert"], "alertname": ALERT, "severity": "info", "summary": "always (a test)"}}},
-        "alerting": {"alertmanager_urls": [am], "resend_seconds": 2},
-    }))
+    p.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"cpu_threads": 1, "cache_dir": str(Path.home() / ".cache" / "zmon")},
+                "workload": {"steps": 2, "resolutions": ["64x64"], "rate_per_second": 2},
+                "sampling": {"host": {"interval_seconds": 0.5}},
+                "policy": {
+                    "rules": {
+                        "test_always": {
+                            "metric": "host_memory_available_ratio",
+                            "op": ">=",
+                            "threshold": 0.0,
+                            "for_samples": 1,
+                            "actions": ["alert"],
+                            "alertname": ALERT,
+                            "severity": "info",
+                            "summary": "always (a test)",
+                        }
+                    }
+                },
+                "alerting": {"alertmanager_urls": [am], "resend_seconds": 2},
+            }
+        )
+    )
     return p
 
 
@@ -61,10 +78,19 @@ def test_instance_matches_prometheus_and_alerts_resolve_on_shutdown(tmp_path: Pa
     with contextlib.ExitStack() as stack:
         am = stack.enter_context(alertmanager(tmp_path, _am_config()))
         url, proc = stack.enter_context(
-            zmon_process(["run", "--config", str(_zmon_config(tmp_path, am))], ready_timeout=120))
+            zmon_process(["run", "--config", str(_zmon_config(tmp_path, am))], ready_timeout=120)
+        )
         target = url.removeprefix("http://")
-        rules = {"groups": [{"name": "t", "rules": [
-            {"alert": ALERT, "expr": 'zmon_build_info{job="zmon"} == 1', "labels": {"severity": "info"}}]}]}
+        rules = {
+            "groups": [
+                {
+                    "name": "t",
+                    "rules": [
+                        {"alert": ALERT, "expr": 'zmon_build_info{job="zmon"} == 1', "labels": {"severity": "info"}}
+                    ],
+                }
+            ]
+        }
         prom_cfg = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": ["rules.yml"],
@@ -95,6 +121,7 @@ def test_instance_matches_prometheus_and_alerts_resolve_on_shutdown(tmp_path: Pa
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(60) == 0
             t_stop = time.monotonic()
-            _wait("zmon's alert to be resolved", lambda: not [a for a in _alerts(am) if "rule" in a["labels"]],
-                  timeout=10)
+            _wait(
+                "zmon's alert to be resolved", lambda: not [a for a in _alerts(am) if "rule" in a["labels"]], timeout=10
+            )
             assert time.monotonic() - t_stop < 10  # not Alertmanager's resolve_timeout (5 min)

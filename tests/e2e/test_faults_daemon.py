@@ -19,8 +19,14 @@ from benchmarks.faults import daemon_faults as faults
 
 HEAVY = os.environ.get("ZMON_FAULTS_HEAVY") == "1"
 CONFIG_CASES = ["config/example"] + [f"config/{c.name}" for c in faults.bad_inputs(Path("/nonexistent"))]
-DAEMON_CASES = ["sighup/watch", "sighup/run", "sigterm/mid-generation", "disk/full", "disk/read-only-output-dir",
-                "disk/kill-9"]
+DAEMON_CASES = [
+    "sighup/watch",
+    "sighup/run",
+    "sigterm/mid-generation",
+    "disk/full",
+    "disk/read-only-output-dir",
+    "disk/kill-9",
+]
 
 
 def _run(case: str, cache_dir: Path | None = None) -> None:

@@ -67,21 +67,30 @@ def test_healthy_run_and_attach_are_quiet_and_show_progress(tmp_path: Path, tiny
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("ZMON_SERVER__LISTEN", None)
     cfg = tmp_path / "zmon.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "model": {"cache_dir": str(tmp_path / "fresh-cache")},  # the embedded model is built in this run
-        "workload": {"rate_per_second": 4},
-        "logging": {"status_interval_seconds": 8},
-    }))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"cache_dir": str(tmp_path / "fresh-cache")},  # the embedded model is built in this run
+                "workload": {"rate_per_second": 4},
+                "logging": {"status_interval_seconds": 8},
+            }
+        )
+    )
     run_port, attach_port = free_port(), free_port()
     run = subprocess.Popen(
         [sys.executable, "-m", "zmon", "run", "--config", str(cfg), "--listen", f"127.0.0.1:{run_port}"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        text=True,
     )
     script = tmp_path / "host.py"
     script.write_text(HOST)
     host = subprocess.Popen(
         [sys.executable, str(script), str(tiny_model_dir), str(RUN_SECONDS)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         env={**env, "ZMON_SERVER__LISTEN": f"127.0.0.1:{attach_port}"},
     )
     try:
@@ -116,7 +125,7 @@ def test_healthy_run_and_attach_are_quiet_and_show_progress(tmp_path: Path, tiny
     host_lines = host_out.splitlines()
     assert host.returncode == 0, host_out[-3000:]
     marker = next(i for i, line in enumerate(host_lines) if line.endswith("host: ATTACH"))
-    after = host_lines[marker + 1:]
+    after = host_lines[marker + 1 :]
     problems = _problems(after, ("zmon", "host"))
     assert not problems, "\n".join(problems)
     assert any("zmon attached to" in line for line in after)

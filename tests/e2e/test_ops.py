@@ -40,8 +40,12 @@ POLICY_ALERT = "ZmonE2EPolicyAlert"
 
 def forced_rules() -> str:
     """ZmonSamplesStale from the shipped file with its threshold lowered to fire on any sample age."""
-    (rule,) = [r for g in yaml.safe_load((PROM / "zmon.rules.yml").read_text())["groups"]
-               for r in g["rules"] if r.get("alert") == "ZmonSamplesStale"]
+    (rule,) = [
+        r
+        for g in yaml.safe_load((PROM / "zmon.rules.yml").read_text())["groups"]
+        for r in g["rules"]
+        if r.get("alert") == "ZmonSamplesStale"
+    ]
     assert rule["expr"] == "zmon_sample_age_seconds > 30"
     forced = {**rule, "alert": FORCED_ALERT, "expr": "zmon_sample_age_seconds >= 0"}
     forced.pop("for", None)
@@ -62,11 +66,22 @@ def zmon_config(path: Path, cache_dir: Path, am_url: str) -> Path:
         # source is on).
         "sampling": {"allocator": {"enabled": cuda_available()}},
         "workload": {"prompt_cache": {"enabled": True}},
-        "policy": {"rules": [{
-            "name": "e2e_policy_alert", "alertname": POLICY_ALERT, "metric": "host_cpu_utilization_ratio",
-            "op": ">=", "threshold": 0, "for_samples": 1, "actions": ["alert"], "severity": "info",
-            "summary": "e2e: zmon policy alert", "description": "Fires on any CPU reading (test only).",
-        }]},
+        "policy": {
+            "rules": [
+                {
+                    "name": "e2e_policy_alert",
+                    "alertname": POLICY_ALERT,
+                    "metric": "host_cpu_utilization_ratio",
+                    "op": ">=",
+                    "threshold": 0,
+                    "for_samples": 1,
+                    "actions": ["alert"],
+                    "severity": "info",
+                    "summary": "e2e: zmon policy alert",
+                    "description": "Fires on any CPU reading (test only).",
+                }
+            ]
+        },
         "alerting": {"alertmanager_urls": [am_url], "resend_seconds": 5},
     }
     path.write_text(yaml.safe_dump(cfg))
@@ -94,8 +109,10 @@ def test_prometheus_alertmanager_and_dashboard_against_zmon_run(tmp_path: Path, 
     with alertmanager(tmp_path) as am:
         cfg = zmon_config(tmp_path / "zmon.yaml", tiny_cache_dir, am)
         env = {"OMP_NUM_THREADS": "1"}  # the tiny model gains nothing from threads on a shared 2-core box
-        with zmon_process(["run", "--config", str(cfg), "--max-generations", "1000000"], env=env,
-                          ready_timeout=90) as (zmon_url, _proc):
+        with zmon_process(["run", "--config", str(cfg), "--max-generations", "1000000"], env=env, ready_timeout=90) as (
+            zmon_url,
+            _proc,
+        ):
             target = zmon_url.removeprefix("http://")
             am_target = am.removeprefix("http://")
             prom_cfg = f"""
@@ -119,8 +136,11 @@ scrape_configs:
             }
             with prometheus(tmp_path, prom_cfg, rule_files=rules) as prom:
                 # Rates need two scrapes of generations in their window.
-                wait_for("generations in Prometheus", lambda: query(
-                    prom, 'sum(increase(zmon_images_total{job="zmon"}[1m])) > 0')["data"]["result"], 40)
+                wait_for(
+                    "generations in Prometheus",
+                    lambda: query(prom, 'sum(increase(zmon_images_total{job="zmon"}[1m])) > 0')["data"]["result"],
+                    40,
+                )
                 time.sleep(3)
                 _check_dashboard_queries(prom)
                 _check_rules_healthy(prom)
@@ -150,24 +170,34 @@ def _check_dashboard_queries(prom: str) -> None:
     assert ran >= 30, (ran, skipped)
     # What this host cannot show, the panel says instead of drawing an empty graph.
     by_title = {p["title"]: p for p in panels(d)}
-    silent = [w for w in skipped if not by_title[w.removeprefix("panel ").strip("'")]["fieldConfig"]["defaults"]
-              .get("noValue", "").startswith("No data: needs ")]
+    silent = [
+        w
+        for w in skipped
+        if not by_title[w.removeprefix("panel ").strip("'")]["fieldConfig"]["defaults"]
+        .get("noValue", "")
+        .startswith("No data: needs ")
+    ]
     assert not silent, f"panels without data here and no noValue: {silent}"
     # Annotation queries return data only when remedial actions ran: they must at least evaluate.
     for where, expr in all_queries(d):
         if where.startswith("annotation"):
             assert query(prom, grafana_to_promql(expr))["status"] == "success", where
     # The instance variable lists zmon's instance.
-    values = get_json(f"{prom}/api/v1/label/instance/values?"
-                      + urllib.parse.urlencode({"match[]": "zmon_build_info"}))["data"]
+    values = get_json(f"{prom}/api/v1/label/instance/values?" + urllib.parse.urlencode({"match[]": "zmon_build_info"}))[
+        "data"
+    ]
     assert values
 
 
 def _check_rules_healthy(prom: str) -> None:
     groups = get_json(f"{prom}/api/v1/rules")["data"]["groups"]
     names = {r["name"] for g in groups for r in g["rules"]}
-    shipped = {r.get("alert") or r.get("record") for f in ("zmon.recording.yml", "zmon.rules.yml")
-               for g in yaml.safe_load((PROM / f).read_text())["groups"] for r in g["rules"]}
+    shipped = {
+        r.get("alert") or r.get("record")
+        for f in ("zmon.recording.yml", "zmon.rules.yml")
+        for g in yaml.safe_load((PROM / f).read_text())["groups"]
+        for r in g["rules"]
+    }
     assert shipped <= names
     bad = [(r["name"], r.get("lastError")) for g in groups for r in g["rules"] if r.get("health") == "err"]
     assert not bad, bad

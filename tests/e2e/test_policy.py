@@ -58,12 +58,14 @@ class RecordingCuda(FakeTorchCuda):
 def test_crossing_mid_generation_runs_empty_cache_only_after_it(
     tiny_cache_dir: Path, torch_single_thread: None
 ) -> None:
-    cfg = Config.model_validate({
-        "model": {"cache_dir": str(tiny_cache_dir)},
-        "workload": {"steps": 4},
-        # the real allocator source is replaced by one over a scripted fake torch.cuda (below)
-        "sampling": {"allocator": {"enabled": False}},
-    })  # default policy rules: reserved_unallocated_high fires after 3 samples above 0.30
+    cfg = Config.model_validate(
+        {
+            "model": {"cache_dir": str(tiny_cache_dir)},
+            "workload": {"steps": 4},
+            # the real allocator source is replaced by one over a scripted fake torch.cuda (below)
+            "sampling": {"allocator": {"enabled": False}},
+        }
+    )  # default policy rules: reserved_unallocated_high fires after 3 samples above 0.30
     reg = CollectorRegistry()
     session = build_run(cfg, registry=reg, serve_http=False, start=False)  # no scheduler: samples run below
     policy = session.policy.runner if session.policy else None
@@ -117,7 +119,7 @@ def test_crossing_mid_generation_runs_empty_cache_only_after_it(
     assert [s["pending"] for s in samples[:steps]] == [(), (), *[("empty_cache",)] * (steps - 2)]
     assert all(s["empty_cache_calls"] == 0 for s in samples[:steps])
     # run after generation 0's record and boundary, before generation 1 started, never mid-generation
-    (_, t_action, info), = [e for e in events.items if e[0] == "empty_cache"]
+    ((_, t_action, info),) = [e for e in events.items if e[0] == "empty_cache"]
     assert info == {"in_generation": False}
     assert events.at("record") < events.at("generation_finished") < t_action < events.at("generation_started", 1)
     # generation 1 sees the freed cache: the rule resolved, nothing pending
@@ -145,15 +147,20 @@ AM_CONFIG = (
 def am_alerts(am: str, **params: str) -> dict[str, dict[str, Any]]:
     """zmon's alerts in Alertmanager, by alertname."""
     query = "?" + urllib.parse.urlencode(params) if params else ""
-    return {a["labels"]["alertname"]: a for a in get_json(am + "/api/v2/alerts" + query)
-            if a["labels"].get("job") == "zmon"}
+    return {
+        a["labels"]["alertname"]: a for a in get_json(am + "/api/v2/alerts" + query) if a["labels"].get("job") == "zmon"
+    }
 
 
 def scrape(url: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
     with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
         text = r.read().decode()
-    return {tuple(sorted(s.labels.items())): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name}
+    return {
+        tuple(sorted(s.labels.items())): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name == name
+    }
 
 
 def wait_until(what: str, check: Callable[[], bool], timeout: float, alive: Callable[[], bool]) -> None:
@@ -211,8 +218,11 @@ policy:
             wait_until("both alerts active in Alertmanager", both_seen, 40, alive)
             forced = seen["ZmonTestForced"]
             assert forced["labels"] == {
-                "alertname": "ZmonTestForced", "severity": "info", "rule": "forced",
-                "job": "zmon", "instance": "zmon-e2e",
+                "alertname": "ZmonTestForced",
+                "severity": "info",
+                "rule": "forced",
+                "job": "zmon",
+                "instance": "zmon-e2e",
             }
             assert forced["annotations"]["summary"] == "forced by the e2e test"
             assert forced["annotations"]["runbook_url"].endswith("#runbook-zmontestforced")
@@ -228,8 +238,12 @@ policy:
 
             wait_until("all generations done", run_over, 30, alive)
             # lingering: no generation finishes, the rule clears, zmon sends endsAt and Alertmanager drops it
-            wait_until("ZmonTestGenerating resolved",
-                       lambda: "ZmonTestGenerating" not in am_alerts(am, active="true"), 15, alive)
+            wait_until(
+                "ZmonTestGenerating resolved",
+                lambda: "ZmonTestGenerating" not in am_alerts(am, active="true"),
+                15,
+                alive,
+            )
             assert "ZmonTestGenerating" not in am_alerts(am)  # resolved, not merely silenced or inhibited
             assert "ZmonTestForced" in am_alerts(am, active="true")  # still firing
             state = scrape(url, "zmon_policy_rule_state")

@@ -47,8 +47,13 @@ def test_watch_metrics_promtool_clean_and_scraped_by_prometheus(tmp_path: Path) 
             lint.stdout.decode() + lint.stderr.decode()
         )
         text = body.decode()
-        for family in ("zmon_build_info", "zmon_collector_success", "zmon_sample_age_seconds",
-                       "zmon_host_cpu_seconds_total", "zmon_process_resident_memory_bytes"):
+        for family in (
+            "zmon_build_info",
+            "zmon_collector_success",
+            "zmon_sample_age_seconds",
+            "zmon_host_cpu_seconds_total",
+            "zmon_process_resident_memory_bytes",
+        ):
             assert family in text, family
         # no GPU here: NVML is reported unavailable, never fatal
         assert 'zmon_collector_available{collector="nvml"} 0.0' in text
@@ -73,8 +78,9 @@ def test_watch_metrics_promtool_clean_and_scraped_by_prometheus(tmp_path: Path) 
 
 
 def test_watch_bad_listen_address_fails_cleanly() -> None:
-    r = subprocess.run([sys.executable, "-m", "zmon", "watch", "--listen", "nonsense"],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "zmon", "watch", "--listen", "nonsense"], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 2 and "server.listen" in r.stderr
 
 

@@ -72,12 +72,20 @@ def test_prometheus_scrapes_zmon_and_node_exporter_over_tls_with_basic_auth(tmp_
     zport, nport = free_port(), free_port()
     zmon = subprocess.Popen(
         [sys.executable, "-m", "zmon", "watch", "--listen", f"127.0.0.1:{zport}", "--web.config.file", str(cfg)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "ZMON_AUTH_TOKEN": ""},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "ZMON_AUTH_TOKEN": ""},
     )
     node = subprocess.Popen(
-        [node_exporter, f"--web.listen-address=127.0.0.1:{nport}", f"--web.config.file={cfg}",
-         "--collector.disable-defaults", "--collector.loadavg"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        [
+            node_exporter,
+            f"--web.listen-address=127.0.0.1:{nport}",
+            f"--web.config.file={cfg}",
+            "--collector.disable-defaults",
+            "--collector.loadavg",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     try:
         wait_https(f"https://127.0.0.1:{zport}/readyz", ctx, auth, zmon)
@@ -92,18 +100,26 @@ def test_prometheus_scrapes_zmon_and_node_exporter_over_tls_with_basic_auth(tmp_
 
         def job(name: str, port: int, with_auth: bool = True) -> str:
             creds = f"    basic_auth:\n      username: prometheus\n      password: {PASSWORD}\n" if with_auth else ""
-            return (f"  - job_name: {name}\n    scheme: https\n    tls_config:\n      ca_file: {pki.ca}\n"
-                    f"{creds}    static_configs:\n      - targets: ['127.0.0.1:{port}']\n")
+            return (
+                f"  - job_name: {name}\n    scheme: https\n    tls_config:\n      ca_file: {pki.ca}\n"
+                f"{creds}    static_configs:\n      - targets: ['127.0.0.1:{port}']\n"
+            )
 
-        prom_cfg = ("global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n"
-                    + job("zmon", zport) + job("node", nport) + job("zmon_noauth", zport, with_auth=False))
+        prom_cfg = (
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n"
+            + job("zmon", zport)
+            + job("node", nport)
+            + job("zmon_noauth", zport, with_auth=False)
+        )
         with prometheus(tmp_path, prom_cfg) as prom:
             deadline = time.monotonic() + 40
             up: dict[str, str] = {}
             series: list[object] = []
             while time.monotonic() < deadline:
-                up = {r["metric"]["job"]: r["value"][1]
-                      for r in get_json(f"{prom}/api/v1/query?query=up")["data"]["result"]}
+                up = {
+                    r["metric"]["job"]: r["value"][1]
+                    for r in get_json(f"{prom}/api/v1/query?query=up")["data"]["result"]
+                }
                 q = urllib.parse.urlencode({"query": 'zmon_host_memory_total_bytes{job="zmon"}'})
                 series = get_json(f"{prom}/api/v1/query?{q}")["data"]["result"]
                 if up.get("zmon") == "1" and up.get("node") == "1" and "zmon_noauth" in up and series:

@@ -58,9 +58,7 @@ class FakeGpu:
     graphics_processes: list[tuple[int, int | None]] = field(default_factory=list)
     pcie_tx_kbs: int = 0
     pcie_rx_kbs: int = 0
-    supported_events: int = (
-        XID | pynvml.nvmlEventTypeSingleBitEccError | pynvml.nvmlEventTypeDoubleBitEccError
-    )
+    supported_events: int = XID | pynvml.nvmlEventTypeSingleBitEccError | pynvml.nvmlEventTypeDoubleBitEccError
     unsupported: set[str] = field(default_factory=set)  # NVML functions that raise NotSupported here
     errors: dict[str, int] = field(default_factory=dict)  # function ("*" = any) -> NVML error code it raises
     lost: bool = False  # the switch: every call on this GPU raises GpuIsLost
@@ -374,9 +372,7 @@ class FakeNvml:
         gpu = self._gpu(handle, function)
         return [
             # Real pynvml maps NVML_VALUE_NOT_AVAILABLE to None.
-            SimpleNamespace(
-                pid=pid, usedGpuMemory=used, gpuInstanceId=0xFFFFFFFF, computeInstanceId=0xFFFFFFFF
-            )
+            SimpleNamespace(pid=pid, usedGpuMemory=used, gpuInstanceId=0xFFFFFFFF, computeInstanceId=0xFFFFFFFF)
             for pid, used in getattr(gpu, rows)
         ]
 

@@ -33,8 +33,7 @@ svmem = namedtuple("svmem", "total available percent used free")
 sswap = namedtuple("sswap", "total used free percent sin sout")
 sdiskio = namedtuple(
     "sdiskio",
-    "read_count write_count read_bytes write_bytes read_time write_time read_merged_count "
-    "write_merged_count busy_time",
+    "read_count write_count read_bytes write_bytes read_time write_time read_merged_count write_merged_count busy_time",
 )
 sdiskio_bsd = namedtuple("sdiskio_bsd", "read_count write_count read_bytes write_bytes read_time write_time")
 sdiskusage = namedtuple("sdiskusage", "total used free percent")
@@ -123,9 +122,7 @@ class FakePsutil:
     def vanish(self, pid: int = WATCHED_PID) -> None:
         del self.procs[pid]
 
-    def spawn(
-        self, pid: int = WATCHED_PID, name: str = "python3", create_time: float = 1_767_229_200.0
-    ) -> None:
+    def spawn(self, pid: int = WATCHED_PID, name: str = "python3", create_time: float = 1_767_229_200.0) -> None:
         self.procs[pid] = FakeProc(name, create_time=create_time, user=0.5, system=0.25)
 
     # ---- CPU and memory
@@ -133,9 +130,7 @@ class FakePsutil:
     def cpu_times(self, percpu: bool = False) -> Any:
         t = self.ticks
         cores = [
-            scputimes(
-                user=100.0 + 0.5 * t, system=20.0 + 0.25 * t, idle=880.0 + 0.25 * t, guest=4.0 + 0.25 * t
-            ),
+            scputimes(user=100.0 + 0.5 * t, system=20.0 + 0.25 * t, idle=880.0 + 0.25 * t, guest=4.0 + 0.25 * t),
             scputimes(user=50.0 + 0.25 * t, idle=940.0 + 0.5 * t, iowait=10.0 + 0.25 * t, irq=0.5),
         ]
         if percpu:

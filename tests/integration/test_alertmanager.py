@@ -134,9 +134,7 @@ class Capture:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                cap.requests.append(
-                    {"path": self.path, "headers": dict(self.headers), "body": json.loads(body)}
-                )
+                cap.requests.append({"path": self.path, "headers": dict(self.headers), "body": json.loads(body)})
                 if cap.delay:
                     cap.release.wait(cap.delay)
                 status = cap.statuses.pop(0) if cap.statuses else 200

@@ -23,16 +23,21 @@ MODEL = "builtin:tiny-z-image"
 LABELS = {"model": MODEL, "resolution": "64x64", "device": "cpu"}
 OK_LINE = f'zmon_generations_total{{device="cpu",model="{MODEL}",resolution="64x64",status="ok"}} 1.0'
 DENOISE_LINE = (
-    f'zmon_stage_duration_seconds_count{{device="cpu",model="{MODEL}",resolution="64x64",'
-    'stage="denoise"} 1.0'
+    f'zmon_stage_duration_seconds_count{{device="cpu",model="{MODEL}",resolution="64x64",stage="denoise"}} 1.0'
 )
 
 
 def generate(pipe: Any, seed: int = 1, prompt: str = "a red apple") -> np.ndarray:
     import torch
 
-    out = pipe(prompt, width=64, height=64, num_inference_steps=2, guidance_scale=0.0,
-               generator=torch.Generator("cpu").manual_seed(seed))
+    out = pipe(
+        prompt,
+        width=64,
+        height=64,
+        num_inference_steps=2,
+        guidance_scale=0.0,
+        generator=torch.Generator("cpu").manual_seed(seed),
+    )
     return np.asarray(out.images[0])
 
 
@@ -42,10 +47,7 @@ def state(pipe: Any) -> dict[str, Any]:
     import torch
 
     def attrs(obj: Any) -> dict[str, Any]:
-        return {
-            k: v if callable(v) and not isinstance(v, torch.nn.Module) else type(v)
-            for k, v in vars(obj).items()
-        }
+        return {k: v if callable(v) and not isinstance(v, torch.nn.Module) else type(v) for k, v in vars(obj).items()}
 
     return {
         "class": type(pipe),
@@ -96,15 +98,24 @@ def test_metrics_land_in_the_host_registry(attached: tuple[Any, CollectorRegistr
         assert s("zmon_stage_duration_seconds_count", {"stage": stage, **LABELS}) == 1
     text = generate_latest(reg).decode()
     assert 'zmon_build_info{mode="attach"' in text
-    assert s("zmon_pipeline_info", {"model": MODEL, "pipeline_class": "ZImagePipeline", "device": "cpu",
-                                    "dtype": "float32", "compiled": "false"}) == 1
+    assert (
+        s(
+            "zmon_pipeline_info",
+            {
+                "model": MODEL,
+                "pipeline_class": "ZImagePipeline",
+                "device": "cpu",
+                "dtype": "float32",
+                "compiled": "false",
+            },
+        )
+        == 1
+    )
     handle.detach()
     assert "zmon_" not in generate_latest(reg).decode()  # collectors unregistered from the host's registry
 
 
-def test_attaching_twice_raises_naming_the_handle(
-    attached: tuple[Any, CollectorRegistry], tiny_pipe: Any
-) -> None:
+def test_attaching_twice_raises_naming_the_handle(attached: tuple[Any, CollectorRegistry], tiny_pipe: Any) -> None:
     handle, _ = attached
     with pytest.raises(RuntimeError, match="already attached") as e:
         zmon.attach(tiny_pipe, Config(), registry=CollectorRegistry(), serve_http=False)
@@ -129,8 +140,10 @@ def test_boundary_listeners_wrap_every_call(attached: tuple[Any, CollectorRegist
     rec = Recorder()
     handle.add_boundary_listener(rec)
     seen: list[float | None] = []
-    rec.generation_started = lambda: (rec.events.append("start"),  # type: ignore[method-assign]
-                                      seen.append(reg.get_sample_value("zmon_generation_in_progress")))
+    rec.generation_started = lambda: (
+        rec.events.append("start"),  # type: ignore[method-assign]
+        seen.append(reg.get_sample_value("zmon_generation_in_progress")),
+    )
     generate(tiny_pipe)
     with pytest.raises(TypeError):
         tiny_pipe("x", width=64, height=64, num_inference_steps=2, no_such_argument=1)
@@ -209,9 +222,7 @@ def test_a_failed_attach_leaves_the_pipeline_as_it_was(tiny_pipe: Any) -> None:
     zmon.attach(tiny_pipe, Config(), registry=reg, serve_http=False).detach()  # attachable again
 
 
-def test_attach_without_config_reads_the_environment(
-    tiny_pipe: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_attach_without_config_reads_the_environment(tiny_pipe: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """`zmon.attach(pipe)` takes ZMON_* overrides, as `zmon run` does; a bad one is a ConfigError naming it."""
     from zmon.config import ConfigError
 
@@ -232,9 +243,18 @@ def test_example_host_service(tiny_cache_dir: Path, tmp_path: Path) -> None:
     root = Path(__file__).resolve().parents[2]
     port, zport = free_port(), free_port()
     proc = subprocess.Popen(
-        [sys.executable, str(root / "examples" / "host_service.py"), "--listen", f"127.0.0.1:{port}",
-         "--zmon-listen", f"127.0.0.1:{zport}", "--cache-dir", str(tiny_cache_dir)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            str(root / "examples" / "host_service.py"),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--zmon-listen",
+            f"127.0.0.1:{zport}",
+            "--cache-dir",
+            str(tiny_cache_dir),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
     )
     try:

@@ -29,9 +29,11 @@ from tools import gen_dashboard
 
 
 def test_metric_names_tokenizer() -> None:
-    expr = ('histogram_quantile(0.95, sum by (le, instance) (rate(zmon_x_bucket{instance=~"$instance", '
-            'le!="+Inf"}[$__rate_interval]))) / ignoring (stage) group_left sum(zmon_y offset 5m) > 500e6 '
-            'and on (job) max_over_time(zmon_z[1h:5m]) or vector(0) unless count by (gpu) (zmon_w == bool 1)')
+    expr = (
+        'histogram_quantile(0.95, sum by (le, instance) (rate(zmon_x_bucket{instance=~"$instance", '
+        'le!="+Inf"}[$__rate_interval]))) / ignoring (stage) group_left sum(zmon_y offset 5m) > 500e6 '
+        "and on (job) max_over_time(zmon_z[1h:5m]) or vector(0) unless count by (gpu) (zmon_w == bool 1)"
+    )
     assert metric_names(expr) == {"zmon_x_bucket", "zmon_y", "zmon_z", "zmon_w"}
     assert metric_names("up == 0") == {"up"}
     rule = "instance_model:zmon_images:rate5m"
@@ -146,12 +148,7 @@ def test_remediation_annotation() -> None:
 def test_every_query_reads_exported_series() -> None:
     d = load_dashboard()
     exported = exported_series_names()
-    missing = {
-        (where, name)
-        for where, expr in all_queries(d)
-        for name in metric_names(expr)
-        if name not in exported
-    }
+    missing = {(where, name) for where, expr in all_queries(d) for name in metric_names(expr) if name not in exported}
     variables = [v["definition"] for v in d["templating"]["list"] if v["type"] == "query"]
     for definition in variables:
         m = re.match(r"label_values\((\w+)", definition)
@@ -164,8 +161,10 @@ def test_every_query_reads_exported_series() -> None:
 def test_every_query_parses_with_prometheus(tmp_path: Path) -> None:
     """Prometheus' own parser (through promtool check rules) accepts each query, Grafana variables filled."""
     promtool = require_binary("promtool")
-    rules = [{"record": f"dashboard:query_{i}", "expr": grafana_to_promql(expr)}
-             for i, (_, expr) in enumerate(all_queries(load_dashboard()))]
+    rules = [
+        {"record": f"dashboard:query_{i}", "expr": grafana_to_promql(expr)}
+        for i, (_, expr) in enumerate(all_queries(load_dashboard()))
+    ]
     path = tmp_path / "dashboard-queries.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     r = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)

@@ -58,6 +58,7 @@ def container(pod_spec: dict[str, Any], name: str) -> dict[str, Any]:
 def test_core_manifests_match_the_kubernetes_schemas(manifest: str, version: str) -> None:
     import kubernetes_validate  # the dev extra installs it
     from kubernetes_validate.utils import latest_version
+
     wanted = latest_version() if version == "latest" else version
     for doc in docs(manifest):
         try:
@@ -141,13 +142,15 @@ def test_configmap_is_a_valid_zmon_config(tmp_path: Path) -> None:
 
 
 def test_prometheusrule_is_generated_from_the_rule_files() -> None:
-    r = subprocess.run([sys.executable, str(K8S / "gen_prometheusrule.py"), "--check"],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, str(K8S / "gen_prometheusrule.py"), "--check"], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0, r.stderr
     (pr,) = docs("prometheusrule.yaml")
     assert (pr["apiVersion"], pr["kind"]) == ("monitoring.coreos.com/v1", "PrometheusRule")
-    expected = [g for f in ("zmon.recording.yml", "zmon.rules.yml")
-                for g in yaml.safe_load((PROM / f).read_text())["groups"]]
+    expected = [
+        g for f in ("zmon.recording.yml", "zmon.rules.yml") for g in yaml.safe_load((PROM / f).read_text())["groups"]
+    ]
     assert pr["spec"]["groups"] == expected
 
 
@@ -174,7 +177,9 @@ def test_sidecar_script_finds_the_service_process(tmp_path: Path) -> None:
         r = subprocess.run(
             ["/bin/sh", "-c", zmon["args"][0]],
             env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "ZMON_WORKLOAD_CMDLINE": marker},
-            capture_output=True, text=True, timeout=20,
+            capture_output=True,
+            text=True,
+            timeout=20,
         )
     finally:
         service.send_signal(signal.SIGTERM)
@@ -193,8 +198,14 @@ def compose(*args: str) -> subprocess.CompletedProcess[str]:
         cmd = [docker, "compose"]
     else:
         cmd = [dev_tool("docker-compose")]
-    return subprocess.run([*cmd, "-f", str(DOCKER / "compose.yaml"), *args], capture_output=True, text=True,
-                          timeout=60, cwd=DOCKER, env={**os.environ, "GRAFANA_ADMIN_PASSWORD": "test"})
+    return subprocess.run(
+        [*cmd, "-f", str(DOCKER / "compose.yaml"), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=DOCKER,
+        env={**os.environ, "GRAFANA_ADMIN_PASSWORD": "test"},
+    )
 
 
 def test_compose_file_is_valid() -> None:
@@ -229,16 +240,18 @@ def test_compose_prometheus_config_passes_promtool(tmp_path: Path) -> None:
     promtool = require_binary("promtool")
     shutil.copy(DOCKER / "prometheus.yml", tmp_path / "prometheus.yml")
     (tmp_path / "rules").symlink_to(PROM)  # as mounted in compose.yaml
-    r = subprocess.run([promtool, "check", "config", str(tmp_path / "prometheus.yml")],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [promtool, "check", "config", str(tmp_path / "prometheus.yml")], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "2 rule files found" in r.stdout + r.stderr
 
 
 def test_alertmanager_config_passes_amtool() -> None:
     amtool = require_binary("amtool")
-    r = subprocess.run([amtool, "check-config", str(DOCKER / "alertmanager.yml")],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [amtool, "check-config", str(DOCKER / "alertmanager.yml")], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 

@@ -26,8 +26,16 @@ def record(
     stages += [StageTiming("denoise_step", s, 0.02 + 0.01 * i, index=i) for i, s in enumerate(steps)]
     stages += [StageTiming("vae_decode", 0.3, 0.1), StageTiming("postprocess", 0.0005, 0.4)]
     base: dict[str, Any] = dict(
-        started_at=1000.0, total_seconds=0.4, stages=tuple(stages), steps=len(steps), width=width,
-        height=height, batch_size=1, guidance_scale=0.0, cfg_active=False, device="cpu",
+        started_at=1000.0,
+        total_seconds=0.4,
+        stages=tuple(stages),
+        steps=len(steps),
+        width=width,
+        height=height,
+        batch_size=1,
+        guidance_scale=0.0,
+        cfg_active=False,
+        device="cpu",
     )
     base.update(kw)
     return GenerationRecord(**base)
@@ -36,8 +44,11 @@ def record(
 def setup(**facts: Any) -> tuple[GenerationMetrics, CollectorRegistry]:
     m = GenerationMetrics(model="m")
     if facts:
-        m.set_pipeline(PipelineFacts(**{"model": "m", "pipeline_class": "ZImagePipeline", "device": "cpu",
-                                        "dtype": "float32", **facts}))
+        m.set_pipeline(
+            PipelineFacts(
+                **{"model": "m", "pipeline_class": "ZImagePipeline", "device": "cpu", "dtype": "float32", **facts}
+            )
+        )
     reg = CollectorRegistry()
     reg.register(m)  # type: ignore[arg-type]
     return m, reg
@@ -118,8 +129,7 @@ def test_in_progress_gauge() -> None:
 def test_pipeline_info_and_checkpoint_gauges() -> None:
     _, reg = setup(compiled=True, load_seconds=2.5, checkpoint_bytes=1000, read_bytes_per_second=400.0)
     s = reg.get_sample_value
-    info = {"model": "m", "pipeline_class": "ZImagePipeline", "device": "cpu", "dtype": "float32",
-            "compiled": "true"}
+    info = {"model": "m", "pipeline_class": "ZImagePipeline", "device": "cpu", "dtype": "float32", "compiled": "true"}
     assert s("zmon_pipeline_info", info) == 1
     assert s("zmon_checkpoint_load_seconds", {"model": "m"}) == 2.5
     assert s("zmon_checkpoint_bytes", {"model": "m"}) == 1000
@@ -231,5 +241,16 @@ def test_real_pipeline_stages_and_cfg_on_distilled(tiny_pipe: Any, torch_single_
     assert s("zmon_denoise_step_duration_seconds_count", base) == 3
     assert s("zmon_generations_total", {"status": "ok", **base, "resolution": "64x32"}) == 1
     assert s("zmon_workload_misconfiguration", {"kind": "cfg_on_distilled"}) == 1
-    assert s("zmon_pipeline_info", {"model": "builtin:tiny-z-image", "pipeline_class": "ZImagePipeline",
-                                    "device": "cpu", "dtype": "float32", "compiled": "false"}) == 1
+    assert (
+        s(
+            "zmon_pipeline_info",
+            {
+                "model": "builtin:tiny-z-image",
+                "pipeline_class": "ZImagePipeline",
+                "device": "cpu",
+                "dtype": "float32",
+                "compiled": "false",
+            },
+        )
+        == 1
+    )

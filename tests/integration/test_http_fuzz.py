@@ -31,8 +31,9 @@ def port() -> Iterator[int]:
         return Response(202, {"keys": sorted(map(str, body))})
 
     app.add_route("/actions", act, methods=("POST",), auth=True)
-    srv = Server(app, "127.0.0.1", 0, limits=Limits(read_timeout=READ_TIMEOUT, idle_timeout=READ_TIMEOUT,
-                                                   max_connections=64))
+    srv = Server(
+        app, "127.0.0.1", 0, limits=Limits(read_timeout=READ_TIMEOUT, idle_timeout=READ_TIMEOUT, max_connections=64)
+    )
     srv.start()
     yield srv.port
     srv.shutdown()
@@ -68,15 +69,57 @@ def check(port: int, data: bytes) -> None:
 
 
 methods = st.sampled_from([b"GET", b"HEAD", b"POST", b"PUT", b"BREW", b"get", b"", b"G\x00T"])
-paths = st.sampled_from([b"/metrics", b"/healthz", b"/readyz", b"/actions", b"/", b"*", b"/%ff", b"/a?b=%zz",
-                         b"http://x/metrics", b"/metrics?name[]=x"])
-header_names = st.sampled_from([b"Host", b"Content-Length", b"Transfer-Encoding", b"Authorization",
-                                b"X-Zmon-Token", b"Accept", b"Accept-Encoding", b"Connection", b"Expect",
-                                b"X-Prometheus-Scrape-Timeout-Seconds", b"X-\xff", b"Bad Name", b""])
+paths = st.sampled_from(
+    [
+        b"/metrics",
+        b"/healthz",
+        b"/readyz",
+        b"/actions",
+        b"/",
+        b"*",
+        b"/%ff",
+        b"/a?b=%zz",
+        b"http://x/metrics",
+        b"/metrics?name[]=x",
+    ]
+)
+header_names = st.sampled_from(
+    [
+        b"Host",
+        b"Content-Length",
+        b"Transfer-Encoding",
+        b"Authorization",
+        b"X-Zmon-Token",
+        b"Accept",
+        b"Accept-Encoding",
+        b"Connection",
+        b"Expect",
+        b"X-Prometheus-Scrape-Timeout-Seconds",
+        b"X-\xff",
+        b"Bad Name",
+        b"",
+    ]
+)
 header_values = st.one_of(
-    st.sampled_from([b"-1", b"0", b"5", b"99999999999999999999", b"chunked", b"gzip, chunked", b"close",
-                     b"100-continue", b"Bearer tok", b"Basic !!", b"application/openmetrics-text", b"gzip",
-                     b"0.001", b"nan", b"\xff\xfe"]),
+    st.sampled_from(
+        [
+            b"-1",
+            b"0",
+            b"5",
+            b"99999999999999999999",
+            b"chunked",
+            b"gzip, chunked",
+            b"close",
+            b"100-continue",
+            b"Bearer tok",
+            b"Basic !!",
+            b"application/openmetrics-text",
+            b"gzip",
+            b"0.001",
+            b"nan",
+            b"\xff\xfe",
+        ]
+    ),
     st.binary(max_size=40),
 )
 bodies = st.one_of(
@@ -87,8 +130,7 @@ bodies = st.one_of(
 
 @st.composite
 def requests(draw: st.DrawFn) -> bytes:
-    line = draw(methods) + b" " + draw(paths) + b" " + draw(st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/9",
-                                                                             b""]))
+    line = draw(methods) + b" " + draw(paths) + b" " + draw(st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/9", b""]))
     headers = draw(st.lists(st.tuples(header_names, header_values), max_size=6))
     sep = draw(st.sampled_from([b"\r\n", b"\n", b"\r"]))
     raw = line + sep + b"".join(k + b": " + v + sep for k, v in headers) + sep + draw(bodies)

@@ -25,8 +25,17 @@ def record(**kw: Any) -> GenerationRecord:
         StageTiming("postprocess", 0.005, 0.26),
     )
     base: dict[str, Any] = dict(
-        started_at=1_764_000_000.25, total_seconds=0.27, stages=stages, steps=2, width=64, height=64,
-        prompt_chars=17, guidance_scale=0.0, cfg_active=False, device="cpu", prompt_cache_hit=True,
+        started_at=1_764_000_000.25,
+        total_seconds=0.27,
+        stages=stages,
+        steps=2,
+        width=64,
+        height=64,
+        prompt_chars=17,
+        guidance_scale=0.0,
+        cfg_active=False,
+        device="cpu",
+        prompt_cache_hit=True,
     )
     base.update(kw)
     return GenerationRecord(**base)
@@ -41,16 +50,46 @@ def test_record_fields() -> None:
     assert d["timestamp"] == "2025-11-24T16:00:00.250Z"
     assert dt.datetime.fromisoformat(d["timestamp"].replace("Z", "+00:00")).timestamp() == d["unix"]
     assert d["stage_seconds"] == {
-        "text_encode": 0.02, "vae_encode": None, "denoise": pytest.approx(0.21), "vae_decode": 0.03,
+        "text_encode": 0.02,
+        "vae_encode": None,
+        "denoise": pytest.approx(0.21),
+        "vae_decode": 0.03,
         "postprocess": 0.005,
     }
     assert d["step_seconds"] == [0.1, 0.11]
-    assert {k: d[k] for k in ("status", "model", "device", "steps", "width", "height", "batch_size",
-                              "prompt_chars", "guidance_scale", "cfg", "prompt_cache_hit",
-                              "peak_allocated_bytes", "peak_reserved_bytes", "total_seconds")} == {
-        "status": "ok", "model": "m", "device": "cpu", "steps": 2, "width": 64, "height": 64, "batch_size": 1,
-        "prompt_chars": 17, "guidance_scale": 0.0, "cfg": False, "prompt_cache_hit": True,
-        "peak_allocated_bytes": 123, "peak_reserved_bytes": 456, "total_seconds": 0.27,
+    assert {
+        k: d[k]
+        for k in (
+            "status",
+            "model",
+            "device",
+            "steps",
+            "width",
+            "height",
+            "batch_size",
+            "prompt_chars",
+            "guidance_scale",
+            "cfg",
+            "prompt_cache_hit",
+            "peak_allocated_bytes",
+            "peak_reserved_bytes",
+            "total_seconds",
+        )
+    } == {
+        "status": "ok",
+        "model": "m",
+        "device": "cpu",
+        "steps": 2,
+        "width": 64,
+        "height": 64,
+        "batch_size": 1,
+        "prompt_chars": 17,
+        "guidance_scale": 0.0,
+        "cfg": False,
+        "prompt_cache_hit": True,
+        "peak_allocated_bytes": 123,
+        "peak_reserved_bytes": 456,
+        "total_seconds": 0.27,
     }
 
 
@@ -58,9 +97,10 @@ def test_error_text_is_reduced_to_its_type() -> None:
     # An exception message may quote the prompt: only its type is logged.
     d = record_to_dict(record(status="error", error="ValueError: bad prompt 'a secret castle'"), model="m")
     assert d["error"] == "ValueError" and "secret" not in json.dumps(d)
-    assert record_to_dict(record(status="oom", error="OutOfMemoryError: CUDA out of memory"), model="m")[
-        "error"
-    ] == "OutOfMemoryError"
+    assert (
+        record_to_dict(record(status="oom", error="OutOfMemoryError: CUDA out of memory"), model="m")["error"]
+        == "OutOfMemoryError"
+    )
 
 
 def test_appends_one_line_per_generation(tmp_path: Path) -> None:
@@ -154,9 +194,7 @@ def test_recovers_after_the_directory_appears(tmp_path: Path, caplog: pytest.Log
     assert log.failures == 3 and len(caplog.records) == 1
 
 
-def test_failing_log_never_stops_a_generation(
-    tiny_pipe: Any, tmp_path: Path, torch_single_thread: None
-) -> None:
+def test_failing_log_never_stops_a_generation(tiny_pipe: Any, tmp_path: Path, torch_single_thread: None) -> None:
     from prometheus_client import CollectorRegistry
 
     from zmon.app.instrument import Instrumentation

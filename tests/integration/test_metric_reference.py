@@ -74,8 +74,12 @@ def _full_config(**off: bool) -> Config:
         "sampling": {
             "host": {"per_cpu": not off.get("per_cpu")},
             "disk": {"paths": [] if off.get("paths") else [str(ROOT)]},
-            "nvml": {"gpm": not off.get("gpm"), "enabled": not off.get("nvml"), "processes": not off.get("processes"),
-                     "slow_interval_seconds": 0 if off.get("pcie") else 10},
+            "nvml": {
+                "gpm": not off.get("gpm"),
+                "enabled": not off.get("nvml"),
+                "processes": not off.get("processes"),
+                "slow_interval_seconds": 0 if off.get("pcie") else 10,
+            },
             "allocator": {"enabled": not off.get("allocator")},
         },
         "workload": {"prompt_cache": {"enabled": not off.get("prompt_cache")}},
@@ -131,8 +135,18 @@ def exposition(tiny_pipe: Any, cfg: Config) -> dict[str, Family]:
     registry = CollectorRegistry(auto_describe=False)
     mon = Monitor(cfg.sampling, cfg.server, mode="run", registry=registry, serve_http=False)
     metrics = GenerationMetrics(model=MODEL)
-    metrics.set_pipeline(PipelineFacts(MODEL, "ZImagePipeline", "cpu", "float32", distilled=True,
-                                       load_seconds=0.5, checkpoint_bytes=10**6, read_bytes_per_second=2e6))
+    metrics.set_pipeline(
+        PipelineFacts(
+            MODEL,
+            "ZImagePipeline",
+            "cpu",
+            "float32",
+            distilled=True,
+            load_seconds=0.5,
+            checkpoint_bytes=10**6,
+            read_bytes_per_second=2e6,
+        )
+    )
     mon.add_collector("generation", metrics)
     mon.add_collector("config", ReloadCollector(ReloadState()))  # as `zmon run` / `zmon watch` add it
     metrics.set_output_failures(lambda: 0)  # as `zmon run` with workload.output_dir sets it
@@ -158,8 +172,14 @@ def exposition(tiny_pipe: Any, cfg: Config) -> dict[str, Family]:
                     mon.sampler.run_once(name)
             time.sleep(0.2)
         for seed in range(4):
-            tiny_pipe("a red fox", width=64, height=64, num_inference_steps=2, guidance_scale=5.0 if seed else 0,
-                      generator=torch.Generator("cpu").manual_seed(seed))
+            tiny_pipe(
+                "a red fox",
+                width=64,
+                height=64,
+                num_inference_steps=2,
+                guidance_scale=5.0 if seed else 0,
+                generator=torch.Generator("cpu").manual_seed(seed),
+            )
         with pytest.raises(TypeError):
             tiny_pipe("x", no_such_argument=1)
         comm = (CommunicationTiming("denoise_step", 0.004, 3, 0), CommunicationTiming("denoise_step", 0.005, 3, 1))
@@ -233,8 +253,12 @@ def test_every_family_in_the_readme_exists_and_every_exported_family_is_in_the_r
     full: dict[str, Family], rows: list[Row]
 ) -> None:
     exported = set(full)
-    unknown = [sorted(r)[0] if len(r) == 1 else f"a reading of {sorted(r)}" for row in rows for r in row.names
-               if not r & exported]
+    unknown = [
+        sorted(r)[0] if len(r) == 1 else f"a reading of {sorted(r)}"
+        for row in rows
+        for r in row.names
+        if not r & exported
+    ]
     assert not unknown, f"the README names families zmon does not export: {unknown}"
     missing = sorted(exported - set(_documented(rows, exported)))
     assert not missing, f"the README's metric reference lacks: {missing}"
@@ -288,16 +312,16 @@ def test_feature_only_families_are_marked(
     feature: str, full: dict[str, Family], rows: list[Row], tiny_pipe: Any
 ) -> None:
     """The families the README marks "(only with `feature`)" are exactly those that vanish without it."""
-    without = {name for name, f in exposition(tiny_pipe, _full_config(**{FEATURES[feature]: True})).items()
-               if f.series}
+    without = {name for name, f in exposition(tiny_pipe, _full_config(**{FEATURES[feature]: True})).items() if f.series}
     present = {name for name, f in full.items() if f.series}
     vanished = present - without
     assert without <= present
     marked = {name for name, row in _documented(rows, set(full)).items() if row.feature == feature} - NO_SERIES
     # A family gated by a feature that another feature also gates (NVML's families need nvml; GPM's need
     # both) is marked with the narrowest one.
-    narrower = {name for name, row in _documented(rows, set(full)).items()
-                if row.feature in FEATURES and row.feature != feature}
+    narrower = {
+        name for name, row in _documented(rows, set(full)).items() if row.feature in FEATURES and row.feature != feature
+    }
     assert marked <= vanished, f"marked but present without {feature}: {sorted(marked - vanished)}"
     assert vanished - narrower <= marked, f"vanish without {feature} but unmarked: {sorted(vanished - marked)}"
 

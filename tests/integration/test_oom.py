@@ -43,8 +43,7 @@ class FakeCuda(FakeTorchCuda):
 
 
 def handler(cuda: FakeCuda, state: PolicyState | None = None, **oom: Any) -> OomHandler:
-    return OomHandler(OomConfig(**oom), remediator=Remediator(cuda), state=state, torch_cuda=cuda,
-                      wall=lambda: WALL)
+    return OomHandler(OomConfig(**oom), remediator=Remediator(cuda), state=state, torch_cuda=cuda, wall=lambda: WALL)
 
 
 # ------------------------------------------------------------------------------------------------ unit
@@ -94,10 +93,13 @@ def test_memory_snapshots_named_and_capped(tmp_path: Path) -> None:
     assert h.snapshot(4, attempt=1) == d / f"oom-{int(WALL)}-4-retry.pickle"
     assert h.snapshot(5) is None and h.snapshot(6) is None  # 3 files there: capped
     assert sorted(p.name for p in d.iterdir()) == [
-        f"oom-{int(WALL) - 60}-9.pickle", f"oom-{int(WALL)}-4-retry.pickle", f"oom-{int(WALL)}-4.pickle",
+        f"oom-{int(WALL) - 60}-9.pickle",
+        f"oom-{int(WALL)}-4-retry.pickle",
+        f"oom-{int(WALL)}-4.pickle",
     ]
     assert [c for c in cuda.memory.calls if c[0] == "dump"] == [
-        ("dump", str(d / f"oom-{int(WALL)}-4.pickle")), ("dump", str(d / f"oom-{int(WALL)}-4-retry.pickle")),
+        ("dump", str(d / f"oom-{int(WALL)}-4.pickle")),
+        ("dump", str(d / f"oom-{int(WALL)}-4-retry.pickle")),
     ]
     assert h.snapshots == [d / f"oom-{int(WALL)}-4.pickle", d / f"oom-{int(WALL)}-4-retry.pickle"]
     h.stop()
@@ -133,9 +135,7 @@ LABELS = {"model": "builtin:tiny-z-image", "resolution": "64x64", "device": "cpu
 
 
 @pytest.fixture
-def session(
-    tiny_cache_dir: Path, torch_single_thread: None
-) -> Iterator[tuple[RunSession, CollectorRegistry]]:
+def session(tiny_cache_dir: Path, torch_single_thread: None) -> Iterator[tuple[RunSession, CollectorRegistry]]:
     cfg = Config.model_validate({"model": {"cache_dir": str(tiny_cache_dir)}, "workload": {"steps": 2}})
     reg = CollectorRegistry()
     s = build_run(cfg, registry=reg, serve_http=False, start=False)
@@ -214,7 +214,8 @@ def test_persistent_oom_is_retried_once_then_the_run_goes_on(
     # memory history recorded from the start of the run, one snapshot per OOM, stopped on close
     assert cuda.memory.calls[0] == ("record", {"enabled": "all", "max_entries": 100_000, "stacks": "python"})
     assert sorted(p.name for p in (tmp_path / "snaps").iterdir()) == [
-        f"oom-{int(WALL)}-0-retry.pickle", f"oom-{int(WALL)}-0.pickle",
+        f"oom-{int(WALL)}-0-retry.pickle",
+        f"oom-{int(WALL)}-0.pickle",
     ]
     s.close()
     assert cuda.memory.calls[-1] == ("record", {"enabled": None})

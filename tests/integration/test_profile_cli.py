@@ -47,9 +47,27 @@ def test_zmon_profile_end_to_end(tiny_cache_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "report"
     t0 = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "zmon", "profile", "-c", str(config), "--runs", "3", "--warmup", "1",
-         "--out", str(out), "--trace", "--memory-snapshot"],
-        capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, **ENV},
+        [
+            sys.executable,
+            "-m",
+            "zmon",
+            "profile",
+            "-c",
+            str(config),
+            "--runs",
+            "3",
+            "--warmup",
+            "1",
+            "--out",
+            str(out),
+            "--trace",
+            "--memory-snapshot",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, **ENV},
     )
     assert proc.returncode == 0, proc.stderr
     assert time.monotonic() - t0 < 120
@@ -104,7 +122,8 @@ def test_invalid_workload_lists_every_problem_before_loading(
 ) -> None:
     cache = tmp_path / "cache"  # would be created by building the embedded model
     config = _config(
-        tmp_path, cache,
+        tmp_path,
+        cache,
         f"workload:\n  resolutions: ['64x65', 'big']\n  prompts_file: {tmp_path / 'missing.txt'}\n",
     )
     (tmp_path / "file").write_text("x")
@@ -193,9 +212,7 @@ def test_slow_text_encoder_is_diagnosed_cpu_bound_and_the_cache_fixes_it(
     assert "| better |" in row and "-" in row.split("|")[4]
 
 
-def test_compare_reports_a_missing_or_bad_file(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_compare_reports_a_missing_or_bad_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     garbage = tmp_path / "garbage.json"
     garbage.write_text("{not json")
     other = tmp_path / "other.json"

@@ -146,7 +146,10 @@ def test_output_dir_gets_every_image(tmp_path: Path) -> None:
     session, _ = fake_session([], output_dir=str(tmp_path / "out"), batch_size=2)
     session.run(max_generations=2)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "gen-000000-0.png", "gen-000000-1.png", "gen-000001-0.png", "gen-000001-1.png"
+        "gen-000000-0.png",
+        "gen-000000-1.png",
+        "gen-000001-0.png",
+        "gen-000001-1.png",
     ]
 
 
@@ -154,10 +157,12 @@ def test_output_dir_gets_every_image(tmp_path: Path) -> None:
 
 
 def test_build_run_in_process(tiny_cache_dir: Path, tmp_path: Path, torch_single_thread: None) -> None:
-    cfg = Config.model_validate({
-        "model": {"cache_dir": str(tiny_cache_dir)},
-        "workload": {"steps": 2, "jsonl": {"path": str(tmp_path / "gen.jsonl")}},
-    })
+    cfg = Config.model_validate(
+        {
+            "model": {"cache_dir": str(tiny_cache_dir)},
+            "workload": {"steps": 2, "jsonl": {"path": str(tmp_path / "gen.jsonl")}},
+        }
+    )
     reg = CollectorRegistry()
     session = build_run(cfg, registry=reg, serve_http=False)
     events: list[str] = []
@@ -227,15 +232,22 @@ def test_zmon_run_text_to_image_end_to_end(tiny_cache_dir: Path, tmp_path: Path)
         f"workload:\n  output_dir: {tmp_path / 'out'}\n  jsonl:\n    path: {tmp_path / 'gen.jsonl'}\n"
         "  prompt_cache:\n    enabled: true\n"
     )
-    with zmon_process(["run", "-c", str(config), "--max-generations", "3", "--linger", "120"], env=ENV,
-                      ready_timeout=120) as (url, proc):
+    with zmon_process(
+        ["run", "-c", str(config), "--max-generations", "3", "--linger", "120"], env=ENV, ready_timeout=120
+    ) as (url, proc):
         text = _wait_for_generations(url, 3, proc)
         counts = _stage_counts(text)
         assert {s: counts.get(s) for s in T2I_STAGES} == dict.fromkeys(T2I_STAGES, 3.0), counts
         assert "vae_encode" not in counts
-        for fam in ("zmon_denoise_step_duration_seconds_count", "zmon_images_total",
-                    "zmon_denoise_steps_total", "zmon_checkpoint_load_seconds", "zmon_pipeline_info",
-                    "zmon_prompt_cache_misses_total", "zmon_process_resident_memory_bytes"):
+        for fam in (
+            "zmon_denoise_step_duration_seconds_count",
+            "zmon_images_total",
+            "zmon_denoise_steps_total",
+            "zmon_checkpoint_load_seconds",
+            "zmon_pipeline_info",
+            "zmon_prompt_cache_misses_total",
+            "zmon_process_resident_memory_bytes",
+        ):
             assert any(v > 0 for v in _samples(text, fam).values()), fam
         assert _samples(text, "zmon_jsonl_write_failures_total") == {(): 0.0}
         assert _samples(text, "zmon_workload_misconfiguration")[(("kind", "cfg_on_distilled"),)] == 0
@@ -262,11 +274,11 @@ def test_zmon_run_img2img_shows_vae_encode_and_exits_0(tiny_cache_dir: Path, tmp
     Image.new("RGB", (64, 64), (30, 120, 200)).save(init)
     config = tmp_path / "zmon.yaml"
     config.write_text(
-        f"model:\n  cache_dir: {tiny_cache_dir}\n"
-        f"workload:\n  init_images: ['{init}']\n  steps: 4\n  strength: 0.5\n"
+        f"model:\n  cache_dir: {tiny_cache_dir}\nworkload:\n  init_images: ['{init}']\n  steps: 4\n  strength: 0.5\n"
     )
-    with zmon_process(["run", "-c", str(config), "--max-generations", "2", "--linger", "3"], env=ENV,
-                      ready_timeout=120) as (url, proc):
+    with zmon_process(
+        ["run", "-c", str(config), "--max-generations", "2", "--linger", "3"], env=ENV, ready_timeout=120
+    ) as (url, proc):
         text = _wait_for_generations(url, 2, proc)
         counts = _stage_counts(text)
         assert {s: counts.get(s) for s in ("vae_encode", *T2I_STAGES)} == dict.fromkeys(
@@ -275,4 +287,3 @@ def test_zmon_run_img2img_shows_vae_encode_and_exits_0(tiny_cache_dir: Path, tmp
         info = _samples(text, "zmon_pipeline_info")
         assert any(("pipeline_class", "ZImageImg2ImgPipeline") in k for k in info), info
         assert proc.wait(60) == 0  # exits by itself once the linger is over
-

@@ -86,8 +86,12 @@ def served(tmp_path: Path) -> Iterator[Served]:
 
     app.add_route("/act", act, methods=("POST",), auth=True)
     app.add_route("/slow", slow, methods=("GET",))
-    srv = Server(app, "127.0.0.1", 0, limits=Limits(max_connections=8, workers=2, read_timeout=READ_TIMEOUT,
-                                                    idle_timeout=2.0, write_timeout=2.0))
+    srv = Server(
+        app,
+        "127.0.0.1",
+        0,
+        limits=Limits(max_connections=8, workers=2, read_timeout=READ_TIMEOUT, idle_timeout=2.0, write_timeout=2.0),
+    )
     srv.start()
     box["s"] = Served(srv, token_file)
     try:
@@ -192,13 +196,16 @@ def test_slow_request_gets_408_and_idle_keepalive_is_closed(served: Served) -> N
 
 def test_scrape_timeout_header_gets_503_instead_of_a_late_answer(served: Served) -> None:
     t0 = time.monotonic()
-    resp = served.raw(b"GET /slow HTTP/1.1\r\nHost: x\r\nX-Prometheus-Scrape-Timeout-Seconds: 0.6\r\n"
-                      b"Connection: close\r\n\r\n")
+    resp = served.raw(
+        b"GET /slow HTTP/1.1\r\nHost: x\r\nX-Prometheus-Scrape-Timeout-Seconds: 0.6\r\nConnection: close\r\n\r\n"
+    )
     took = time.monotonic() - t0
     assert status(resp) == 503 and b"scrape timeout" in resp and took < 0.6
     served.release.set()
-    assert status(served.raw(b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Prometheus-Scrape-Timeout-Seconds: abc\r\n"
-                             b"\r\n")) == 400
+    assert (
+        status(served.raw(b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Prometheus-Scrape-Timeout-Seconds: abc\r\n\r\n"))
+        == 400
+    )
 
 
 def test_body_and_header_errors_are_4xx_with_a_reason(served: Served) -> None:
@@ -209,13 +216,23 @@ def test_body_and_header_errors_are_4xx_with_a_reason(served: Served) -> None:
         (b"POST /act HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999\r\n\r\n", 413, b"over the limit"),
         (b"POST /act HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400, b"malformed"),
         (b"POST /act HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 501, b"chunked"),
-        (b"POST /act HTTP/1.1\r\nHost: x\r\n" + auth + b"Content-Length: 60000\r\n\r\n" + b"[" * 30000 + b"]" * 30000,
-         400, b"nested too deeply"),
+        (
+            b"POST /act HTTP/1.1\r\nHost: x\r\n"
+            + auth
+            + b"Content-Length: 60000\r\n\r\n"
+            + b"[" * 30000
+            + b"]" * 30000,
+            400,
+            b"nested too deeply",
+        ),
         (b"POST /act HTTP/1.1\r\nHost: x\r\n" + auth + b"Content-Length: 4\r\n\r\n\xff\xfe\xfd\xfc", 400, b"JSON"),
         (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, b"request line"),
         (b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-A: " + b"b" * 20000 + b"\r\n\r\n", 431, b"headers over"),
-        (b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(150)) + b"\r\n", 431,
-         b"more than 100"),
+        (
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(150)) + b"\r\n",
+            431,
+            b"more than 100",
+        ),
         (b"BREW /metrics HTTP/1.1\r\nHost: x\r\n\r\n", 501, b"not implemented"),
         (b"DELETE /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 405, b"not allowed"),
         (b"GET /metr%ffics HTTP/1.1\r\nHost: x\r\n\r\n", 400, b"UTF-8"),
@@ -238,12 +255,16 @@ def test_body_and_header_errors_are_4xx_with_a_reason(served: Served) -> None:
 def test_chunked_body_and_100_continue_are_supported(served: Served) -> None:
     body = json.dumps({"n": 1}).encode()
     chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
-    resp = served.raw(b"POST /act HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret\r\nConnection: close\r\n"
-                      b"Transfer-Encoding: chunked\r\n\r\n" + chunked)
+    resp = served.raw(
+        b"POST /act HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret\r\nConnection: close\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" + chunked
+    )
     assert status(resp) == 202 and b'"n": 1' in resp
     with socket.create_connection(("127.0.0.1", served.port), timeout=5) as s:
-        s.sendall(b"POST /act HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret\r\nConnection: close\r\n"
-                  b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
+        s.sendall(
+            b"POST /act HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret\r\nConnection: close\r\n"
+            b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body)
+        )
         assert s.recv(100).startswith(b"HTTP/1.1 100 ")
         s.sendall(body)
         assert status(s.recv(4096)) == 202
@@ -255,19 +276,23 @@ def test_chunked_body_and_100_continue_are_supported(served: Served) -> None:
 
 def test_token_file_removed_at_run_time_is_503_without_the_path(served: Served) -> None:
     served.token_file.unlink()
-    resp = served.raw(b"POST /act HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret\r\nContent-Length: 2\r\n"
-                      b"Connection: close\r\n\r\n{}")
+    resp = served.raw(
+        b"POST /act HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret\r\nContent-Length: 2\r\n"
+        b"Connection: close\r\n\r\n{}"
+    )
     assert status(resp) == 503 and b"cannot be read" in resp
     assert str(served.token_file).encode() not in resp and b"token" in resp
     served.token_file.write_text("s3cret")
-    resp = served.raw(b"POST /act HTTP/1.1\r\nHost: x\r\nX-Zmon-Token: s3cret\r\nContent-Length: 2\r\n"
-                      b"Connection: close\r\n\r\n{}")
+    resp = served.raw(
+        b"POST /act HTTP/1.1\r\nHost: x\r\nX-Zmon-Token: s3cret\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
+    )
     assert status(resp) == 202
 
 
 def test_pipelined_requests_are_answered_in_order(served: Served) -> None:
-    resp = served.raw(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /readyz HTTP/1.1\r\nHost: x\r\n"
-                      b"Connection: close\r\n\r\n")
+    resp = served.raw(
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
     assert resp.count(b"HTTP/1.1 200 OK") == 2 and resp.index(b"ok\n") < resp.index(b"ready\n")
 
 
@@ -275,11 +300,20 @@ def test_config_bounds_and_example() -> None:
     from zmon.config import ConfigError, load_config
 
     with pytest.raises(ConfigError) as e:
-        load_config(environ={}, overrides={"server": {"max_connections": 1, "workers": 0, "read_timeout_seconds": 0,
-                                                      "idle_timeout_seconds": 1e9, "write_timeout_seconds": -1}})
+        load_config(
+            environ={},
+            overrides={
+                "server": {
+                    "max_connections": 1,
+                    "workers": 0,
+                    "read_timeout_seconds": 0,
+                    "idle_timeout_seconds": 1e9,
+                    "write_timeout_seconds": -1,
+                }
+            },
+        )
     text = str(e.value)
-    for key in ("max_connections", "workers", "read_timeout_seconds", "idle_timeout_seconds",
-                "write_timeout_seconds"):
+    for key in ("max_connections", "workers", "read_timeout_seconds", "idle_timeout_seconds", "write_timeout_seconds"):
         assert f"server.{key}" in text
     cfg = load_config(environ={})
     lim = Limits.from_config(cfg.server)

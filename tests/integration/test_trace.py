@@ -130,10 +130,12 @@ def daemon(
         monkeypatch.setenv("ZMON_AUTH_TOKEN", token)
     else:
         monkeypatch.delenv("ZMON_AUTH_TOKEN", raising=False)
-    cfg = Config.model_validate({
-        "server": {"listen": "127.0.0.1:0"},
-        "profiling": {"trace": {"enabled": True, "directory": str(tmp_path / "traces")}},
-    })
+    cfg = Config.model_validate(
+        {
+            "server": {"listen": "127.0.0.1:0"},
+            "profiling": {"trace": {"enabled": True, "directory": str(tmp_path / "traces")}},
+        }
+    )
     mon = Monitor(cfg.sampling, cfg.server, mode="run", registry=CollectorRegistry(auto_describe=False))
     inst = Instrumentation(tiny_pipe, cfg.workload, GenerationMetrics(model="tiny"), model_id="tiny")
     controller = add_trace_endpoint(

@@ -122,10 +122,16 @@ def test_output_comparison_and_tolerance() -> None:
 
 def test_config_validates_new_model_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(ConfigError) as exc:
-        load_config(environ={}, overrides={"model": {
-            "attention_backend": "fastest", "compile_mode": "turbo",
-            "alloc_conf": "expandable_segments:True,max_split_size_mb:128",
-        }})
+        load_config(
+            environ={},
+            overrides={
+                "model": {
+                    "attention_backend": "fastest",
+                    "compile_mode": "turbo",
+                    "alloc_conf": "expandable_segments:True,max_split_size_mb:128",
+                }
+            },
+        )
     problems = "\n".join(exc.value.problems)
     assert "model.attention_backend" in problems and "_native_cudnn" in problems  # lists the valid ones
     assert "model.compile_mode" in problems and "reduce-overhead" in problems
@@ -134,8 +140,12 @@ def test_config_validates_new_model_keys(tmp_path: Path, capsys: pytest.CaptureF
     bad.write_text("model:\n  attention_backend: fastest\n")
     assert main(["check-config", str(bad)]) == 2
     assert "unknown attention backend 'fastest'" in capsys.readouterr().err
-    ok = load_config(environ={}, overrides={"model": {"attention_backend": "_native_flash", "fp8": True,
-                                                      "alloc_conf": "expandable_segments:True"}})
+    ok = load_config(
+        environ={},
+        overrides={
+            "model": {"attention_backend": "_native_flash", "fp8": True, "alloc_conf": "expandable_segments:True"}
+        },
+    )
     assert ok.model.attention_backend == "_native_flash"
 
 
@@ -164,8 +174,15 @@ def test_options_that_cannot_apply_on_cpu_are_refused_with_every_reason(tiny_pip
 
 
 def _image(pipe: Any) -> torch.Tensor:
-    out = pipe(prompt="a red fox", width=64, height=64, num_inference_steps=2, guidance_scale=0.0,
-               generator=torch.Generator("cpu").manual_seed(3), output_type="pt")
+    out = pipe(
+        prompt="a red fox",
+        width=64,
+        height=64,
+        num_inference_steps=2,
+        guidance_scale=0.0,
+        generator=torch.Generator("cpu").manual_seed(3),
+        output_type="pt",
+    )
     return out.images
 
 
@@ -177,8 +194,16 @@ def test_optimize_applies_and_removes_every_option(
     before = _image(tiny_pipe)
     transformer, decoder = tiny_pipe.transformer, tiny_pipe.vae.decoder
     active = _AttentionBackendRegistry._active_backend
-    cfg = Config.model_validate({"model": {"compile": True, "compile_vae": True, "channels_last_vae": True,
-                                           "attention_backend": "_native_math"}})
+    cfg = Config.model_validate(
+        {
+            "model": {
+                "compile": True,
+                "compile_vae": True,
+                "channels_last_vae": True,
+                "attention_backend": "_native_math",
+            }
+        }
+    )
     applied = zmon.tune.optimize(tiny_pipe, cfg)
     assert applied.applied == ["channels_last_vae", "attention_backend=_native_math", "compile", "compile_vae"]
     assert type(tiny_pipe.transformer).__name__ == "OptimizedModule"
@@ -220,8 +245,9 @@ def _decode_patch(pipe: Any, wrap: Any) -> Any:
 
 
 def _variant(name: str, apply: Any, **kw: Any) -> Variant:
-    return Variant(name=name, description=f"test: {name}", check=lambda ctx: None,
-                   settings=lambda ctx: {}, apply=apply, **kw)
+    return Variant(
+        name=name, description=f"test: {name}", check=lambda ctx: None, settings=lambda ctx: {}, apply=apply, **kw
+    )
 
 
 def test_tune_rejects_failing_and_output_changing_variants_and_sees_no_gain_in_a_noop(
@@ -230,12 +256,14 @@ def test_tune_rejects_failing_and_output_changing_variants_and_sees_no_gain_in_a
     def boom(original: Any) -> Any:
         def decode(*args: Any, **kwargs: Any) -> Any:
             raise RuntimeError("boom: this variant breaks decoding")
+
         return decode
 
     def brighter(original: Any) -> Any:
         def decode(*args: Any, **kwargs: Any) -> Any:
             out = original(*args, **kwargs)
             return (out[0] + 0.2, *out[1:]) if isinstance(out, tuple) else out
+
         return decode
 
     def noop(ctx: TuneContext) -> Any:
@@ -245,14 +273,17 @@ def test_tune_rejects_failing_and_output_changing_variants_and_sees_no_gain_in_a
         _variant("noop", noop),
         _variant("boom", lambda ctx: _decode_patch(ctx.pipe, boom)),
         _variant("brighter", lambda ctx: _decode_patch(ctx.pipe, brighter)),
-        _variant("fresh", None, fresh_process=True,
-                 env=lambda ctx: {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}),
+        _variant(
+            "fresh", None, fresh_process=True, env=lambda ctx: {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+        ),
         "prompt_cache",
     ]
     cfg = Config.model_validate({"model": {"cache_dir": str(tiny_cache_dir), "cpu_threads": 1}})
     pipe_class = type(tiny_pipe)
     result = tune_pipeline(
-        tiny_pipe, cfg, variants,
+        tiny_pipe,
+        cfg,
+        variants,
         TuneOptions(runs=9, rounds=3, warmup=WarmupRule(max_runs=6), flops=False),
         model_id=TINY_MODEL_ID,
     )
@@ -292,17 +323,36 @@ def slow_text_encoder(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 def test_zmon_tune_end_to_end_then_zmon_run_applies_the_snippet(
-    tiny_cache_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], eager_compile: None,
-    slow_text_encoder: None, torch_single_thread: None,
+    tiny_cache_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    eager_compile: None,
+    slow_text_encoder: None,
+    torch_single_thread: None,
 ) -> None:
     config = tmp_path / "zmon.yaml"
-    config.write_text(f"model:\n  cache_dir: {tiny_cache_dir}\n  cpu_threads: 1\n"
-                      "server:\n  listen: 127.0.0.1:0\n")
+    config.write_text(f"model:\n  cache_dir: {tiny_cache_dir}\n  cpu_threads: 1\nserver:\n  listen: 127.0.0.1:0\n")
     out = tmp_path / "tune"
-    variants = ("compile,prompt_cache,channels_last,cuda_graphs,fp8,expandable_segments,fewer_steps,"
-                "attention:_native_cudnn")
-    code = main(["tune", "-c", str(config), "--variants", variants, "--runs", "4", "--rounds", "2",
-                 "--max-warmup", "6", "--out", str(out)])
+    variants = (
+        "compile,prompt_cache,channels_last,cuda_graphs,fp8,expandable_segments,fewer_steps,attention:_native_cudnn"
+    )
+    code = main(
+        [
+            "tune",
+            "-c",
+            str(config),
+            "--variants",
+            variants,
+            "--runs",
+            "4",
+            "--rounds",
+            "2",
+            "--max-warmup",
+            "6",
+            "--out",
+            str(out),
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     for name in ("tune.json", "tune.md", "tune.html", "tune.config.yaml"):
@@ -374,14 +424,22 @@ def test_unknown_variant_exits_2_listing_the_valid_names(capsys: pytest.CaptureF
 def test_run_refuses_an_option_this_device_cannot_apply(tiny_cache_dir: Path, tmp_path: Path) -> None:
     from zmon.app.run import run_main
 
-    cfg = load_config(environ={}, overrides={"model": {"cache_dir": str(tiny_cache_dir), "fp8": True},
-                                             "server": {"listen": "127.0.0.1:0"},
-                                             "workload": {"max_generations": 1}})
+    cfg = load_config(
+        environ={},
+        overrides={
+            "model": {"cache_dir": str(tiny_cache_dir), "fp8": True},
+            "server": {"listen": "127.0.0.1:0"},
+            "workload": {"max_generations": 1},
+        },
+    )
     assert run_main(cfg) == 2
 
 
 def test_a_pipeline_that_cannot_compile_is_reported_and_exit_is_1_when_nothing_ran(
-    tiny_cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    tiny_cache_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
     torch_single_thread: None,
 ) -> None:
     def broken_backend(gm: Any, example_inputs: Any) -> Any:
@@ -391,8 +449,23 @@ def test_a_pipeline_that_cannot_compile_is_reported_and_exit_is_1_when_nothing_r
     config = tmp_path / "zmon.yaml"
     config.write_text(f"model:\n  cache_dir: {tiny_cache_dir}\n  cpu_threads: 1\n")
     out = tmp_path / "tune"
-    code = main(["tune", "-c", str(config), "--variants", "compile,fp8", "--runs", "2", "--rounds", "1",
-                 "--max-warmup", "4", "--out", str(out)])
+    code = main(
+        [
+            "tune",
+            "-c",
+            str(config),
+            "--variants",
+            "compile,fp8",
+            "--runs",
+            "2",
+            "--rounds",
+            "1",
+            "--max-warmup",
+            "4",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 1, capsys.readouterr().err  # the baseline ran, no variant could
     doc = json.loads((out / "tune.json").read_text())
     compile_result = next(v for v in doc["variants"] if v["name"] == "compile")
@@ -431,9 +504,14 @@ class RecordingSampling:
 def test_time_budget_skips_with_the_reason(tiny_pipe: Any, tiny_cache_dir: Path, torch_single_thread: None) -> None:
     cfg = Config.model_validate({"model": {"cache_dir": str(tiny_cache_dir)}})
     sampling = RecordingSampling()
-    result = tune_pipeline(tiny_pipe, cfg, ["channels_last", "prompt_cache"],
-                           TuneOptions(runs=4, rounds=2, max_seconds=0.01, warmup=WarmupRule(max_runs=4)),
-                           model_id=TINY_MODEL_ID, sampling=sampling)
+    result = tune_pipeline(
+        tiny_pipe,
+        cfg,
+        ["channels_last", "prompt_cache"],
+        TuneOptions(runs=4, rounds=2, max_seconds=0.01, warmup=WarmupRule(max_runs=4)),
+        model_id=TINY_MODEL_ID,
+        sampling=sampling,
+    )
     # sampled for the whole tune, stopped even though it stopped early; failed samples are said
     assert sampling.calls == ["start", "wait_ready", "stop"]
     assert "2 resource sample(s) failed" in result.notes
@@ -447,12 +525,16 @@ def test_time_budget_skips_with_the_reason(tiny_pipe: Any, tiny_cache_dir: Path,
 def test_a_configured_prompt_cache_is_part_of_the_baseline_and_hooks_the_swapped_modules_once(
     tiny_pipe: Any, tiny_cache_dir: Path, torch_single_thread: None, eager_compile: None
 ) -> None:
-    cfg = Config.model_validate({"model": {"cache_dir": str(tiny_cache_dir)},
-                                 "workload": {"prompt_cache": {"enabled": True}}})
-    result = tune_pipeline(tiny_pipe, cfg, ["prompt_cache", "compile"],
-                           TuneOptions(runs=2, rounds=1, warmup=WarmupRule(max_runs=3), flops=False,
-                                       combine=False),
-                           model_id=TINY_MODEL_ID)
+    cfg = Config.model_validate(
+        {"model": {"cache_dir": str(tiny_cache_dir)}, "workload": {"prompt_cache": {"enabled": True}}}
+    )
+    result = tune_pipeline(
+        tiny_pipe,
+        cfg,
+        ["prompt_cache", "compile"],
+        TuneOptions(runs=2, rounds=1, warmup=WarmupRule(max_runs=3), flops=False, combine=False),
+        model_id=TINY_MODEL_ID,
+    )
     assert result.variants[0].status == "skipped" and "already on" in (result.variants[0].reason or "")
     base = result.baseline.measurement
     assert base is not None and all(r.prompt_cache_hit for r in base.records)  # the baseline ran with it

@@ -38,10 +38,12 @@ def write(tmp: Path, text: str) -> Path:
 
 
 def base_config(pki: Pki, extra: str = "", tls_extra: str = "") -> str:
-    return (f"tls_server_config:\n  cert_file: {pki.server_cert}\n  key_file: {pki.server_key}\n{tls_extra}"
-            f"basic_auth_users:\n  prometheus: '{HASH}'\n"
-            "http_server_config:\n  headers:\n    X-Content-Type-Options: nosniff\n"
-            "    Strict-Transport-Security: max-age=31536000\n" + extra)
+    return (
+        f"tls_server_config:\n  cert_file: {pki.server_cert}\n  key_file: {pki.server_key}\n{tls_extra}"
+        f"basic_auth_users:\n  prometheus: '{HASH}'\n"
+        "http_server_config:\n  headers:\n    X-Content-Type-Options: nosniff\n"
+        "    Strict-Transport-Security: max-age=31536000\n" + extra
+    )
 
 
 def make_app(token: str | None = "tok") -> App:
@@ -55,8 +57,9 @@ def serve() -> Iterator:  # type: ignore[type-arg]
     servers: list[Server] = []
 
     def start(path: Path, app: App | None = None) -> Server:
-        srv = Server(app or make_app(), "127.0.0.1", 0, web_config_file=path,
-                     limits=Limits(read_timeout=2.0, max_connections=64))
+        srv = Server(
+            app or make_app(), "127.0.0.1", 0, web_config_file=path, limits=Limits(read_timeout=2.0, max_connections=64)
+        )
         srv.start()
         servers.append(srv)
         return srv
@@ -66,8 +69,9 @@ def serve() -> Iterator:  # type: ignore[type-arg]
         s.shutdown()
 
 
-def client_ctx(pki: Pki, *, cert: tuple[Path, Path] | None = None, max_version: ssl.TLSVersion | None = None
-               ) -> ssl.SSLContext:
+def client_ctx(
+    pki: Pki, *, cert: tuple[Path, Path] | None = None, max_version: ssl.TLSVersion | None = None
+) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=str(pki.ca))
     if cert:
         ctx.load_cert_chain(*cert)
@@ -76,8 +80,14 @@ def client_ctx(pki: Pki, *, cert: tuple[Path, Path] | None = None, max_version: 
     return ctx
 
 
-def get(srv: Server, ctx: ssl.SSLContext, path: str = "/metrics", headers: dict[str, str] | None = None,
-        method: str = "GET", body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
+def get(
+    srv: Server,
+    ctx: ssl.SSLContext,
+    path: str = "/metrics",
+    headers: dict[str, str] | None = None,
+    method: str = "GET",
+    body: bytes | None = None,
+) -> tuple[int, dict[str, str], bytes]:
     c = http.client.HTTPSConnection("127.0.0.1", srv.port, context=ctx, timeout=5)
     try:
         c.request(method, path, body=body, headers=headers or {})
@@ -95,7 +105,9 @@ def basic(user: str = "prometheus", password: str = PASSWORD) -> dict[str, str]:
 
 
 def test_every_problem_is_listed(tmp_path: Path, pki: Pki) -> None:
-    p = write(tmp_path, f"""
+    p = write(
+        tmp_path,
+        f"""
 tls_server_config:
   cert_file: {pki.server_cert}
   key_file: {tmp_path}/absent.key
@@ -112,13 +124,23 @@ basic_auth_users:
 rate_limit:
   interval: soon
 nope: 1
-""")
+""",
+    )
     with pytest.raises(ConfigError) as e:
         load_web_config(p)
     text = str(e.value)
-    for want in ("client_auth_type", "TLS14", "unknown cipher", "only one curve", "X-Frame-Options",
-                 "'Server' can not be configured", "alice", "not a bcrypt hash", "rate_limit.interval",
-                 "nope: unknown key"):
+    for want in (
+        "client_auth_type",
+        "TLS14",
+        "unknown cipher",
+        "only one curve",
+        "X-Frame-Options",
+        "'Server' can not be configured",
+        "alice",
+        "not a bcrypt hash",
+        "rate_limit.interval",
+        "nope: unknown key",
+    ):
         assert want in text, (want, text)
 
 
@@ -127,14 +149,22 @@ def test_file_level_problems(tmp_path: Path, pki: Pki) -> None:
         f"tls_server_config:\n  cert_file: {pki.server_cert}\n  key_file: {tmp_path}/absent.key\n": "absent.key",
         f"tls_server_config:\n  cert_file: {pki.server_cert}\n": "missing one of key or key_file",
         f"tls_server_config:\n  cert_file: {pki.server_cert}\n  key_file: {pki.client_key}\n": "failed to load",
-        (f"tls_server_config:\n  cert_file: {pki.server_cert}\n  key_file: {pki.server_key}\n"
-         f"  client_ca_file: {pki.ca}\n"): "without a Client Auth Policy",
-        (f"tls_server_config:\n  cert_file: {pki.server_cert}\n  key_file: {pki.server_key}\n"
-         "  client_auth_type: RequireAnyClientCert\n"): "cannot be enforced",
-        (f"tls_server_config:\n  cert_file: {pki.server_cert}\n  key_file: {pki.server_key}\n"
-         "  min_version: TLS13\n  max_version: TLS12\n"): "above max_version",
-        (f"tls_server_config:\n  cert_file: {pki.server_cert}\n  key_file: {pki.server_key}\n"
-         "  client_allowed_sans: [x]\n"): "client_allowed_sans requires",
+        (
+            f"tls_server_config:\n  cert_file: {pki.server_cert}\n  key_file: {pki.server_key}\n"
+            f"  client_ca_file: {pki.ca}\n"
+        ): "without a Client Auth Policy",
+        (
+            f"tls_server_config:\n  cert_file: {pki.server_cert}\n  key_file: {pki.server_key}\n"
+            "  client_auth_type: RequireAnyClientCert\n"
+        ): "cannot be enforced",
+        (
+            f"tls_server_config:\n  cert_file: {pki.server_cert}\n  key_file: {pki.server_key}\n"
+            "  min_version: TLS13\n  max_version: TLS12\n"
+        ): "above max_version",
+        (
+            f"tls_server_config:\n  cert_file: {pki.server_cert}\n  key_file: {pki.server_key}\n"
+            "  client_allowed_sans: [x]\n"
+        ): "client_allowed_sans requires",
         "rate_limit:\n  interval: 1s\n  burst: 0\n": "burst",
         "- a list\n": "expected a mapping",
         "a: [1\n": "invalid YAML",
@@ -149,6 +179,7 @@ def test_relative_paths_inline_pem_and_empty_file(tmp_path: Path, pki: Pki) -> N
     rel = pki.dir / "web.yml"  # cert paths relative to the file's directory, as exporter-toolkit does
     rel.write_text("tls_server_config:\n  cert_file: server.pem\n  key_file: server.key\n")
     assert load_web_config(rel).ssl_context is not None
+
     def block(p: Path) -> str:
         return "".join(f"    {ln}\n" for ln in p.read_text().splitlines())
 
@@ -166,8 +197,12 @@ def test_go_durations() -> None:
 
 def test_cli_bad_web_config_exits_2_listing_every_error(tmp_path: Path) -> None:
     p = write(tmp_path, "basic_auth_users:\n  bob: x\nhttp_server_config:\n  headers:\n    Server: z\n")
-    r = subprocess.run([sys.executable, "-m", "zmon", "watch", "--listen", "127.0.0.1:0", "--web.config.file",
-                        str(p)], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "zmon", "watch", "--listen", "127.0.0.1:0", "--web.config.file", str(p)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2, r.stderr
     assert "2 error(s)" in r.stderr and "bob" in r.stderr and "Server" in r.stderr
 
@@ -252,8 +287,10 @@ def test_min_version_and_cipher_suites(tmp_path: Path, pki: Pki, serve) -> None:
     suites = "  max_version: TLS12\n  cipher_suites: [TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384]\n"
     srv2 = serve(write(tmp_path / "c", base_config(pki, tls_extra=suites)))
     ctx = client_ctx(pki)
-    with socket.create_connection(("127.0.0.1", srv2.port), timeout=5) as raw, \
-            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+    with (
+        socket.create_connection(("127.0.0.1", srv2.port), timeout=5) as raw,
+        ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s,
+    ):
         assert s.version() == "TLSv1.2" and s.cipher()[0] == "ECDHE-ECDSA-AES256-GCM-SHA384"
 
 
@@ -298,7 +335,7 @@ def test_readme_example_is_a_valid_web_config(tmp_path: Path, pki: Pki) -> None:
     import re
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = readme[readme.index("### Web configuration file"):]
+    section = readme[readme.index("### Web configuration file") :]
     example = re.search(r"```yaml\n(.*?)```", section, re.S)
     assert example is not None
     p = pki.dir / "readme-web.yml"  # cert_file: server.pem / key_file: server.key, relative to the file

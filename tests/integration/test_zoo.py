@@ -26,12 +26,21 @@ BY_NAME = {c.name: c for c in CASES}
 
 
 def config(cache: Path, **workload: Any) -> Config:
-    return load_config(None, environ={}, overrides={
-        "model": {"cache_dir": str(cache)},
-        "workload": {"resolutions": ["64x64"], **workload},
-        "profiling": {"runs": 4, "warmup": 1, "disk_test_bytes": 0, "formats": ["json"],
-                      "sample_interval_seconds": 0.05},
-    })
+    return load_config(
+        None,
+        environ={},
+        overrides={
+            "model": {"cache_dir": str(cache)},
+            "workload": {"resolutions": ["64x64"], **workload},
+            "profiling": {
+                "runs": 4,
+                "warmup": 1,
+                "disk_test_bytes": 0,
+                "formats": ["json"],
+                "sample_interval_seconds": 0.05,
+            },
+        },
+    )
 
 
 def run_case(case: Case, pipe: Any, cache: Path, tmp_path: Path, **workload: Any) -> ProfileResult:
@@ -39,8 +48,9 @@ def run_case(case: Case, pipe: Any, cache: Path, tmp_path: Path, **workload: Any
     mon, history = profile_monitor(cfg)
     try:
         with injected(case, pipe, True, tmp_path):
-            return profile_pipeline(pipe, cfg, sampling=mon, history=history, out_dir=tmp_path / case.name,
-                                    model_id="builtin:tiny-z-image")
+            return profile_pipeline(
+                pipe, cfg, sampling=mon, history=history, out_dir=tmp_path / case.name, model_id="builtin:tiny-z-image"
+            )
     finally:
         mon.stop()
 
@@ -73,12 +83,17 @@ def test_storage_reads_are_io_not_cpu(tiny_pipe: Any, tiny_cache_dir: Path, tmp_
 
 @pytest.fixture
 def slow_session(tiny_cache_dir: Path) -> Iterator[Any]:
-    cfg = Config.model_validate({
-        "model": {"cache_dir": str(tiny_cache_dir), "cpu_threads": 1},
-        "workload": {"resolutions": ["64x64"], "prompts_file": None},
-        "sampling": {"host": {"interval_seconds": 0.05}, "process": {"interval_seconds": 0.05},
-                     "disk": {"interval_seconds": 0.05}},
-    })
+    cfg = Config.model_validate(
+        {
+            "model": {"cache_dir": str(tiny_cache_dir), "cpu_threads": 1},
+            "workload": {"resolutions": ["64x64"], "prompts_file": None},
+            "sampling": {
+                "host": {"interval_seconds": 0.05},
+                "process": {"interval_seconds": 0.05},
+                "disk": {"interval_seconds": 0.05},
+            },
+        }
+    )
     session = build_run(cfg, registry=CollectorRegistry(), serve_http=False)
     try:
         yield session
@@ -86,8 +101,9 @@ def slow_session(tiny_cache_dir: Path) -> Iterator[Any]:
         session.close()
 
 
-def test_live_diagnosis_and_profile_agree(slow_session: Any, tiny_pipe: Any, tiny_cache_dir: Path,
-                                          tmp_path: Path) -> None:
+def test_live_diagnosis_and_profile_agree(
+    slow_session: Any, tiny_pipe: Any, tiny_cache_dir: Path, tmp_path: Path
+) -> None:
     """The same workload, judged by the daemon's rolling window and by `zmon profile`: same facts, same rules,
     same verdict."""
     case = BY_NAME["cpu_text_encoding"]
@@ -102,4 +118,3 @@ def test_live_diagnosis_and_profile_agree(slow_session: Any, tiny_pipe: Any, tin
     assert {f.kind for f in snap.diagnosis.active_findings if f.priority == 1} == {
         f.kind for f in profiled.diagnosis.active_findings if f.priority == 1
     }
-

@@ -67,9 +67,9 @@ def test_actions_auth_validation_and_effect(served: tuple[str, Monitor, object])
     code, body = post(url, b'{"action": "gc_collect"}', "tok")
     assert code == 202 and body["queued"] == "gc_collect"
     # idle (no generation in progress): it ran at once and was counted
-    assert mon.registry.get_sample_value(
-        "zmon_remediation_actions_total", {"action": "gc_collect", "result": "ok"}
-    ) == 1.0
+    assert (
+        mon.registry.get_sample_value("zmon_remediation_actions_total", {"action": "gc_collect", "result": "ok"}) == 1.0
+    )
 
 
 def test_action_requested_mid_generation_waits_for_the_boundary(served: tuple[str, Monitor, object]) -> None:
@@ -81,6 +81,6 @@ def test_action_requested_mid_generation_waits_for_the_boundary(served: tuple[st
         "zmon_remediation_actions_total", {"action": "gc_collect", "result": "ok"}
     ) in (None, 0.0)
     policy.generation_finished()  # type: ignore[attr-defined]
-    assert mon.registry.get_sample_value(
-        "zmon_remediation_actions_total", {"action": "gc_collect", "result": "ok"}
-    ) == 1.0
+    assert (
+        mon.registry.get_sample_value("zmon_remediation_actions_total", {"action": "gc_collect", "result": "ok"}) == 1.0
+    )

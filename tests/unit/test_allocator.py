@@ -51,11 +51,7 @@ def test_settings_from_env_prefers_new_name() -> None:
     s = settings_from_env(
         {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "PYTORCH_ALLOC_CONF": "max_split_size_mb:64"}
     )
-    assert (
-        s.env_var == "PYTORCH_ALLOC_CONF"
-        and not s.expandable_segments
-        and s.option("max_split_size_mb") == "64"
-    )
+    assert s.env_var == "PYTORCH_ALLOC_CONF" and not s.expandable_segments and s.option("max_split_size_mb") == "64"
 
 
 # ------------------------------------------------------------------------------------------- provider
@@ -163,9 +159,7 @@ def test_collector_families() -> None:
     store = SnapshotStore()
     cuda = _scenario(2)
     cuda.devices[1].set(allocated=GIB, reserved=GIB)
-    p = AllocatorProvider(
-        cuda, devices=[0, 1], environ={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
-    )
+    p = AllocatorProvider(cuda, devices=[0, 1], environ={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})
     store.put("allocator", p.sample(), 0.0001)
     reg = _registry(store)
     v = reg.get_sample_value

@@ -18,7 +18,15 @@ PACKAGE = ROOT / "zmon"
 # path only, so that `zmon watch` and `zmon check-config` never load them. torchao is optional (not a dependency):
 # only `model.fp8` / the tune's fp8 variant import it, and say so when it is missing.
 LAZY_OK = (
-    "torch", "diffusers", "transformers", "tokenizers", "huggingface_hub", "PIL", "pynvml", "importlib", "torchao",
+    "torch",
+    "diffusers",
+    "transformers",
+    "tokenizers",
+    "huggingface_hub",
+    "PIL",
+    "pynvml",
+    "importlib",
+    "torchao",
 )
 
 

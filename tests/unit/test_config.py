@@ -44,8 +44,12 @@ def test_every_error_reported_at_once(tmp_path: Path) -> None:
 def test_env_overrides_take_types_and_precede_file(tmp_path: Path) -> None:
     p = tmp_path / "c.yaml"
     p.write_text("sampling:\n  nvml:\n    interval_seconds: 5\n")
-    env = {"ZMON_SAMPLING__NVML__INTERVAL_SECONDS": "2.5", "ZMON_SAMPLING__NVML__ENABLED": "false",
-           "ZMON_AUTH_TOKEN": "secret", "OTHER": "x"}
+    env = {
+        "ZMON_SAMPLING__NVML__INTERVAL_SECONDS": "2.5",
+        "ZMON_SAMPLING__NVML__ENABLED": "false",
+        "ZMON_AUTH_TOKEN": "secret",
+        "OTHER": "x",
+    }
     cfg = load_config(p, environ=env)
     assert cfg.sampling.nvml.interval_seconds == 2.5
     assert cfg.sampling.nvml.enabled is False
@@ -69,8 +73,15 @@ def test_config_is_frozen() -> None:
 
 @pytest.mark.parametrize(
     ("value", "ok"),
-    [("127.0.0.1:8739", True), ("[::1]:80", True), ("0.0.0.0:0", True), ("host", False), (":80", False),
-     ("h:99999", False), ("h:x", False)],
+    [
+        ("127.0.0.1:8739", True),
+        ("[::1]:80", True),
+        ("0.0.0.0:0", True),
+        ("host", False),
+        (":80", False),
+        ("h:99999", False),
+        ("h:x", False),
+    ],
 )
 def test_parse_listen(value: str, ok: bool) -> None:
     if ok:

@@ -32,14 +32,29 @@ scalars = st.one_of(
     st.integers(min_value=-(10**30), max_value=10**30),
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=20),
-    st.sampled_from(["~nosuchuser/x", "~", "64x64", "64x", "1e12", ".inf", "127.0.0.1:0", "0.0.0.0:8739",
-                     "http://127.0.0.1:9093", "[", "DEBUG", "json", "/dev/full", "/proc/1/mem", "\x00"]),
+    st.sampled_from(
+        [
+            "~nosuchuser/x",
+            "~",
+            "64x64",
+            "64x",
+            "1e12",
+            ".inf",
+            "127.0.0.1:0",
+            "0.0.0.0:8739",
+            "http://127.0.0.1:9093",
+            "[",
+            "DEBUG",
+            "json",
+            "/dev/full",
+            "/proc/1/mem",
+            "\x00",
+        ]
+    ),
 )
 values = st.recursive(
     scalars,
-    lambda inner: st.one_of(
-        st.lists(inner, max_size=4), st.dictionaries(st.sampled_from(KEYS), inner, max_size=4)
-    ),
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.sampled_from(KEYS), inner, max_size=4)),
     max_leaves=12,
 )
 
@@ -111,14 +126,38 @@ def test_bytes_never_raise_anything_but_config_error(workdir: Path, raw: bytes) 
 env_names = st.one_of(
     st.sampled_from([env_name(leaf) for leaf in LEAVES]),
     st.sampled_from(sorted(NON_CONFIG_ENV)),
-    st.sampled_from(["ZMON_SAMPLING", "ZMON_SAMPLING__NVML", "ZMON_SAMPLING_NVML_ENABLED", "ZMON_", "ZMON___",
-                     "ZMON_POLICY__RULES__X__THRESHOLD", "ZMON_ALERTING__EXTERNAL_LABELS__A"]),
+    st.sampled_from(
+        [
+            "ZMON_SAMPLING",
+            "ZMON_SAMPLING__NVML",
+            "ZMON_SAMPLING_NVML_ENABLED",
+            "ZMON_",
+            "ZMON___",
+            "ZMON_POLICY__RULES__X__THRESHOLD",
+            "ZMON_ALERTING__EXTERNAL_LABELS__A",
+        ]
+    ),
     st.text(alphabet=string.ascii_letters + "_", max_size=30).map(lambda s: "ZMON_" + s),
 )
 env_values = st.one_of(
     st.text(max_size=30).filter(lambda s: "\x00" not in s),
-    st.sampled_from(["0", "-1", "1e12", ".inf", ".nan", "true", "null", "[1, 2]", "{a: 1}", "~nosuchuser", "9" * 5000,
-                     "[" * 200, "&a [*a]"]),
+    st.sampled_from(
+        [
+            "0",
+            "-1",
+            "1e12",
+            ".inf",
+            ".nan",
+            "true",
+            "null",
+            "[1, 2]",
+            "{a: 1}",
+            "~nosuchuser",
+            "9" * 5000,
+            "[" * 200,
+            "&a [*a]",
+        ]
+    ),
 )
 
 

@@ -40,11 +40,13 @@ def _errors(tmp_path: Path, text: str | bytes, environ: dict[str, str] | None = 
         ("sampling:\n" + "".join("  " * (i + 1) + f"k{i}:\n" for i in range(100)), "nested more than 64"),
         ("server:\n  max_connections: " + "9" * 5000, "an integer too long to be a setting"),
         ("sampling:\n  nvml:\n    interval_seconds: " + "9" * 4000, "sampling.nvml.interval_seconds"),
-        (b"server:\n  listen: \"\xff\xfe\"\n", "not UTF-8 text: invalid byte 0xff at line 2"),
+        (b'server:\n  listen: "\xff\xfe"\n', "not UTF-8 text: invalid byte 0xff at line 2"),
         ("workload:\n  output_dir: ~nosuchuser/x\n", "workload.output_dir: '~nosuchuser/x': no user named"),
         ("sampling:\n  disk:\n    paths: ['~nosuchuser']\n", "sampling.disk.paths.0"),
-        ("sampling:\n  nvml:\n    interval_seconds: .inf\n",
-         "sampling.nvml.interval_seconds: Input should be a finite"),
+        (
+            "sampling:\n  nvml:\n    interval_seconds: .inf\n",
+            "sampling.nvml.interval_seconds: Input should be a finite",
+        ),
         ("sampling:\n  host:\n    interval_seconds: 1e12\n", "sampling.host.interval_seconds: Input should be less"),
         ("sampling:\n  misfire_grace_seconds: 1e12\n", "sampling.misfire_grace_seconds: Input should be less"),
         ("sampling:\n  nvml:\n    interval_seconds: .nan\n", "finite number"),
@@ -53,8 +55,12 @@ def _errors(tmp_path: Path, text: str | bytes, environ: dict[str, str] | None = 
         ("policy:\n  rules:\n    ooms_rising:\n      cooldown_seconds: 1.0e+300\n", "cooldown_seconds"),
         ("sampling:\n  disk:\n    exclude_devices: '(['\n", "not a valid regular expression"),
         ("server:\n  auth:\n    token_env: 'A B'\n", "not an environment variable name"),
-        ("a: &a [x,x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b]\n"
-         "d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c]\ne: [*d,*d,*d,*d,*d,*d,*d,*d,*d,*d]\n", "aliases are expanded"),
+        (
+            "a: &a [x,x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a]\n"
+            "c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b]\n"
+            "d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c]\ne: [*d,*d,*d,*d,*d,*d,*d,*d,*d,*d]\n",
+            "aliases are expanded",
+        ),
         ("policy: &a\n  rules: [*a]\n", "aliases are expanded"),
         ("sampling:\n  nvml:\n    intervl_seconds: 2\n", "unknown key; did you mean interval_seconds?"),
         ("- a list\n", "expected a mapping of sections"),
@@ -224,13 +230,19 @@ def test_check_config_checks_everything_a_mode_checks(tmp_path: Path, mode: str)
     """What any mode rejects, check-config rejects (same function, the union of the checks)."""
     f = tmp_path / "file"
     f.write_text("x")
-    cfg = Config.model_validate({
-        "server": {"web_config_file": str(tmp_path / "web.yml"), "auth": {"token_file": str(tmp_path / "tok")}},
-        "workload": {"resolutions": ["64x"], "output_dir": str(f), "jsonl": {"path": str(tmp_path / "d" / "j")},
-                     "oom": {"memory_snapshot_dir": str(f)}},
-        "profiling": {"output_dir": str(f), "trace": {"enabled": True, "directory": str(f)}},
-        "alerting": {"alertmanager_urls": ["http://127.0.0.1:9"], "ca_file": str(tmp_path / "ca.pem")},
-    })
+    cfg = Config.model_validate(
+        {
+            "server": {"web_config_file": str(tmp_path / "web.yml"), "auth": {"token_file": str(tmp_path / "tok")}},
+            "workload": {
+                "resolutions": ["64x"],
+                "output_dir": str(f),
+                "jsonl": {"path": str(tmp_path / "d" / "j")},
+                "oom": {"memory_snapshot_dir": str(f)},
+            },
+            "profiling": {"output_dir": str(f), "trace": {"enabled": True, "directory": str(f)}},
+            "alerting": {"alertmanager_urls": ["http://127.0.0.1:9"], "ca_file": str(tmp_path / "ca.pem")},
+        }
+    )
     errors = set(check(cfg, mode).errors)  # type: ignore[arg-type]
     assert errors, mode
     assert errors <= set(check(cfg, "check-config").errors)

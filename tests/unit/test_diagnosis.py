@@ -146,9 +146,7 @@ def test_build_facts_baseline_skips_warmup_but_keeps_first_generation() -> None:
     assert b.totals_seconds == tuple(r.total_seconds for r in records[1:])
     assert b.latency is not None and b.latency.p50 == pytest.approx(records[1].total_seconds)
     assert facts.io.first_generation_seconds == pytest.approx(records[0].total_seconds)
-    assert facts.io.first_generation_slowdown == pytest.approx(
-        records[0].total_seconds / records[1].total_seconds
-    )
+    assert facts.io.first_generation_slowdown == pytest.approx(records[0].total_seconds / records[1].total_seconds)
     assert facts.environment.device == "cuda"
     assert facts.multi_gpu is None
 
@@ -241,10 +239,17 @@ def test_flowchart_cpu_bound_on_low_gpu_utilization() -> None:
 
 def test_flowchart_memory_bound_on_a_full_card_under_pressure() -> None:
     records = make_records()
-    pressure = MemoryFacts(card_total_bytes=CARD, reserved_unallocated_ratio=0.05, headroom_bytes=3 * GB,
-                           alloc_retries=4, ooms=0, fragmentation_ratio=0.02)
-    d = diagnose(healthy_facts(records, gpu_samples=gpu_trace(records, HEALTHY_UTIL, idle=0.9, memory=76 * GB),
-                               memory=pressure))
+    pressure = MemoryFacts(
+        card_total_bytes=CARD,
+        reserved_unallocated_ratio=0.05,
+        headroom_bytes=3 * GB,
+        alloc_retries=4,
+        ooms=0,
+        fragmentation_ratio=0.02,
+    )
+    d = diagnose(
+        healthy_facts(records, gpu_samples=gpu_trace(records, HEALTHY_UTIL, idle=0.9, memory=76 * GB), memory=pressure)
+    )
     assert d.verdict == "memory_bound"
     assert [s.answer for s in d.steps] == ["no", "yes"]
     ev = d.steps[1].evidence[0]
@@ -256,10 +261,17 @@ def test_flowchart_memory_bound_on_a_full_card_under_pressure() -> None:
 def test_a_full_card_of_cache_is_not_memory_bound() -> None:
     """137 GB free and a 0.46 cache ratio, 1.5 % real fragmentation, no retries: cache, not pressure."""
     records = make_records()
-    cache = MemoryFacts(card_total_bytes=CARD, reserved_unallocated_ratio=0.46, fragmentation_ratio=0.015,
-                        headroom_bytes=40 * GB, alloc_retries=0, ooms=0)
-    d = diagnose(healthy_facts(records, gpu_samples=gpu_trace(records, HEALTHY_UTIL, idle=0.9, memory=76 * GB),
-                               memory=cache))
+    cache = MemoryFacts(
+        card_total_bytes=CARD,
+        reserved_unallocated_ratio=0.46,
+        fragmentation_ratio=0.015,
+        headroom_bytes=40 * GB,
+        alloc_retries=0,
+        ooms=0,
+    )
+    d = diagnose(
+        healthy_facts(records, gpu_samples=gpu_trace(records, HEALTHY_UTIL, idle=0.9, memory=76 * GB), memory=cache)
+    )
     assert d.verdict == "optimized"
     assert d.steps[1].answer == "no" and "without pressure" in d.steps[1].basis
     mem = finding(d, "memory_fragmentation")
@@ -297,8 +309,9 @@ def test_flowchart_optimized() -> None:
     assert [s.answer for s in d.steps] == ["no", "no", "no", "not_measured"]  # no load or storage measured
     assert d.active_findings == ()
     assert "hardware" in d.action
-    assert d.confidence == "high" and d.caveats == ("1 generation(s) left out of the steady state (1 warmup); "
-                                                    "see the excluded runs",)
+    assert d.confidence == "high" and d.caveats == (
+        "1 generation(s) left out of the steady state (1 warmup); see the excluded runs",
+    )
 
 
 def test_thresholds_are_configurable() -> None:
@@ -344,9 +357,7 @@ def test_cpu_only_text_encoding_dominates_is_cpu_bound_with_prompt_cache_fix() -
 
 
 def test_cpu_only_without_dominant_cpu_stage_reports_not_measured() -> None:
-    facts = build_facts(
-        make_records(device="cpu"), env=EnvironmentFacts(device="cpu"), warmup=1, created_at=T0
-    )
+    facts = build_facts(make_records(device="cpu"), env=EnvironmentFacts(device="cpu"), warmup=1, created_at=T0)
     d = diagnose(facts)
     assert [s.answer for s in d.steps] == ["not_measured", "not_measured", "no", "not_measured"]
     assert d.verdict == "optimized"
@@ -402,13 +413,21 @@ def test_gpu_waiting_on_storage_is_io_not_cpu() -> None:
     """Each request reads weights from disk before encoding: the GPU idles, the process waits on reads."""
     records = make_records(text=0.6)
     util = {**HEALTHY_UTIL, "text_encode": 0.0}
-    ios = [IoPoint(t.timestamp, disk_read_bytes_per_second=1.5e9 if t.util_ratio == 0.0 else 1e6,
-                   process_read_bytes_per_second=1.5e9 if t.util_ratio == 0.0 else 0.0)
-           for t in gpu_trace(records, util, idle=0.5)]
-    cpu = [CpuPoint(t.timestamp, process_cores=0.1 if t.util_ratio == 0.0 else 1.0, host_ratio=0.1)
-           for t in gpu_trace(records, util, idle=0.5)]
-    d = diagnose(healthy_facts(records, gpu_samples=gpu_trace(records, util, idle=0.5), io_samples=ios,
-                               cpu_samples=cpu))
+    ios = [
+        IoPoint(
+            t.timestamp,
+            disk_read_bytes_per_second=1.5e9 if t.util_ratio == 0.0 else 1e6,
+            process_read_bytes_per_second=1.5e9 if t.util_ratio == 0.0 else 0.0,
+        )
+        for t in gpu_trace(records, util, idle=0.5)
+    ]
+    cpu = [
+        CpuPoint(t.timestamp, process_cores=0.1 if t.util_ratio == 0.0 else 1.0, host_ratio=0.1)
+        for t in gpu_trace(records, util, idle=0.5)
+    ]
+    d = diagnose(
+        healthy_facts(records, gpu_samples=gpu_trace(records, util, idle=0.5), io_samples=ios, cpu_samples=cpu)
+    )
     assert [s.answer for s in d.steps] == ["no", "no", "no", "yes"]
     assert "waiting on storage" in d.steps[0].basis
     assert d.verdict == "io_or_caching"
@@ -420,8 +439,12 @@ def test_gpu_waiting_on_storage_is_io_not_cpu() -> None:
 def test_memory_fragmentation_finding_needs_pressure() -> None:
     # allocated 20 GB of 30 GB reserved, 1 GB inactive split, 40 GB free on the card: cache, no pressure
     mem = MemoryFacts(
-        card_total_bytes=CARD, reserved_unallocated_ratio=1 / 3, fragmentation_ratio=1 / 30,
-        headroom_bytes=50 * GB, alloc_retries=0, ooms=0,
+        card_total_bytes=CARD,
+        reserved_unallocated_ratio=1 / 3,
+        fragmentation_ratio=1 / 30,
+        headroom_bytes=50 * GB,
+        alloc_retries=0,
+        ooms=0,
     )
     assert not finding(diagnose(healthy_facts(memory=mem, env=gpu_env(alloc_conf=""))), "memory_fragmentation").active
     # Real fragmentation (inactive split 35 % of reserved) is pressure.
@@ -469,8 +492,7 @@ def test_small_checkpoint_throughput_is_shown_not_judged() -> None:
     shown = [e for e in f.evidence if e.figure.startswith("checkpoint read throughput")]
     assert shown and shown[0].holds is None and "not judged" in shown[0].figure
     big = IoFacts(model_dir="/m", checkpoint_load_seconds=40.0, checkpoint_bytes=2 * GB, cache_state="warm")
-    assert finding(diagnose(healthy_facts(make_records(), io=big, env=gpu_env(compiled=True))),
-                   "io_throttling").active
+    assert finding(diagnose(healthy_facts(make_records(), io=big, env=gpu_env(compiled=True))), "io_throttling").active
 
 
 def test_first_generation_slowdown_under_compile_is_not_io() -> None:
@@ -537,9 +559,7 @@ def test_profiling_config_defaults_and_validation() -> None:
     assert (t.gpu_util_low, t.vram_high, t.step_cv_high, t.run_cv_high) == (0.8, 0.9, 0.15, 0.1)
     assert (t.read_throughput_low, t.first_gen_slowdown_high, t.text_encode_share_high) == (500e6, 3.0, 0.25)
     assert (t.cpu_busy_high, t.cache_ratio_high, t.fragmentation_high, t.nccl_share_high) == (0.9, 0.3, 0.3, 0.2)
-    assert (
-        ProfilingConfig.model_validate({"thresholds": {"gpu_util_low": 0.7}}).thresholds.gpu_util_low == 0.7
-    )
+    assert ProfilingConfig.model_validate({"thresholds": {"gpu_util_low": 0.7}}).thresholds.gpu_util_low == 0.7
     with pytest.raises(ValidationError):
         ProfilingConfig.model_validate({"thresholds": {"gpu_util_lo": 0.7}})
     with pytest.raises(ValidationError):
@@ -607,9 +627,14 @@ def test_split_runs_caps_outliers() -> None:
 
 def test_gaps_name_the_untimed_time() -> None:
     r = make_record(T0)
-    r = replace(r, total_seconds=r.total_seconds + 0.3,
-                stages=tuple(replace(s, start_offset_seconds=s.start_offset_seconds + (0.1 if s.stage != "text_encode"
-                                                                                          else 0.0)) for s in r.stages))
+    r = replace(
+        r,
+        total_seconds=r.total_seconds + 0.3,
+        stages=tuple(
+            replace(s, start_offset_seconds=s.start_offset_seconds + (0.1 if s.stage != "text_encode" else 0.0))
+            for s in r.stages
+        ),
+    )
     names = {name: round(sec, 3) for name, _, sec in gaps(r)}
     assert names == {"text_encode → denoise": 0.1, "postprocess → end": 0.21}
 

@@ -123,12 +123,23 @@ class Pipe:
 def test_image_save_failures_are_counted_and_leave_no_partial_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    spec = WorkloadSpec(prompts=("a",), resolutions=((64, 64),), steps=1, guidance_scale=0.0, batch_size=1, seed=None,
-                        output_dir=tmp_path / "out")
+    spec = WorkloadSpec(
+        prompts=("a",),
+        resolutions=((64, 64),),
+        steps=1,
+        guidance_scale=0.0,
+        batch_size=1,
+        seed=None,
+        output_dir=tmp_path / "out",
+    )
     runner = Runner(Workload(Pipe(), spec))
     runner.run(2)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "gen-000000-0.png", "gen-000000-1.png", "gen-000001-0.png", "gen-000001-1.png"]
+        "gen-000000-0.png",
+        "gen-000000-1.png",
+        "gen-000001-0.png",
+        "gen-000001-1.png",
+    ]
     Image.full = True
     try:
         with caplog.at_level(logging.WARNING):

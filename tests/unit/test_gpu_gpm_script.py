@@ -44,8 +44,15 @@ def test_measure_over_the_fake_nvml(tmp_path: Path, capsys: pytest.CaptureFixtur
     on, off = NvmlProvider(fake, gpm=True), NvmlProvider(fake, gpm=False)
     try:
         result = gpu_gpm.measure(
-            on, off, fake_workloads(fake), 0, tmp_path,
-            window_seconds=0.5, period_seconds=0.12, timing_calls=5, timing_spacing_seconds=0.11,
+            on,
+            off,
+            fake_workloads(fake),
+            0,
+            tmp_path,
+            window_seconds=0.5,
+            period_seconds=0.12,
+            timing_calls=5,
+            timing_spacing_seconds=0.11,
         )
     finally:
         on.close()

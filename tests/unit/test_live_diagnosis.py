@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import subprocess
 import urllib.request
@@ -38,8 +39,9 @@ class Clock:
         return self.t
 
 
-def record(start: float, *, device: str = "cuda:0", text: float = 0.05, step: float = 0.1,
-           steps: int = 8, decode: float = 0.05) -> GenerationRecord:
+def record(
+    start: float, *, device: str = "cuda:0", text: float = 0.05, step: float = 0.1, steps: int = 8, decode: float = 0.05
+) -> GenerationRecord:
     """A generation: text encoding, `steps` denoise steps, VAE decode, back to back from `start`."""
     spans = [StageTiming("text_encode", text, 0.0)]
     t = text
@@ -49,15 +51,31 @@ def record(start: float, *, device: str = "cuda:0", text: float = 0.05, step: fl
     spans.append(StageTiming("vae_decode", decode, t))
     t += decode
     return GenerationRecord(
-        started_at=start, total_seconds=t, stages=tuple(spans), steps=steps, width=1024, height=1024,
-        guidance_scale=0.0, cfg_active=False, device=device, timing_method="cuda_event",
-        peak_allocated_bytes=30 * GIB, peak_reserved_bytes=36 * GIB,
+        started_at=start,
+        total_seconds=t,
+        stages=tuple(spans),
+        steps=steps,
+        width=1024,
+        height=1024,
+        guidance_scale=0.0,
+        cfg_active=False,
+        device=device,
+        timing_method="cuda_event",
+        peak_allocated_bytes=30 * GIB,
+        peak_reserved_bytes=36 * GIB,
     )
 
 
 def nvml(util: float, used: int = 40 * GIB) -> NvmlSample:
-    gpu = GpuSample(0, "GPU-1234", "NVIDIA H100 80GB HBM3", "00000000:3B:00.0",
-                    utilization_gpu_ratio=util, memory_used_bytes=used, memory_total_bytes=80 * GIB)
+    gpu = GpuSample(
+        0,
+        "GPU-1234",
+        "NVIDIA H100 80GB HBM3",
+        "00000000:3B:00.0",
+        utilization_gpu_ratio=util,
+        memory_used_bytes=used,
+        memory_total_bytes=80 * GIB,
+    )
     return NvmlSample("580.1", "13.580", "13.0", (gpu,))
 
 
@@ -70,8 +88,14 @@ def clock() -> Clock:
 def monitor(monkeypatch: pytest.MonkeyPatch, clock: Clock) -> Iterator[Monitor]:
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)  # NVML index = CUDA index
     cfg = Config()
-    mon = Monitor(cfg.sampling, cfg.server, mode="run", registry=CollectorRegistry(auto_describe=False),
-                  serve_http=False, store=SnapshotStore(wall=clock))  # samples are stamped with the fake wall clock
+    mon = Monitor(
+        cfg.sampling,
+        cfg.server,
+        mode="run",
+        registry=CollectorRegistry(auto_describe=False),
+        serve_http=False,
+        store=SnapshotStore(wall=clock),
+    )  # samples are stamped with the fake wall clock
     yield mon
     mon.stop()
 
@@ -182,6 +206,18 @@ def test_text_heavy_cpu_generations_read_cpu_bound_with_a_fix() -> None:
     assert "prompt" in (finding.fix or "")
 
 
+def test_verdict_changes_are_logged_once_with_their_caveats(caplog: pytest.LogCaptureFixture) -> None:
+    live = bare(clock=Clock(NOW + 20))
+    for i in range(5):
+        live.observe(record(NOW + i, device="cpu", text=0.5, step=0.02))
+    with caplog.at_level(logging.INFO, logger="zmon.capture.live"):
+        live.evaluate()
+        live.evaluate()  # same verdict, same confidence: not logged again
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("live verdict:")]
+    assert len(lines) == 1
+    assert lines[0].startswith("live verdict: cpu_bound (confidence low over 5 generation(s)) — CPU-only run")
+
+
 def test_every_rule_has_a_live_fix() -> None:
     assert set(LIVE_FIXES) == {r.kind for r in RULES} == set(KINDS)
     assert all(len(v) <= 160 for v in LIVE_FIXES.values())
@@ -217,7 +253,9 @@ def test_diagnosis_endpoint_and_zmon_diagnose(capsys: pytest.CaptureFixture[str]
         assert "gpu_samples" not in doc["facts"]["utilization"]
         assert main(["diagnose", "--url", url + "/"]) == 0
         out = capsys.readouterr().out
-        assert out.startswith("verdict: cpu_bound — CPU bottleneck")
+        # A CPU-only window: the verdict says it describes the host, with the reason.
+        assert out.startswith("verdict: cpu_bound (confidence low) — CPU bottleneck")
+        assert "caveat: CPU-only run" in out and "not the model on a GPU" in out
         assert "active findings (by priority):" in out and "fix: text encoding is" in out
     finally:
         mon.stop()

@@ -111,9 +111,7 @@ def test_values_in_base_units(provider: NvmlProvider) -> None:
 
 def test_unsupported_fields_are_none(provider: NvmlProvider) -> None:
     g0, g1, g2 = provider.sample().gpus
-    assert (
-        g0.fan_speed_ratio is None and g0.retired_pages_single_bit is None
-    )  # H100 SXM: no fan, rows remapped
+    assert g0.fan_speed_ratio is None and g0.retired_pages_single_bit is None  # H100 SXM: no fan, rows remapped
     assert g1.utilization_gpu_ratio is None and g1.utilization_memory_ratio is None
     assert g1.power_watts == 98.0  # the rest of that GPU is there
     assert g2.power_watts is None and g2.power_limit_watts is None and g2.energy_joules is None
@@ -178,13 +176,8 @@ def test_clock_event_reasons_decoded() -> None:
         "display_clock_setting",
     ]
     # the bits match pynvml's names, old and new
-    assert (
-        dict(CLOCK_EVENT_REASONS)["hw_power_brake_slowdown"]
-        == pynvml.nvmlClocksThrottleReasonHwPowerBrakeSlowdown
-    )
-    assert (
-        dict(CLOCK_EVENT_REASONS)["display_clock_setting"] == pynvml.nvmlClocksEventReasonDisplayClockSetting
-    )
+    assert dict(CLOCK_EVENT_REASONS)["hw_power_brake_slowdown"] == pynvml.nvmlClocksThrottleReasonHwPowerBrakeSlowdown
+    assert dict(CLOCK_EVENT_REASONS)["display_clock_setting"] == pynvml.nvmlClocksEventReasonDisplayClockSetting
     active = [name for name, on in decode_clock_event_reasons(0x1 | 0x40 | 0x10000) if on]
     assert active == ["gpu_idle", "hw_thermal_slowdown"]  # unknown bits ignored
 
@@ -326,9 +319,7 @@ def test_gpu_where_nothing_reads_is_down() -> None:
     assert g1.up
 
 
-def test_driver_gone_fails_the_sample_and_the_sampler_backs_off(
-    fake: FakeNvml, provider: NvmlProvider
-) -> None:
+def test_driver_gone_fails_the_sample_and_the_sampler_backs_off(fake: FakeNvml, provider: NvmlProvider) -> None:
     clock = FakeClock()
     store = SnapshotStore(clock=clock)
     sampler = Sampler(store, clock=clock)
@@ -417,9 +408,7 @@ def test_unsupported_fields_absent_from_exposition(provider: NvmlProvider) -> No
     assert get("zmon_gpu_xid_errors_total", {"gpu": "2"}) is None
     assert get("zmon_gpu_last_xid", {"gpu": "0"}) is None  # no Xid yet: unknown, not 0
     assert get("zmon_gpu_ecc_errors_total", {"gpu": "0", "type": "uncorrected"}) == 1.0
-    assert (
-        get("zmon_gpu_process_memory_used_bytes", {"gpu": "0", "pid": "4242", "workload": "true"}) == 31 * GIB
-    )
+    assert get("zmon_gpu_process_memory_used_bytes", {"gpu": "0", "pid": "4242", "workload": "true"}) == 31 * GIB
     assert f'pid="{VANISHED_PID}"' not in text  # memory unknown: no sample
     assert get("zmon_gpu_clock_event_active", {"gpu": "2", "reason": "display_clock_setting"}) == 1.0
     info = {
@@ -454,9 +443,7 @@ def test_metric_names_follow_conventions(provider: NvmlProvider) -> None:
 def test_promtool_check_metrics(provider: NvmlProvider) -> None:
     promtool = require_binary("promtool")
     _, text = exposition(provider)
-    out = subprocess.run(
-        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, check=False
-    )
+    out = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stdout + out.stderr
 
 

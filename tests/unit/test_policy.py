@@ -60,9 +60,7 @@ class Run:
 
     def __init__(self, *rules: Rule, step: float = 1.0, dry_run: bool = False) -> None:
         self.clock = FakeClock()
-        self.engine = PolicyEngine(
-            rules, self.clock, wall=lambda: 1.7e9, labels={"device": "0"}, dry_run=dry_run
-        )
+        self.engine = PolicyEngine(rules, self.clock, wall=lambda: 1.7e9, labels={"device": "0"}, dry_run=dry_run)
         self.step = step
 
     def feed(self, value: float | None, metric: str = "torch_reserved_unallocated_ratio") -> list[Decision]:
@@ -111,9 +109,7 @@ def test_threshold_fires_with_alert_and_actions() -> None:
 
 
 def sink_key(a: Alert) -> tuple[tuple[str, str], ...]:
-    return tuple(
-        sorted({"alertname": a.alertname, "severity": a.severity, "rule": a.rule, "device": "0"}.items())
-    )
+    return tuple(sorted({"alertname": a.alertname, "severity": a.severity, "rule": a.rule, "device": "0"}.items()))
 
 
 def test_absent_value_never_fires_and_resolves() -> None:
@@ -231,9 +227,7 @@ def test_dry_run_decisions_are_flagged_and_never_persist() -> None:
 
 def test_unknown_metric_rejected_with_valid_names() -> None:
     with pytest.raises(ValidationError) as ei:
-        PolicyConfig.model_validate(
-            {"rules": {"x": {"metric": "torch_fragmentaton", "threshold": 1}}}
-        )
+        PolicyConfig.model_validate({"rules": {"x": {"metric": "torch_fragmentaton", "threshold": 1}}})
     msg = str(ei.value)
     assert "unknown metric 'torch_fragmentaton'" in msg
     for name in ("torch_fragmentation_ratio", "torch_reserved_unallocated_ratio", "torch_ooms_delta"):
@@ -273,7 +267,10 @@ rules:
     r = cfg.rules["real_fragmentation"]
     assert r.name == "real_fragmentation" and r.alert_name == "ZmonRealFragmentation" and r.clear_level == 0.2
     assert [x.name for x in cfg.active_rules] == [
-        "reserved_unallocated_high", "alloc_retries_rising", "ooms_rising", "real_fragmentation",
+        "reserved_unallocated_high",
+        "alloc_retries_rising",
+        "ooms_rising",
+        "real_fragmentation",
     ]
 
 
@@ -297,8 +294,17 @@ def test_a_default_rule_is_switched_off_explicitly() -> None:
 
 def test_the_old_list_form_is_read_with_a_note_showing_the_new_form() -> None:
     cfg = load_config(
-        overrides={"policy": {"rules": [{"name": "reserved_unallocated_high", "metric":
-                   "torch_reserved_unallocated_ratio", "threshold": 0.45}]}}
+        overrides={
+            "policy": {
+                "rules": [
+                    {
+                        "name": "reserved_unallocated_high",
+                        "metric": "torch_reserved_unallocated_ratio",
+                        "threshold": 0.45,
+                    }
+                ]
+            }
+        }
     )
     assert [r.name for r in cfg.policy.active_rules] == ["reserved_unallocated_high"]  # it replaced the rest
     assert cfg.policy.rules["reserved_unallocated_high"].threshold == 0.45
@@ -310,11 +316,17 @@ def test_the_old_list_form_is_read_with_a_note_showing_the_new_form() -> None:
 
 def test_rule_errors_name_the_rule_and_the_key() -> None:
     with pytest.raises(ConfigError) as ei:
-        load_config(overrides={"policy": {"rules": {
-            "reserved_unallocated_high": {"threshold": "high"},
-            "mine": {"metric": "torch_fragmentation_ratio"},
-            "typo": {"metric": "torch_fragmentation", "threshold": 1},
-        }}})
+        load_config(
+            overrides={
+                "policy": {
+                    "rules": {
+                        "reserved_unallocated_high": {"threshold": "high"},
+                        "mine": {"metric": "torch_fragmentation_ratio"},
+                        "typo": {"metric": "torch_fragmentation", "threshold": 1},
+                    }
+                }
+            }
+        )
     text = str(ei.value)
     assert "policy.rules.reserved_unallocated_high.threshold" in text
     assert "policy.rules.mine.threshold: Field required" in text
@@ -361,9 +373,7 @@ def test_build_figures_with_deltas() -> None:
     cuda.devices[1].alloc_retries = 3
     cuda.devices[1].ooms = 1
     second = p.sample()
-    f = build_figures(
-        second, first, device=1, extra={"gpu_utilization_ratio": 0.9, "generation_seconds": None}
-    )
+    f = build_figures(second, first, device=1, extra={"gpu_utilization_ratio": 0.9, "generation_seconds": None})
     assert f["torch_alloc_retries_delta"] == 3 and f["torch_ooms_delta"] == 1 and f["torch_ooms_total"] == 1
     assert f["torch_reserved_unallocated_ratio"] == 0.5 and f["torch_fragmentation_ratio"] == 0.125
     assert f["torch_reserved_ratio"] == pytest.approx(0.1)
@@ -538,10 +548,7 @@ def test_runner_dry_run_counts_but_never_calls_empty_cache() -> None:
     assert ("empty_cache", "dry_run", 1) in runner.state.snapshot().actions
     reg = CollectorRegistry()
     reg.register(PolicyCollector(runner.state))
-    assert (
-        reg.get_sample_value("zmon_remediation_actions_total", {"action": "empty_cache", "result": "dry_run"})
-        == 1
-    )
+    assert reg.get_sample_value("zmon_remediation_actions_total", {"action": "empty_cache", "result": "dry_run"}) == 1
     assert reg.get_sample_value("zmon_policy_dry_run") == 1
 
 

@@ -45,9 +45,7 @@ def test_markdown_leads_with_verdict_and_evidence() -> None:
 def test_markdown_of_a_cpu_run_says_not_measured() -> None:
     from zmon.analysis.facts import EnvironmentFacts, build_facts
 
-    facts = build_facts(
-        make_records(device="cpu"), env=EnvironmentFacts(device="cpu"), warmup=1, created_at=1.0
-    )
+    facts = build_facts(make_records(device="cpu"), env=EnvironmentFacts(device="cpu"), warmup=1, created_at=1.0)
     md = render_markdown(facts, diagnose(facts))
     assert "GPU utilization: not measured." in md
     assert (

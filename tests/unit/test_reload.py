@@ -170,17 +170,28 @@ def test_a_reload_request_is_served_on_the_reloader_thread(daemon: Daemon) -> No
 
 def test_changes_are_classified_and_restart_values_keep_running() -> None:
     old = Config()
-    new = Config.model_validate({
-        "model": {"id": "x"}, "sampling": {"host": {"interval_seconds": 2}},
-        "policy": {"rules": {"ooms_rising": {"severity": "warning"}}}, "profiling": {"runs": 3},
-    })
+    new = Config.model_validate(
+        {
+            "model": {"id": "x"},
+            "sampling": {"host": {"interval_seconds": 2}},
+            "policy": {"rules": {"ooms_rising": {"severity": "warning"}}},
+            "profiling": {"runs": 3},
+        }
+    )
     changed = changed_paths(old, new)
-    assert changed == ["model.id", "policy.rules.ooms_rising.severity", "profiling.runs",
-                       "sampling.host.interval_seconds"]
+    assert changed == [
+        "model.id",
+        "policy.rules.ooms_rising.severity",
+        "profiling.runs",
+        "sampling.host.interval_seconds",
+    ]
     plan = Plan(restart=RUN_RESTART_ALWAYS, live=("sampling", "policy"))
     live, restart, unused = plan.split(changed)
     assert (live, restart, unused) == (
-        ["policy.rules.ooms_rising.severity", "sampling.host.interval_seconds"], ["model.id"], ["profiling.runs"])
+        ["policy.rules.ooms_rising.severity", "sampling.host.interval_seconds"],
+        ["model.id"],
+        ["profiling.runs"],
+    )
     running = keep_running(old, new, restart)
     assert running.model.id == old.model.id and running.sampling.host.interval_seconds == 2
     assert changed_paths(running, new) == ["model.id"]  # still reported on the next reload
@@ -192,8 +203,13 @@ def test_a_failing_apply_is_a_failed_reload(tmp_path: Path) -> None:
 
     f = tmp_path / "z.yaml"
     f.write_text("logging:\n  level: DEBUG\n")
-    r = Reloader(Config(), ConfigSource(lambda: load_config(f, environ={})), mode="watch",
-                 plan=Plan(restart=(), live=("logging",)), apply=apply)
+    r = Reloader(
+        Config(),
+        ConfigSource(lambda: load_config(f, environ={})),
+        mode="watch",
+        plan=Plan(restart=(), live=("logging",)),
+        apply=apply,
+    )
     assert not r.reload()
     assert r.current == Config() and r.failures == 1 and r.state.snapshot()[0] is False
 
@@ -220,8 +236,13 @@ def test_sampler_remove_and_grace_per_job() -> None:
 
 
 def _rule(**kw: object) -> Rule:
-    base: dict[str, object] = {"name": "hot", "metric": "gpu_temperature_celsius", "threshold": 80.0,
-                               "for_samples": 1, "actions": ("alert",)}
+    base: dict[str, object] = {
+        "name": "hot",
+        "metric": "gpu_temperature_celsius",
+        "threshold": 80.0,
+        "for_samples": 1,
+        "actions": ("alert",),
+    }
     return Rule.model_validate({**base, **kw})
 
 

@@ -28,8 +28,9 @@ class Clock:
 def build() -> tuple[Monitor, Clock, RenderCache]:
     clock = Clock()
     cfg = Config()
-    mon = Monitor(cfg.sampling, cfg.server, mode="watch", store=SnapshotStore(clock=clock, wall=lambda: 1.7e9),
-                  serve_http=False)
+    mon = Monitor(
+        cfg.sampling, cfg.server, mode="watch", store=SnapshotStore(clock=clock, wall=lambda: 1.7e9), serve_http=False
+    )
     add_nvml_sources(mon, cfg.sampling.nvml, watched_pid=4242, nvml=make_mixed())
     add_host_sources(mon, cfg.sampling, watched_pid=4242, psutil_module=FakePsutil())
     for name in mon.sampler.sources:

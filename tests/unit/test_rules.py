@@ -42,8 +42,9 @@ def github_slug(heading: str) -> str:
 
 def test_promtool_check_rules_is_clean() -> None:
     promtool = require_binary("promtool")
-    r = subprocess.run([promtool, "check", "rules", str(RECORDING), str(ALERTS)],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [promtool, "check", "rules", str(RECORDING), str(ALERTS)], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "WARNING" not in (r.stdout + r.stderr).upper(), r.stdout + r.stderr
 
@@ -51,8 +52,7 @@ def test_promtool_check_rules_is_clean() -> None:
 def test_promtool_unit_tests_pass() -> None:
     promtool = require_binary("promtool")
     assert UNIT_TESTS
-    r = subprocess.run([promtool, "test", "rules", *map(str, UNIT_TESTS)],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run([promtool, "test", "rules", *map(str, UNIT_TESTS)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -72,10 +72,23 @@ def test_every_alert_is_unit_tested_firing_and_not_firing() -> None:
 def test_required_alerts_exist() -> None:
     names = {r["alert"] for r in alert_rules()}
     required = {
-        "ZmonReservedUnallocatedHigh", "ZmonFragmentationHigh", "ZmonAllocRetriesIncreasing", "ZmonOOM",
-        "ZmonGpuUnderutilized", "ZmonVramHigh", "ZmonCheckpointReadSlow", "ZmonLatencyRegression",
-        "ZmonStepTimeSpreadHigh", "ZmonGpuHot", "ZmonGpuThrottled", "ZmonGpuXidErrors", "ZmonGpuEccErrors",
-        "ZmonExporterDown", "ZmonSamplesStale", "ZmonCollectorFailing", "ZmonRemediationNotHelping",
+        "ZmonReservedUnallocatedHigh",
+        "ZmonFragmentationHigh",
+        "ZmonAllocRetriesIncreasing",
+        "ZmonOOM",
+        "ZmonGpuUnderutilized",
+        "ZmonVramHigh",
+        "ZmonCheckpointReadSlow",
+        "ZmonLatencyRegression",
+        "ZmonStepTimeSpreadHigh",
+        "ZmonGpuHot",
+        "ZmonGpuThrottled",
+        "ZmonGpuXidErrors",
+        "ZmonGpuEccErrors",
+        "ZmonExporterDown",
+        "ZmonSamplesStale",
+        "ZmonCollectorFailing",
+        "ZmonRemediationNotHelping",
     }
     assert required <= names, required - names
 

@@ -28,8 +28,9 @@ def alert_names() -> set[str]:
 
 
 def test_the_packaged_copy_is_the_readme_section() -> None:
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "gen_runbooks.py"), "--check"],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "gen_runbooks.py"), "--check"], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0, r.stderr
 
 

@@ -238,8 +238,9 @@ def test_a_slow_first_sample_never_overlaps_its_ticks_and_apscheduler_stays_quie
     assert len(calls) >= 3  # the periodic job ran after the first sample
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
     assert not [r for r in caplog.records if r.name.startswith("apscheduler")], caplog.text
-    assert not [r for r in caplog.records if r.name.startswith("zmon.sampling.apscheduler")
-                and r.levelno >= logging.INFO], caplog.text
+    assert not [
+        r for r in caplog.records if r.name.startswith("zmon.sampling.apscheduler") and r.levelno >= logging.INFO
+    ], caplog.text
 
 
 def test_a_stuck_sample_is_reported_once(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:

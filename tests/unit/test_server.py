@@ -43,8 +43,9 @@ def served() -> Iterator[tuple[str, dict[str, object]]]:
         srv.shutdown()
 
 
-def fetch(url: str, *, data: bytes | None = None, headers: dict[str, str] | None = None,
-          method: str | None = None) -> tuple[int, dict[str, str], bytes]:
+def fetch(
+    url: str, *, data: bytes | None = None, headers: dict[str, str] | None = None, method: str | None = None
+) -> tuple[int, dict[str, str], bytes]:
     req = urllib.request.Request(url, data=data, headers=headers or {}, method=method)
     try:
         with urllib.request.urlopen(req, timeout=5) as r:

@@ -71,8 +71,12 @@ def test_unit_hardening_exposure_is_low(tmp_path: Path) -> None:
     analyze = require_binary("systemd-analyze")
     unit = _installable_unit(tmp_path)
     # Exposure is 0.0 (locked down) .. 10.0 (unprotected); --threshold is the same scale × 10.
-    r = subprocess.run([analyze, "security", "--offline=yes", "--threshold=25", "--no-pager", str(unit)],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [analyze, "security", "--offline=yes", "--threshold=25", "--no-pager", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     level = re.search(r"Overall exposure level for \S+: ([0-9.]+)", r.stdout + r.stderr)
     assert r.returncode == 0, (level.group(0) if level else "") + r.stdout[-3000:] + r.stderr
     assert level and float(level.group(1)) <= 2.5
@@ -89,8 +93,12 @@ def test_unit_settings() -> None:
     assert one["EnvironmentFile"] == "-/etc/zmon/zmon.env"
     assert one["ExecReload"] == "/bin/kill -HUP $MAINPID"  # zmon reloads its configuration on SIGHUP
     for key, value in {
-        "NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes", "PrivateTmp": "yes",
-        "DevicePolicy": "closed", "ProtectKernelTunables": "yes",
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "DevicePolicy": "closed",
+        "ProtectKernelTunables": "yes",
         "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6 AF_NETLINK",
     }.items():
         assert one[key] == value, key
@@ -104,8 +112,7 @@ def test_sysusers_creates_the_service_user(tmp_path: Path) -> None:
     etc.mkdir()
     (etc / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
     (etc / "group").write_text("root:x:0:\nvideo:x:44:\n")
-    r = subprocess.run([sysusers, f"--root={tmp_path}", str(SYSUSERS)],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sysusers, f"--root={tmp_path}", str(SYSUSERS)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert re.search(r"^zmon:x:\d+:\d+:", (etc / "passwd").read_text(), re.M)
     assert re.search(r"^video:x:44:.*\bzmon\b", (etc / "group").read_text(), re.M)
@@ -159,9 +166,7 @@ class FakeSystemd:
                 self.messages.append(Message(time.monotonic(), fields))
                 self._cond.notify_all()
 
-    def wait_for(
-        self, key: str, value: str | None = None, timeout: float = 20.0, after: float = 0.0
-    ) -> Message:
+    def wait_for(self, key: str, value: str | None = None, timeout: float = 20.0, after: float = 0.0) -> Message:
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
@@ -213,8 +218,12 @@ def test_notifier_sends_each_message(any_fake_systemd: FakeSystemd) -> None:
     assert n.ready("up") and n.watchdog() and n.status("line one\nline two") and n.stopping()
     fake.wait_for("STOPPING", "1", timeout=5)
     got = [m.fields for m in fake.messages]
-    assert got == [{"READY": "1", "STATUS": "up"}, {"WATCHDOG": "1"}, {"STATUS": "line one line two"},
-                   {"STOPPING": "1"}]
+    assert got == [
+        {"READY": "1", "STATUS": "up"},
+        {"WATCHDOG": "1"},
+        {"STATUS": "line one line two"},
+        {"STOPPING": "1"},
+    ]
     n.close()
 
 

@@ -243,6 +243,8 @@ def test_zmon_run_exits_2_before_loading_anything(tmp_path: Path) -> None:
 def test_zmon_run_rejects_a_bad_max_generations() -> None:
     r = subprocess.run(
         [sys.executable, "-m", "zmon", "run", "--max-generations", "0"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert r.returncode == 2 and "expected a positive integer" in r.stderr

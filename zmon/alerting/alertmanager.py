@@ -203,9 +203,7 @@ class AlertmanagerClient:
         for w in workers:
             w.thread.start()
 
-    def reconfigure(
-        self, config: AlertingConfig, *, instance: object = ..., timeout: float = 5.0
-    ) -> None:
+    def reconfigure(self, config: AlertingConfig, *, instance: object = ..., timeout: float = 5.0) -> None:
         """Adopt a new alerting configuration (a reload) without losing the alerts in force.
 
         URLs that stay keep their queue and thread; a removed URL gets endsAt for every active alert (it will

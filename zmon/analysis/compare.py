@@ -148,11 +148,7 @@ def compare_files(before: str | Path, after: str | Path, *, rel_tol: float = 0.0
 
 def render_comparison(c: Comparison, *, changed_only: bool = False) -> str:
     """Markdown: the verdict change, the findings resolved or new, and a table of deltas."""
-    verdict = (
-        f"`{c.before_verdict}` → `{c.after_verdict}`"
-        if c.verdict_changed
-        else f"`{c.after_verdict}` (unchanged)"
-    )
+    verdict = f"`{c.before_verdict}` → `{c.after_verdict}`" if c.verdict_changed else f"`{c.after_verdict}` (unchanged)"
     out = [
         "# zmon profile comparison",
         "",

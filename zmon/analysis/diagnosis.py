@@ -443,9 +443,15 @@ def _step_evidence(f: ProfileFacts, t: Thresholds) -> tuple[Evidence, Evidence, 
     """Step-time spread, judged only when steps are long enough for it to mean anything."""
     long_enough = measure(t, "min_step_seconds", "mean step time", f.stages.step_mean_seconds, "s")
     judged = long_enough.holds is not False
-    cv = measure(t, "step_cv_high", "step-time CV within a generation" + ("" if judged else
-                 f" (steps under {format_value(t.min_step_seconds, 's')}: not judged)"), f.stages.step_cv, "cv",
-                 judge=judged)
+    cv = measure(
+        t,
+        "step_cv_high",
+        "step-time CV within a generation"
+        + ("" if judged else f" (steps under {format_value(t.min_step_seconds, 's')}: not judged)"),
+        f.stages.step_cv,
+        "cv",
+        judge=judged,
+    )
     return cv, info("slowest / fastest step", f.stages.step_max_min_ratio, "x"), long_enough
 
 
@@ -540,21 +546,28 @@ def _stage_fix(stage_key: str, f: ProfileFacts) -> str:
             remedy = f"the prompt cache hits only {hit:.0%} of prompts: encode prompts in batches"
         return remedy + ("" if device.startswith("cuda") else f" or move the text encoder from {device} to the GPU")
     if stage_key == "postprocess":
-        return ("move PNG encoding off the critical path (a worker thread or process) or return tensors "
-                "(output_type='pt')")
+        return (
+            "move PNG encoding off the critical path (a worker thread or process) or return tensors (output_type='pt')"
+        )
     if stage_key == "vae_encode":
         return "preprocess and encode init images ahead of time, or batch them"
     if stage_key == "vae_decode":
         return "decode on the GPU in the pipeline's dtype; consider compiling the VAE decoder (model.compile_vae)"
     if stage_key == DENOISE:
         if f.environment.compiled:
-            return ("work runs on the CPU inside the denoise loop (host hooks, callbacks, synchronisations): move it "
-                    "out of the loop, or capture CUDA graphs (a compile mode with graphs)")
-        return ("work runs on the CPU inside the denoise loop (host hooks, callbacks, kernel launches): move it "
-                "out of the loop, or torch.compile the transformer (model.compile: true)")
+            return (
+                "work runs on the CPU inside the denoise loop (host hooks, callbacks, synchronisations): move it "
+                "out of the loop, or capture CUDA graphs (a compile mode with graphs)"
+            )
+        return (
+            "work runs on the CPU inside the denoise loop (host hooks, callbacks, kernel launches): move it "
+            "out of the loop, or torch.compile the transformer (model.compile: true)"
+        )
     if stage_key.startswith(GAP_PREFIX):
-        return ("the GPU waits on untimed work between stages (host code, hooks, data preparation): find it in a "
-                "trace (POST /trace, or zmon profile --trace)")
+        return (
+            "the GPU waits on untimed work between stages (host code, hooks, data preparation): find it in a "
+            "trace (POST /trace, or zmon profile --trace)"
+        )
     return "move the CPU work of this stage off the critical path"
 
 
@@ -745,8 +758,11 @@ def _untimed_work(f: ProfileFacts, t: Thresholds) -> Outcome:
     evidence: tuple[Evidence, ...] = (share,)
     if gap is not None:
         idle = f.utilization.gpu_idle_seconds.get(GAP_PREFIX + gap.name)
-        evidence = (*evidence, info(f"largest untimed gap: {gap.name}", gap.mean_seconds, "s"),
-                    info(f"GPU idle during {gap.name}", idle, "s"))
+        evidence = (
+            *evidence,
+            info(f"largest untimed gap: {gap.name}", gap.mean_seconds, "s"),
+            info(f"GPU idle during {gap.name}", idle, "s"),
+        )
     if not share.holds or gap is None:
         return Outcome(False, "the timed stages cover the generation", evidence)
     return Outcome(
@@ -793,9 +809,7 @@ def _multi_gpu_network(f: ProfileFacts, t: Thresholds) -> Outcome:
         parts.append(f"NCCL takes {mg.nccl_time_share:.0%} of the generation")
     if eff.holds and mg.speedup_vs_single is not None:
         parts.append(f"{mg.gpu_count} GPUs give {mg.speedup_vs_single:.2f}× instead of {mg.gpu_count}×")
-    fix = (
-        ", ".join(parts) + ": use NVLink-connected GPUs, larger per-GPU batches, fewer synchronisation points"
-    )
+    fix = ", ".join(parts) + ": use NVLink-connected GPUs, larger per-GPU batches, fewer synchronisation points"
     return Outcome(True, "inter-GPU communication limits scaling", evidence, fix)
 
 
@@ -826,9 +840,7 @@ def _excess_steps(f: ProfileFacts, t: Thresholds) -> Outcome:
     rec = _recommended_steps(f)
     ev = check("denoise steps", _float(steps), ">", _float(rec), "steps")
     if not ev.holds or steps is None or rec is None:
-        return Outcome(
-            False, "step count matches the model card" if rec else "no recommended step count known", (ev,)
-        )
+        return Outcome(False, "step count matches the model card" if rec else "no recommended step count known", (ev,))
     denoise = f.stages.get(DENOISE)
     saving = ""
     if denoise is not None:
@@ -871,9 +883,7 @@ def _ratio(num: float | None, den: float | None) -> float | None:
 RULES: tuple[FindingRule, ...] = (
     FindingRule("cpu_bound", "CPU-bound: data loading and prompt encoding", "bottleneck", "high", "low", _cpu_bound),
     FindingRule("memory_fragmentation", "Memory fragmentation", "bottleneck", "high", "low", _memory_fragmentation),
-    FindingRule(
-        "gpu_underutilization", "GPU underutilization", "bottleneck", "high", "medium", _gpu_underutilization
-    ),
+    FindingRule("gpu_underutilization", "GPU underutilization", "bottleneck", "high", "medium", _gpu_underutilization),
     FindingRule("io_throttling", "I/O throttling", "bottleneck", "medium", "low", _io_throttling),
     FindingRule("untimed_work", "Work outside every timed stage", "bottleneck", "medium", "low", _untimed_work),
     FindingRule(
@@ -888,9 +898,7 @@ RULES: tuple[FindingRule, ...] = (
         _kernel_optimization,
     ),
     FindingRule("multi_gpu_network", "Multi-GPU communication", "bottleneck", "low", "high", _multi_gpu_network),
-    FindingRule(
-        "cfg_on_distilled", "CFG on a distilled model", "misconfiguration", "high", "low", _cfg_on_distilled
-    ),
+    FindingRule("cfg_on_distilled", "CFG on a distilled model", "misconfiguration", "high", "low", _cfg_on_distilled),
     FindingRule("excess_steps", "More steps than the model needs", "misconfiguration", "high", "low", _excess_steps),
     FindingRule("compile_off", "torch.compile off on GPU", "misconfiguration", "high", "low", _compile_off),
     FindingRule("recompiles", "Repeated recompiles while serving", "misconfiguration", "high", "low", _recompiles),

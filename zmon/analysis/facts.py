@@ -309,9 +309,7 @@ class ProfileFacts:
     def from_dict(cls, data: Mapping[str, Any]) -> ProfileFacts:
         version = data.get("schema_version")
         if version not in READABLE_SCHEMA_VERSIONS:
-            raise ValueError(
-                f"profile facts schema_version {version!r} is not supported (expected {SCHEMA_VERSION})"
-            )
+            raise ValueError(f"profile facts schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
         return from_jsonable(cls, data)
 
 
@@ -531,17 +529,11 @@ def _complete_memory(
     """Fill what the records and NVML samples can tell: peaks and the share of the card in use."""
     peak_alloc = memory.peak_allocated_bytes
     if peak_alloc is None:
-        peak_alloc = max(
-            (r.peak_allocated_bytes for r in records if r.peak_allocated_bytes is not None), default=None
-        )
+        peak_alloc = max((r.peak_allocated_bytes for r in records if r.peak_allocated_bytes is not None), default=None)
     peak_res = memory.peak_reserved_bytes
     if peak_res is None:
-        peak_res = max(
-            (r.peak_reserved_bytes for r in records if r.peak_reserved_bytes is not None), default=None
-        )
-    nvml_peak = max(
-        (s.memory_used_bytes for s in gpu_samples if s.memory_used_bytes is not None), default=None
-    )
+        peak_res = max((r.peak_reserved_bytes for r in records if r.peak_reserved_bytes is not None), default=None)
+    nvml_peak = max((s.memory_used_bytes for s in gpu_samples if s.memory_used_bytes is not None), default=None)
     used, source = memory.vram_peak_used_bytes, memory.vram_used_source
     if used is None:
         used, source = (nvml_peak, "nvml") if nvml_peak is not None else (peak_res, "allocator")
@@ -763,9 +755,7 @@ def from_jsonable(tp: Any, value: Any) -> Any:
             raise ValueError(f"expected an object for {tp.__name__}, got {type(value).__name__}")
         hints = _hints(tp)
         kwargs = {
-            f.name: from_jsonable(hints[f.name], value[f.name])
-            for f in dataclasses.fields(tp)
-            if f.name in value
+            f.name: from_jsonable(hints[f.name], value[f.name]) for f in dataclasses.fields(tp) if f.name in value
         }
         return tp(**kwargs)
     if tp is float:

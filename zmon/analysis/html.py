@@ -127,9 +127,7 @@ def stage_chart(facts: ProfileFacts) -> str:
         label = f"{format_value(share, 'ratio')} · {format_value(seconds, 's')}"
         body.append(_text(left - 8, y + bar_h * 0.7, stage, "end"))
         body.append(_rect(left, y, span, bar_h, "#eef0f3"))
-        body.append(
-            _rect(left, y, span * min(max(share, 0.0), 1.0), bar_h, STAGE_COLORS.get(stage, "#888"), label)
-        )
+        body.append(_rect(left, y, span * min(max(share, 0.0), 1.0), bar_h, STAGE_COLORS.get(stage, "#888"), label))
         body.append(_text(left + span + 8, y + bar_h * 0.7, label))
     return _svg(width, height, body, "stage breakdown")
 
@@ -233,9 +231,7 @@ def gpu_chart(facts: ProfileFacts) -> str:
         return _note("GPU utilization: not measured (CPU-only run, or NVML unavailable).")
     t0 = _origin(facts)
     series = [("GPU utilization", [(t - t0, v) for t, v in pts])]
-    return line_chart(
-        series, y_label="utilization", y_max=1.0, bands=_bands(facts, t0), label="GPU utilization"
-    )
+    return line_chart(series, y_label="utilization", y_max=1.0, bands=_bands(facts, t0), label="GPU utilization")
 
 
 def cpu_chart(facts: ProfileFacts) -> str:
@@ -302,8 +298,7 @@ def latency_histogram(facts: ProfileFacts) -> str:
         x = left + pw * (v - lo) / (hi - lo)
         y = 12 + row * 13
         body.append(
-            f'<line x1="{x:.1f}" y1="{y + 2}" x2="{x:.1f}" y2="{top + ph}" stroke="{color}" '
-            'stroke-dasharray="4 3"/>'
+            f'<line x1="{x:.1f}" y1="{y + 2}" x2="{x:.1f}" y2="{top + ph}" stroke="{color}" stroke-dasharray="4 3"/>'
         )
         anchor, dx = ("end", -3) if x > left + pw * 0.75 else ("start", 3)
         label = f"{name} {format_value(v, 's')}"
@@ -372,9 +367,7 @@ def render_html(facts: ProfileFacts, diagnosis: Diagnosis) -> str:
     active = d.active_findings
     inactive = [f for f in d.findings if not f.active]
     findings = "".join(_finding(f) for f in active) or "<p>No bottleneck or misconfiguration found.</p>"
-    not_found = _table(
-        ("check", "priority", "state"), [(f.title, str(f.priority), f.summary) for f in inactive]
-    )
+    not_found = _table(("check", "priority", "state"), [(f.title, str(f.priority), f.summary) for f in inactive])
     multi = multi_gpu_rows(facts)
     parts = [
         "<!DOCTYPE html>",
@@ -400,8 +393,11 @@ def render_html(facts: ProfileFacts, diagnosis: Diagnosis) -> str:
         "<h2>Latency</h2>",
         f"<div class='card'><h3>Distribution</h3>{latency_histogram(facts)}{latency_sequence(facts)}",
         f"{_kv_table(baseline_rows(facts))}",
-        (f"<h3>Left out of the steady state</h3>{_table(EXCLUDED_HEADER, excluded_rows(facts))}"
-         if facts.baseline.excluded else ""),
+        (
+            f"<h3>Left out of the steady state</h3>{_table(EXCLUDED_HEADER, excluded_rows(facts))}"
+            if facts.baseline.excluded
+            else ""
+        ),
         "</div>",
         "<h2>Utilization and memory over time</h2>",
         "<p class='meta'>Shaded: measured generations.</p>",

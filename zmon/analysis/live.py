@@ -87,17 +87,19 @@ def render_live(doc: Mapping[str, Any]) -> str:
             f"no diagnosis yet: {span}; it needs at least {doc.get('min_generations', '?')} successful "
             "generation(s) in the window\n"
         )
-    out = [f"verdict: {d['verdict']} — {d['action']}", f"  {d['summary']}", f"window: {span}", ""]
+    confidence = d.get("confidence")
+    head = f"verdict: {d['verdict']}" + (f" (confidence {confidence})" if confidence else "") + f" — {d['action']}"
+    out = [head, f"  {d['summary']}", f"window: {span}"]
+    for caveat in d.get("caveats") or ():
+        out.append(f"  caveat: {caveat}")
+    out.append("")
     active = [f for f in d.get("findings", []) if f.get("active")]
     if not active:
         out.append("no active findings")
     else:
         out.append("active findings (by priority):")
         for i, f in enumerate(active, 1):
-            out.append(
-                f"  {i}. {f['title']} [priority {f['priority']}: impact {f['impact']}, effort {f['effort']}]"
-            )
+            out.append(f"  {i}. {f['title']} [priority {f['priority']}: impact {f['impact']}, effort {f['effort']}]")
             if f.get("fix"):
                 out.append(f"     fix: {f['fix']}")
     return "\n".join(out) + "\n"
-

@@ -49,8 +49,7 @@ def profile_from_dict(data: Mapping[str, Any]) -> tuple[ProfileFacts, Diagnosis]
         raise ValueError(f"not a zmon profile (kind {data.get('kind')!r})")
     if data.get("schema_version") not in READABLE_SCHEMA_VERSIONS:
         raise ValueError(
-            f"profile schema_version {data.get('schema_version')!r} is not supported "
-            f"(expected {SCHEMA_VERSION})"
+            f"profile schema_version {data.get('schema_version')!r} is not supported (expected {SCHEMA_VERSION})"
         )
     return ProfileFacts.from_dict(data["facts"]), Diagnosis.from_dict(data["diagnosis"])
 
@@ -144,9 +143,7 @@ def render_markdown(facts: ProfileFacts, diagnosis: Diagnosis) -> str:
     inactive = [f for f in d.findings if not f.active]
     if inactive:
         out += ["Not found:", ""]
-        out += _table(
-            ("check", "priority", "state"), [(f.title, str(f.priority), f.summary) for f in inactive]
-        )
+        out += _table(("check", "priority", "state"), [(f.title, str(f.priority), f.summary) for f in inactive])
         out.append("")
     out += _section("Baseline", ("figure", "value"), baseline_rows(facts))
     if facts.baseline.excluded:

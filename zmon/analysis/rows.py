@@ -74,25 +74,48 @@ def stage_rows(facts: ProfileFacts) -> list[tuple[str, ...]]:
     rows: list[tuple[str, ...]] = []
     for s in facts.stages.stages:
         rows.append(
-            (s.stage, fmt(s.mean_seconds, "s"), fmt(s.share, "ratio"), f"{s.spans_per_generation:g}",
-             *_window_cells(facts, s.stage))
+            (
+                s.stage,
+                fmt(s.mean_seconds, "s"),
+                fmt(s.share, "ratio"),
+                f"{s.spans_per_generation:g}",
+                *_window_cells(facts, s.stage),
+            )
         )
     for g in facts.stages.gaps:
         rows.append(
-            (f"(untimed) {g.name}", fmt(g.mean_seconds, "s"), fmt(g.share, "ratio"), "",
-             *_window_cells(facts, GAP_PREFIX + g.name))
+            (
+                f"(untimed) {g.name}",
+                fmt(g.mean_seconds, "s"),
+                fmt(g.share, "ratio"),
+                "",
+                *_window_cells(facts, GAP_PREFIX + g.name),
+            )
         )
     if facts.baseline.latency is not None:
         rows.append(
-            ("whole generation", fmt(facts.baseline.latency.mean, "s"), "100%", "",
-             *_window_cells(facts, WHOLE_GENERATION))
+            (
+                "whole generation",
+                fmt(facts.baseline.latency.mean, "s"),
+                "100%",
+                "",
+                *_window_cells(facts, WHOLE_GENERATION),
+            )
         )
     return rows
 
 
 STAGE_HEADER = (
-    "stage", "mean", "share", "spans / gen", "GPU util", "GPU idle", "SM / tensor / DRAM (GPM)",
-    "process CPU", "host CPU", "storage reads",
+    "stage",
+    "mean",
+    "share",
+    "spans / gen",
+    "GPU util",
+    "GPU idle",
+    "SM / tensor / DRAM (GPM)",
+    "process CPU",
+    "host CPU",
+    "storage reads",
 )
 EXCLUDED_HEADER = ("generation", "time", "× median", "why")
 

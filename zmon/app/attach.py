@@ -48,9 +48,7 @@ def add_in_process_sources(mon: Monitor, cfg: Config) -> PolicyParts | None:
     return add_policy(mon, cfg.policy, cfg.alerting, listen=cfg.server.listen)
 
 
-def connect_in_process(
-    mon: Monitor, cfg: Config, inst: Instrumentation, policy: PolicyParts | None
-) -> LiveDiagnosis:
+def connect_in_process(mon: Monitor, cfg: Config, inst: Instrumentation, policy: PolicyParts | None) -> LiveDiagnosis:
     """Feed the pipeline's generations to the policy (its safe points are the gaps between generations), the
     live diagnosis (GET /diagnosis, zmon_bottleneck*; returned) and, when enabled, the trace endpoint."""
     if policy is not None:
@@ -188,8 +186,12 @@ def attach(
     except BaseException:
         handle.detach()  # restores the pipeline and unregisters whatever reached the host's registry
         raise
-    log.info("zmon attached to %s (%s)%s", model, type(pipe).__name__,
-             f"; /metrics on {handle.url}/metrics" if handle.url else "")
+    log.info(
+        "zmon attached to %s (%s)%s",
+        model,
+        type(pipe).__name__,
+        f"; /metrics on {handle.url}/metrics" if handle.url else "",
+    )
     return handle
 
 

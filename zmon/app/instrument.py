@@ -46,9 +46,7 @@ class Instrumentation:
     `remove()` takes every hook off in reverse order and leaves the pipeline exactly as it was.
     """
 
-    def __init__(
-        self, pipe: Any, workload: WorkloadConfig, metrics: GenerationMetrics, *, model_id: str
-    ) -> None:
+    def __init__(self, pipe: Any, workload: WorkloadConfig, metrics: GenerationMetrics, *, model_id: str) -> None:
         self.pipe = pipe
         self.model_id = model_id
         self.metrics = metrics

@@ -193,8 +193,12 @@ class Monitor:
     def mark_unavailable(self, key: Key, reason: str, *, expected: bool = False) -> None:
         """A source that cannot exist here: logged once (INFO when `expected`, e.g. no GPU on a CPU host;
         else WARNING), exported as zmon_collector_available 0."""
-        log.log(logging.INFO if expected else logging.WARNING, "%s unavailable: %s — continuing without it",
-                key_name(key), reason)
+        log.log(
+            logging.INFO if expected else logging.WARNING,
+            "%s unavailable: %s — continuing without it",
+            key_name(key),
+            reason,
+        )
         self.store.mark_unavailable(key_name(key), reason)
         if self._group is not None:
             self._group.sources.append(key_name(key))  # dropped with its group (a reload may retry it)
@@ -208,8 +212,9 @@ class Monitor:
 
     def _new_server(self, s: ServerConfig, sock: Any = None) -> Server:
         web = s.web_config_file.expanduser() if s.web_config_file is not None else None
-        return Server(self.http, s.listen.host, s.listen.port, limits=Limits.from_config(s), web_config_file=web,
-                      sock=sock)
+        return Server(
+            self.http, s.listen.host, s.listen.port, limits=Limits.from_config(s), web_config_file=web, sock=sock
+        )
 
     # -- reload ------------------------------------------------------------------------------------------
 
@@ -225,8 +230,19 @@ class Monitor:
         if not self._serve_http or self.server is None:
             return []
         old = self.server_config
-        why = [k for k in ("listen", "max_connections", "workers", "read_timeout_seconds", "idle_timeout_seconds",
-                           "write_timeout_seconds", "web_config_file") if getattr(old, k) != getattr(new, k)]
+        why = [
+            k
+            for k in (
+                "listen",
+                "max_connections",
+                "workers",
+                "read_timeout_seconds",
+                "idle_timeout_seconds",
+                "write_timeout_seconds",
+                "web_config_file",
+            )
+            if getattr(old, k) != getattr(new, k)
+        ]
         if not why and new.web_config_file is not None and self.server.web is not None:
             from zmon.server import load_web_config
 

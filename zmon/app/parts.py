@@ -248,10 +248,10 @@ def trace_handler(controller: TraceController) -> Callable[[Request], Response]:
             return Response(200, controller.status())
         body = req.json()
         if not isinstance(body, dict):
-            raise HTTPError(400, f"body must be a JSON object like {{\"generations\": 2}}, got {body!r}")
+            raise HTTPError(400, f'body must be a JSON object like {{"generations": 2}}, got {body!r}')
         unknown = sorted(set(body) - {"generations"})
         if unknown:
-            raise HTTPError(400, f"unknown key(s) {', '.join(unknown)}; expected {{\"generations\": N}}")
+            raise HTTPError(400, f'unknown key(s) {", ".join(unknown)}; expected {{"generations": N}}')
         try:
             path = controller.request(body.get("generations", 1))
         except ValueError as e:

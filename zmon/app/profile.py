@@ -98,8 +98,17 @@ def profile_main(
     mon, history = profile_monitor(cfg)
     try:
         result: ProfileResult = profile_pipeline(
-            loaded.loaded.pipe, cfg, sampling=mon, history=history, out_dir=out_dir, runs=runs, warmup=warmup,
-            io=loaded.io, model_id=loaded.loaded.model_id, trace=trace, memory_snapshot=memory_snapshot,
+            loaded.loaded.pipe,
+            cfg,
+            sampling=mon,
+            history=history,
+            out_dir=out_dir,
+            runs=runs,
+            warmup=warmup,
+            io=loaded.io,
+            model_id=loaded.loaded.model_id,
+            trace=trace,
+            memory_snapshot=memory_snapshot,
             progress=progress,
         )
     except WorkloadError as e:
@@ -159,8 +168,13 @@ def profile_workers(
     if cfg.sampling.allocator.enabled and any(p.cuda_index is not None for p in placements):
         mon.store.register(ALLOCATOR.name)
     merge = WorkerMerge(
-        mon, GenerationMetrics(model=cfg.model.id), placements, scaling_window=ScalingWindow(n),
-        policy=MergedPolicy(cfg.policy.dry_run), prompt_cache=MergedPromptCache(), model_id=cfg.model.id,
+        mon,
+        GenerationMetrics(model=cfg.model.id),
+        placements,
+        scaling_window=ScalingWindow(n),
+        policy=MergedPolicy(cfg.policy.dry_run),
+        prompt_cache=MergedPromptCache(),
+        model_id=cfg.model.id,
     )
     collected = _ProfileRecords(progress)
     merge.raw_listeners.append(collected)

@@ -253,7 +253,11 @@ def build_run(
         loaded = load_pipeline(cfg.model, img2img=img2img)
         log.info(
             "loaded %s as %s on %s (%s) in %.2fs (reading the checkpoint and moving it to the device: %.2fs%s)",
-            loaded.model_id, loaded.class_name, loaded.device, loaded.dtype, time.perf_counter() - started,
+            loaded.model_id,
+            loaded.class_name,
+            loaded.device,
+            loaded.dtype,
+            time.perf_counter() - started,
             loaded.load_seconds,
             f", {loaded.read_bytes_per_second / 1e6:.0f} MB/s" if loaded.read_bytes_per_second else "",
         )
@@ -279,7 +283,14 @@ def build_run(
         state=policy.runner.state if policy is not None else None,
     )
     return RunSession(
-        mon, metrics, spec, loaded, inst, policy=policy, oom=oom, live=live,
+        mon,
+        metrics,
+        spec,
+        loaded,
+        inst,
+        policy=policy,
+        oom=oom,
+        live=live,
         status_interval_seconds=cfg.logging.status_interval_seconds,
     )
 
@@ -303,9 +314,7 @@ def run_plan(session: RunSession) -> Plan:
     )
 
 
-def run_reloader(
-    session: RunSession, cfg: Config, source: ConfigSource, *, systemd: Any | None = None
-) -> Reloader:
+def run_reloader(session: RunSession, cfg: Config, source: ConfigSource, *, systemd: Any | None = None) -> Reloader:
     """The SIGHUP reloader of a run session (its state exported as zmon_config_*)."""
     mon = session.monitor
 
@@ -326,8 +335,16 @@ def run_reloader(
     state = ReloadState()
     mon.add_collector("config", ReloadCollector(state))
     return Reloader(
-        cfg, source, mode="run", plan=run_plan(session), apply=apply, state=state, requests=hold_sighup(),
-        lock=mon.lock, stopped=lambda: mon.wait(0), **systemd_hooks(systemd),
+        cfg,
+        source,
+        mode="run",
+        plan=run_plan(session),
+        apply=apply,
+        state=state,
+        requests=hold_sighup(),
+        lock=mon.lock,
+        stopped=lambda: mon.wait(0),
+        **systemd_hooks(systemd),
     )
 
 

@@ -56,8 +56,14 @@ def tune_main(
     mon, history = profile_monitor(cfg)
     try:
         result = tune_pipeline(
-            loaded.pipe, cfg, variant_names, options, model_id=loaded.model_id, progress=progress,
-            sampling=mon, history=history,
+            loaded.pipe,
+            cfg,
+            variant_names,
+            options,
+            model_id=loaded.model_id,
+            progress=progress,
+            sampling=mon,
+            history=history,
         )
     except WorkloadError as e:
         for p in e.problems:

@@ -65,8 +65,16 @@ def watch_reloader(
     state = ReloadState()
     mon.add_collector("config", ReloadCollector(state))
     return Reloader(
-        cfg, source, mode="watch", plan=WATCH_PLAN, apply=apply, state=state, requests=hold_sighup(),
-        lock=mon.lock, stopped=lambda: mon.wait(0), **systemd_hooks(systemd),
+        cfg,
+        source,
+        mode="watch",
+        plan=WATCH_PLAN,
+        apply=apply,
+        state=state,
+        requests=hold_sighup(),
+        lock=mon.lock,
+        stopped=lambda: mon.wait(0),
+        **systemd_hooks(systemd),
     )
 
 

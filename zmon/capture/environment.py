@@ -30,8 +30,10 @@ def nvml_index_for(torch_index: int, gpus: Sequence[GpuSample]) -> int | None:
         if ident.pci_bus is not None and ident.pci_device is not None:
             for g in gpus:
                 parsed = _parse_pci(g.pci_bus_id)
-                if parsed is not None and parsed[1:] == (ident.pci_bus, ident.pci_device) and (
-                    ident.pci_domain is None or parsed[0] == ident.pci_domain
+                if (
+                    parsed is not None
+                    and parsed[1:] == (ident.pci_bus, ident.pci_device)
+                    and (ident.pci_domain is None or parsed[0] == ident.pci_domain)
                 ):
                     return int(g.index)
     if not cuda.visible_devices_renumbered() and any(g.index == torch_index for g in gpus):

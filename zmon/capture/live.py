@@ -72,6 +72,7 @@ class LiveDiagnosis:
         self._first_record_at: float | None = None  # the process's first generation: first-gen slowdown
         self._resolver = GpuResolver()
         self.latest: LiveSnapshot | None = None
+        self._logged: tuple[str, str] | None = None  # (verdict, confidence) last logged
 
     def observe(self, record: GenerationRecord) -> None:
         with self._lock:
@@ -113,8 +114,28 @@ class LiveDiagnosis:
         snap = LiveSnapshot(
             now, self.window_seconds, len(ok), self.min_generations, diagnose(facts, self.thresholds), facts
         )
+        self._log_change(snap)
         self.latest = snap
         return snap
+
+    def _log_change(self, snap: LiveSnapshot) -> None:
+        """One INFO line when the verdict or its confidence changes, with what limits the confidence (a CPU-only
+        run, a loaded host): the operator reads in the log whether the verdict describes the model or the host."""
+        d = snap.diagnosis
+        if d is None:
+            return
+        key = (d.verdict, d.confidence)
+        if key == self._logged:
+            return
+        self._logged = key
+        why = "; ".join(c for c in d.caveats if "left out" not in c)
+        log.info(
+            "live verdict: %s (confidence %s over %d generation(s))%s",
+            d.verdict,
+            d.confidence,
+            snap.generations,
+            f" — {why}" if why else "",
+        )
 
     def evaluate_state(self) -> BottleneckState:
         """`evaluate()` as the "diagnosis" source: what the zmon_bottleneck* families export."""
@@ -134,7 +155,5 @@ def bottleneck_state(snap: LiveSnapshot) -> BottleneckState:
     d = snap.diagnosis
     if d is None:
         return BottleneckState(snap.generations, None, VERDICTS, ())
-    findings = tuple(
-        FindingState(f.kind, f.active, f.priority, LIVE_FIXES.get(f.kind, f.title)) for f in d.findings
-    )
+    findings = tuple(FindingState(f.kind, f.active, f.priority, LIVE_FIXES.get(f.kind, f.title)) for f in d.findings)
     return BottleneckState(snap.generations, d.verdict, VERDICTS, findings)

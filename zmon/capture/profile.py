@@ -203,7 +203,9 @@ def profile_pipeline(
             traced = apply_stage_timing(pipe, StageTimingConfig(nvtx=True))
             try:
                 result_trace = capture_trace(
-                    lambda k: progress.advance(workload.call(i + k).seconds), TRACE_GENERATIONS, out,
+                    lambda k: progress.advance(workload.call(i + k).seconds),
+                    TRACE_GENERATIONS,
+                    out,
                     cuda=env.on_gpu,
                 )
             finally:
@@ -213,8 +215,11 @@ def profile_pipeline(
         if memory_snapshot:
             try:
                 snapshot = capture_memory_snapshot(
-                    lambda k: workload.call(i + k), TRACE_GENERATIONS, out / "memory_snapshot.pickle",
-                    max_entries=MEMORY_HISTORY_MAX_ENTRIES, device=env.device,
+                    lambda k: workload.call(i + k),
+                    TRACE_GENERATIONS,
+                    out / "memory_snapshot.pickle",
+                    max_entries=MEMORY_HISTORY_MAX_ENTRIES,
+                    device=env.device,
                 )
                 progress.note(f"memory snapshot: {snapshot} (open it at https://pytorch.org/memory_viz)")
             except MemorySnapshotUnavailable as e:
@@ -226,7 +231,12 @@ def profile_pipeline(
     if failures:
         note(f"{failures} resource sample(s) failed")
     facts = window_facts(
-        records[: warmup + runs], history, env=env, resolver=GpuResolver(), io=io, warmup=warmup,
+        records[: warmup + runs],
+        history,
+        env=env,
+        resolver=GpuResolver(),
+        io=io,
+        warmup=warmup,
         outlier_ratio=prof.thresholds.outlier_ratio_high,
     )
     if env.on_gpu and not facts.utilization.gpu_measured:

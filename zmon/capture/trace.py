@@ -46,9 +46,7 @@ class TraceOutputs:
     generations: int
 
 
-def capture_trace(
-    generate: Callable[[int], object], generations: int, out_dir: Path, *, cuda: bool
-) -> TraceOutputs:
+def capture_trace(generate: Callable[[int], object], generations: int, out_dir: Path, *, cuda: bool) -> TraceOutputs:
     """Run `generate(k)` for k < generations under torch.profiler; write a Chrome trace and a TensorBoard log.
 
     Apply stage timing with nvtx=True around this call so stages show up as "zmon/<stage>" ranges.

@@ -38,8 +38,7 @@ _GAUGES: tuple[tuple[str, str, Callable[[DeviceAllocatorStats], float | None]], 
     ),
     (
         "zmon_torch_inactive_split_bytes",
-        "Free pieces of partly-used segments that cannot be released (real fragmentation; 0 with expandable "
-        "segments).",
+        "Free pieces of partly-used segments that cannot be released (real fragmentation; 0 with expandable segments).",
         lambda d: d.inactive_split_bytes,
     ),
     (

@@ -24,7 +24,21 @@ log = logging.getLogger(__name__)
 
 # 1 ms (a tiny CPU stage) to 60 s (a large image on a slow card); seconds.
 DURATION_BUCKETS: tuple[float, ...] = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
 )
 # Stage label values: the denoise steps are summed into "denoise" (each step also has its own histogram).
 STAGE_LABELS: tuple[tuple[str, str], ...] = (
@@ -206,9 +220,7 @@ class GenerationMetrics:
             self._last_ts = record.started_at + record.total_seconds
             if record.status != "ok":
                 return
-            acc.generation.setdefault(base, _Histogram(len(self._bounds))).observe(
-                record.total_seconds, self._bounds
-            )
+            acc.generation.setdefault(base, _Histogram(len(self._bounds))).observe(record.total_seconds, self._bounds)
             present = {s.stage for s in record.stages}
             for label, stage in STAGE_LABELS:
                 if stage in present:
@@ -252,7 +264,10 @@ class GenerationMetrics:
         self._misconfig[kind] = 1
         log.warning(
             "workload misconfiguration on %s: %s (guidance_scale=%s, steps=%d)",
-            self.facts.model, MISCONFIGURATIONS[kind], record.guidance_scale, record.steps,
+            self.facts.model,
+            MISCONFIGURATIONS[kind],
+            record.guidance_scale,
+            record.steps,
         )
 
     # -- exposition ---------------------------------------------------------------------------------------
@@ -287,9 +302,7 @@ class GenerationMetrics:
         for k, (b, s) in sorted(gen.items()):
             h.add_metric(list(k), b, s)
         yield h
-        h = HistogramMetricFamily(
-            "zmon_denoise_step_duration_seconds", "Time of one denoising step.", labels=base
-        )
+        h = HistogramMetricFamily("zmon_denoise_step_duration_seconds", "Time of one denoising step.", labels=base)
         for k, (b, s) in sorted(step.items()):
             h.add_metric(list(k), b, s)
         yield h
@@ -323,16 +336,12 @@ class GenerationMetrics:
         for k, n in sorted(images.items()):
             c.add_metric(list(k), float(n))
         yield c
-        c = CounterMetricFamily(
-            "zmon_denoise_steps", "Denoising steps run by successful generations.", labels=base
-        )
+        c = CounterMetricFamily("zmon_denoise_steps", "Denoising steps run by successful generations.", labels=base)
         for k, n in sorted(steps.items()):
             c.add_metric(list(k), float(n))
         yield c
 
-        yield GaugeMetricFamily(
-            "zmon_generation_in_progress", "Pipeline calls running now.", value=float(in_progress)
-        )
+        yield GaugeMetricFamily("zmon_generation_in_progress", "Pipeline calls running now.", value=float(in_progress))
         if last_ts is not None:
             yield GaugeMetricFamily(
                 "zmon_generation_last_timestamp_seconds",
@@ -396,15 +405,18 @@ class GenerationMetrics:
         if pc is None:
             return
         yield CounterMetricFamily(
-            "zmon_prompt_cache_hits", "Pipeline calls whose prompt embeddings came from the cache.",
+            "zmon_prompt_cache_hits",
+            "Pipeline calls whose prompt embeddings came from the cache.",
             value=float(pc.hits),
         )
         yield CounterMetricFamily(
-            "zmon_prompt_cache_misses", "Pipeline calls that had to encode their prompt.",
+            "zmon_prompt_cache_misses",
+            "Pipeline calls that had to encode their prompt.",
             value=float(pc.misses),
         )
         yield CounterMetricFamily(
-            "zmon_prompt_cache_evictions", "Prompt embeddings dropped to stay within max_entries.",
+            "zmon_prompt_cache_evictions",
+            "Prompt embeddings dropped to stay within max_entries.",
             value=float(pc.evictions),
         )
         yield GaugeMetricFamily(

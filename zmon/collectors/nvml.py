@@ -116,9 +116,7 @@ _COUNTERS: tuple[tuple[str, str, _Reading], ...] = (
 class NvmlCollector:
     """Exports `store.latest(fast_source)` and `store.latest(slow_source)`; absent readings stay absent."""
 
-    def __init__(
-        self, store: SnapshotStore, fast_source: str = "nvml", slow_source: str = "nvml_slow"
-    ) -> None:
+    def __init__(self, store: SnapshotStore, fast_source: str = "nvml", slow_source: str = "nvml_slow") -> None:
         self.store = store
         self.fast_source = fast_source
         self.slow_source = slow_source
@@ -146,9 +144,7 @@ class NvmlCollector:
         )
         yield nvml
 
-        info = InfoMetricFamily(
-            "zmon_gpu", "GPU identity: UUID, product name, PCI bus id; constant 1.", labels=["gpu"]
-        )
+        info = InfoMetricFamily("zmon_gpu", "GPU identity: UUID, product name, PCI bus id; constant 1.", labels=["gpu"])
         up = GaugeMetricFamily(
             "zmon_gpu_up", "1 if the GPU answers NVML, 0 if it is lost or unreadable.", labels=["gpu"]
         )
@@ -168,9 +164,7 @@ class NvmlCollector:
             yield self._per_gpu(CounterMetricFamily(name, help_text, labels=["gpu"]), gpus, reading)
 
         yield self._per_gpu(
-            GaugeMetricFamily(
-                "zmon_gpu_last_xid", "Code of the latest critical Xid error of the GPU.", labels=["gpu"]
-            ),
+            GaugeMetricFamily("zmon_gpu_last_xid", "Code of the latest critical Xid error of the GPU.", labels=["gpu"]),
             gpus,
             lambda g: g.last_xid,
         )
@@ -207,9 +201,7 @@ class NvmlCollector:
             lambda g: (("corrected", g.ecc_volatile_corrected), ("uncorrected", g.ecc_volatile_uncorrected)),
         )
         yield self._labelled(
-            GaugeMetricFamily(
-                "zmon_gpu_retired_pages", "GPU memory pages retired, by cause.", labels=["gpu", "cause"]
-            ),
+            GaugeMetricFamily("zmon_gpu_retired_pages", "GPU memory pages retired, by cause.", labels=["gpu", "cause"]),
             gpus,
             lambda g: (
                 ("multiple_single_bit_ecc", g.retired_pages_single_bit),

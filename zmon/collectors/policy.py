@@ -88,9 +88,7 @@ class PolicyCollector:
         pending.add_metric([], float(s.pending_actions))
         yield pending
 
-        dry = GaugeMetricFamily(
-            "zmon_policy_dry_run", "1 if remedial actions are only logged and counted, else 0."
-        )
+        dry = GaugeMetricFamily("zmon_policy_dry_run", "1 if remedial actions are only logged and counted, else 0.")
         dry.add_metric([], 1.0 if s.dry_run else 0.0)
         yield dry
 
@@ -117,8 +115,7 @@ class PolicyCollector:
             ds = self.alerts.stats()
             sent = CounterMetricFamily(
                 "zmon_alerts_sent",
-                "Alerts sent to Alertmanager per alert and URL: "
-                "ok, error (after retries), dropped (queue full).",
+                "Alerts sent to Alertmanager per alert and URL: ok, error (after retries), dropped (queue full).",
                 labels=["result"],
             )
             sent.add_metric(["ok"], float(ds.ok))
@@ -128,8 +125,6 @@ class PolicyCollector:
             active = GaugeMetricFamily("zmon_alerts_active", "Alerts zmon currently reports as firing.")
             active.add_metric([], float(ds.active))
             yield active
-            queued = GaugeMetricFamily(
-                "zmon_alerts_queued", "Alert deliveries waiting in the per-Alertmanager queues."
-            )
+            queued = GaugeMetricFamily("zmon_alerts_queued", "Alert deliveries waiting in the per-Alertmanager queues.")
             queued.add_metric([], float(ds.queued))
             yield queued

@@ -38,9 +38,7 @@ class SelfCollector:
             "1 if the source can exist on this host, 0 if not (e.g. no NVML library or no GPU).",
             labels=["collector"],
         )
-        failures = CounterMetricFamily(
-            "zmon_collector_failures", "Failed samples of the source.", labels=["collector"]
-        )
+        failures = CounterMetricFamily("zmon_collector_failures", "Failed samples of the source.", labels=["collector"])
         for st in self.store.all():
             available.add_metric([st.name], 1.0 if st.available else 0.0)
             if not st.available:

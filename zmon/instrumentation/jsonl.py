@@ -31,8 +31,7 @@ def record_to_dict(record: GenerationRecord, *, model: str) -> dict[str, Any]:
     """The JSONL fields of one generation. Prompt length only: prompt text never leaves the process."""
     present = {s.stage for s in record.stages}
     stages: dict[str, float | None] = {
-        key: (record.stage_seconds(stage) if stage in present else None)
-        for key, stage in _STAGE_KEYS
+        key: (record.stage_seconds(stage) if stage in present else None) for key, stage in _STAGE_KEYS
     }
     ts = dt.datetime.fromtimestamp(record.started_at, tz=dt.timezone.utc)
     out: dict[str, Any] = {
@@ -62,7 +61,8 @@ def record_to_dict(record: GenerationRecord, *, model: str) -> dict[str, Any]:
     if record.communication is not None:  # multi-GPU pipelines only: single-GPU lines keep their shape
         spans = {c.stage for c in record.communication}
         out["communication_seconds"] = {
-            key: record.communication_seconds(stage) for key, stage in (*_STAGE_KEYS, ("other", "other"))
+            key: record.communication_seconds(stage)
+            for key, stage in (*_STAGE_KEYS, ("other", "other"))
             if stage in spans
         }
         out["step_communication_seconds"] = record.step_communication_seconds()
@@ -152,9 +152,7 @@ class JsonlLog:
         self.failures += 1
         if not self._failing:
             self._failing = True
-            log.warning(
-                "cannot write JSONL log %s (%s); counting failures until it recovers", self.path, reason
-            )
+            log.warning("cannot write JSONL log %s (%s); counting failures until it recovers", self.path, reason)
         return False
 
     def _open(self) -> int:
@@ -193,7 +191,9 @@ class JsonlLog:
         self.torn_bytes_cut += cut
         log.warning(
             "JSONL log %s: cut a torn last line (%d bytes) left by an interrupted write; whole lines kept: %d bytes",
-            self.path, cut, keep,
+            self.path,
+            cut,
+            keep,
         )
 
     def _cut_partial(self, fd: int, size_before: int, written: int) -> None:

@@ -86,9 +86,7 @@ class Remediator:
 
     def run(self, action: str, *, reason: str = "") -> ActionResult:
         if action not in REMEDIAL_ACTIONS:
-            return ActionResult(
-                action, "skipped", reason=reason, detail="not a remedial action", at=self._wall()
-            )
+            return ActionResult(action, "skipped", reason=reason, detail="not a remedial action", at=self._wall())
         if self.dry_run:
             return ActionResult(action, "dry_run", reason=reason, detail="policy.dry_run", at=self._wall())
         if action == "gc_collect":
@@ -149,9 +147,7 @@ class Remediator:
                 detail=f"{type(e).__name__}: {e}",
                 at=at,
             )
-        return ActionResult(
-            "empty_cache", "ok", max(0, before - after), seconds, before, after, reason, at=at
-        )
+        return ActionResult("empty_cache", "ok", max(0, before - after), seconds, before, after, reason, at=at)
 
 
 class SafePointGate:
@@ -376,9 +372,7 @@ class PolicyRunner:
             scopes = [""] if sample is None else [str(d.device) for d in sample.devices]
             decisions: list[Decision] = []
             for scope in scopes:
-                figures = build_figures(
-                    sample, self._previous, device=int(scope) if scope else None, extra=extra
-                )
+                figures = build_figures(sample, self._previous, device=int(scope) if scope else None, extra=extra)
                 engine = self._engine(scope)
                 for d in engine.evaluate(figures, t):
                     self._dispatch(d)
@@ -495,9 +489,7 @@ class PolicyRunner:
     def _record(self, r: ActionResult) -> None:
         self.state.record_action(r)
         if r.result == "ok" and r.action == "empty_cache":
-            log.info(
-                "empty_cache freed %d bytes in %.1f ms (%s)", r.freed_bytes or 0, r.seconds * 1e3, r.reason
-            )
+            log.info("empty_cache freed %d bytes in %.1f ms (%s)", r.freed_bytes or 0, r.seconds * 1e3, r.reason)
         elif r.result == "error":
             log.warning("%s failed: %s (%s)", r.action, r.detail, r.reason)
         else:

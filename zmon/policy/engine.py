@@ -162,9 +162,7 @@ class PolicyEngine:
 
     def status(self) -> tuple[RuleStatus, ...]:
         return tuple(
-            RuleStatus(
-                r.name, rt.state, rt.persistent, rt.ineffective_streak, rt.firings_total, rt.last_value
-            )
+            RuleStatus(r.name, rt.state, rt.persistent, rt.ineffective_streak, rt.firings_total, rt.last_value)
             for r in self.rules
             for rt in (self._rt[r.name],)
         )
@@ -190,16 +188,12 @@ class PolicyEngine:
         alert: Alert | None = None,
         reason: str = "",
     ) -> Decision:
-        return Decision(
-            rule.name, event, now, value, actions, alert, "log" in rule.actions, self.dry_run, reason
-        )
+        return Decision(rule.name, event, now, value, actions, alert, "log" in rule.actions, self.dry_run, reason)
 
     def _new_alert(self, rule: Rule, value: float | None, *, persist: bool = False) -> Alert:
         if persist:
             name = rule.alert_name + "Persists"
-            summary = (
-                rule.persist_summary or f"{rule.name}: remedial actions do not help; zmon stopped acting"
-            )
+            summary = rule.persist_summary or f"{rule.name}: remedial actions do not help; zmon stopped acting"
             description = rule.persist_description or (
                 f"The rule fired again within {rule.cooldown_seconds:g}s of each of its last "
                 f"{rule.persist_after} actions ({', '.join(rule.remedial_actions)}); acting further "
@@ -209,9 +203,7 @@ class PolicyEngine:
             name = rule.alert_name
             summary = rule.summary or f"{rule.metric} {rule.op} {rule.threshold:g}"
             description = rule.description
-        return Alert(
-            name, rule.name, rule.severity, summary, description, self._wall(), None, self.labels, value
-        )
+        return Alert(name, rule.name, rule.severity, summary, description, self._wall(), None, self.labels, value)
 
     def _judge_ineffective(self, rt: _Runtime) -> None:
         """The last action did not keep the rule quiet for a cooldown window."""
@@ -283,9 +275,7 @@ class PolicyEngine:
                 reason = f"{shown} {rule.op} {rule.threshold:g}"
                 if remedial and not acts:
                     reason += "; actions suspended (persisting)" if rt.persistent else "; actions on cooldown"
-                out.append(
-                    self._decision(rule, "fired", now, value, actions=acts, alert=rt.alert, reason=reason)
-                )
+                out.append(self._decision(rule, "fired", now, value, actions=acts, alert=rt.alert, reason=reason))
                 out.extend(persisted)
         elif rt.state == "pending" or rt.inactive_since is None:
             rt.state, rt.inactive_since = "inactive", now

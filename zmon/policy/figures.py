@@ -21,9 +21,7 @@ _COUNTER_DELTAS: tuple[tuple[str, str], ...] = (
 )
 
 
-def device_figures(
-    dev: DeviceAllocatorStats, previous: DeviceAllocatorStats | None = None
-) -> dict[str, float]:
+def device_figures(dev: DeviceAllocatorStats, previous: DeviceAllocatorStats | None = None) -> dict[str, float]:
     """Allocator figures of one device; `previous` (the same device one sample earlier) gives the deltas."""
     raw: dict[str, float | int | None] = {
         "torch_allocated_bytes": dev.allocated_bytes,

@@ -646,9 +646,7 @@ class NvmlProvider:
         sm = q("nvmlDeviceGetClockInfo", h, self._const("NVML_CLOCK_SM"))  # MHz
         memclk = q("nvmlDeviceGetClockInfo", h, self._const("NVML_CLOCK_MEM"))  # MHz
         # ClocksEventReasons is the newer name (driver >= 535) of ClocksThrottleReasons.
-        reasons = q(
-            ("nvmlDeviceGetCurrentClocksEventReasons", "nvmlDeviceGetCurrentClocksThrottleReasons"), h
-        )
+        reasons = q(("nvmlDeviceGetCurrentClocksEventReasons", "nvmlDeviceGetCurrentClocksThrottleReasons"), h)
         fan = q("nvmlDeviceGetFanSpeed", h)  # percent
         pstate = q("nvmlDeviceGetPerformanceState", h)
         ecc = self._ecc(q, h)

@@ -213,11 +213,17 @@ class Sampler:
             if report:
                 self._stuck_reported.add(name)
         if report:
-            log.warning("source %s: a sample has been running for %.0fs (stuck?); its ticks are skipped until it "
-                        "returns", name, running)
+            log.warning(
+                "source %s: a sample has been running for %.0fs (stuck?); its ticks are skipped until it returns",
+                name,
+                running,
+            )
         else:
-            log.debug("source %s: tick skipped (%s)", name,
-                      "late" if event.code == EVENT_JOB_MISSED else "previous sample still running")
+            log.debug(
+                "source %s: tick skipped (%s)",
+                name,
+                "late" if event.code == EVENT_JOB_MISSED else "previous sample still running",
+            )
 
     def publish(self, name: str, data: Any) -> None:
         """A sample taken elsewhere (a worker process): stored and announced to the listeners like one this
@@ -294,8 +300,10 @@ class Sampler:
                 continue
             t.join(FIRST_SAMPLE_JOIN_SECONDS)
             if t.is_alive():
-                log.warning("the first sample of %s has not returned: not waiting for it",
-                            t.name.removeprefix("zmon-first-sample-"))
+                log.warning(
+                    "the first sample of %s has not returned: not waiting for it",
+                    t.name.removeprefix("zmon-first-sample-"),
+                )
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=True)
             self._scheduler = None

@@ -64,11 +64,27 @@ class HTTPError(Exception):
 
 Handler = Callable[[Request], Response]
 
-REASONS = {200: "OK", 202: "Accepted", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
-           403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
-           411: "Length Required", 413: "Content Too Large", 414: "URI Too Long", 429: "Too Many Requests",
-           431: "Request Header Fields Too Large", 500: "Internal Server Error", 501: "Not Implemented",
-           503: "Service Unavailable", 505: "HTTP Version Not Supported"}
+REASONS = {
+    200: "OK",
+    202: "Accepted",
+    204: "No Content",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    409: "Conflict",
+    411: "Length Required",
+    413: "Content Too Large",
+    414: "URI Too Long",
+    429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    501: "Not Implemented",
+    503: "Service Unavailable",
+    505: "HTTP Version Not Supported",
+}
 TOKEN_HEADER = "x-zmon-token"  # the control token when Authorization carries basic auth (web config)
 
 
@@ -235,7 +251,8 @@ class App:
                 self._token_logged = now
                 log.error("control endpoints: cannot read the token (server.auth): %s", e)
             raise HTTPError(
-                503, "control endpoints unavailable: the configured token cannot be read (see zmon's log)",
+                503,
+                "control endpoints unavailable: the configured token cannot be read (see zmon's log)",
                 {"Retry-After": "30"},
             ) from None
         if not expected:
@@ -246,8 +263,10 @@ class App:
             got = cred if scheme.lower() == "bearer" else ""
         if not hmac.compare_digest(got.strip().encode(), expected.encode()):
             raise HTTPError(
-                401, "missing or wrong control token: send Authorization: Bearer <token>, "
-                "or X-Zmon-Token: <token> when basic auth is on", {"WWW-Authenticate": 'Bearer realm="zmon"'},
+                401,
+                "missing or wrong control token: send Authorization: Bearer <token>, "
+                "or X-Zmon-Token: <token> when basic auth is on",
+                {"WWW-Authenticate": 'Bearer realm="zmon"'},
             )
 
     def _dispatch(self, req: Request) -> Response:
@@ -268,11 +287,14 @@ class App:
         except ValueError:
             length = -1
         if not 0 <= length <= MAX_BODY_BYTES:
-            resp = Response(400 if length < 0 else 413, {"error": "bad Content-Length" if length < 0
-                                                         else f"body over {MAX_BODY_BYTES} bytes"})
+            resp = Response(
+                400 if length < 0 else 413,
+                {"error": "bad Content-Length" if length < 0 else f"body over {MAX_BODY_BYTES} bytes"},
+            )
         else:
             req = Request(
-                environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", "/"),
+                environ.get("REQUEST_METHOD", "GET"),
+                environ.get("PATH_INFO", "/"),
                 parse_qs(environ.get("QUERY_STRING", "")),
                 {k[5:].replace("_", "-").lower(): v for k, v in environ.items() if k.startswith("HTTP_")},
                 environ["wsgi.input"].read(length) if length else b"",

@@ -151,8 +151,12 @@ class Server:
         cap = max(8, (soft - FD_RESERVE) // 2) if soft != resource.RLIM_INFINITY else self.limits.max_connections
         self.max_connections = min(self.limits.max_connections, cap)
         if self.max_connections < self.limits.max_connections:
-            log.warning("server.max_connections lowered from %d to %d: RLIMIT_NOFILE is %d",
-                        self.limits.max_connections, self.max_connections, soft)
+            log.warning(
+                "server.max_connections lowered from %d to %d: RLIMIT_NOFILE is %d",
+                self.limits.max_connections,
+                self.max_connections,
+                soft,
+            )
         self.max_rejecting = self.max_connections
         self._sock = sock if sock is not None else _bind(host, port, self.limits.backlog)
         self._address = self._sock.getsockname()  # kept: still known once the socket is closed
@@ -420,8 +424,11 @@ class _Connection(asyncio.Protocol):
         self.server.stats.timeouts += 1
         got = len(self.body)
         want = self._content_length()
-        detail = f"body has {got} of {want} bytes" if want is not None else (
-            "headers incomplete" if self.request is None else f"body has {got} bytes, no end of the chunked body")
+        detail = (
+            f"body has {got} of {want} bytes"
+            if want is not None
+            else ("headers incomplete" if self.request is None else f"body has {got} bytes, no end of the chunked body")
+        )
         self._fail(_RequestError(408, f"request incomplete after {self.limits.read_timeout:g}s: {detail}"))
 
     def close_idle(self) -> None:
@@ -455,10 +462,17 @@ class _Connection(asyncio.Protocol):
         srv._rejecting += 1
         self.counted_reject = True
         self.state = "closing"
-        payload = (json.dumps({"error": f"too many connections (server.max_connections={srv.max_connections}); "
-                                        "retry shortly"}) + "\n").encode()
-        head = [("Content-Type", "application/json"), ("Content-Length", str(len(payload))),
-                ("Retry-After", "1"), ("Connection", "close"), *self._extra_headers()]
+        payload = (
+            json.dumps({"error": f"too many connections (server.max_connections={srv.max_connections}); retry shortly"})
+            + "\n"
+        ).encode()
+        head = [
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(payload))),
+            ("Retry-After", "1"),
+            ("Connection", "close"),
+            *self._extra_headers(),
+        ]
         self.transport.write(_raw_head(503, head) + payload)
         if self.transport.can_write_eof():
             self.transport.write_eof()  # FIN after the 503, so the client reads it before we close
@@ -468,8 +482,9 @@ class _Connection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         assert self.transport is not None
         try:
-            tls = await loop.start_tls(self.transport, self, ctx, server_side=True,
-                                       ssl_handshake_timeout=self.limits.read_timeout)
+            tls = await loop.start_tls(
+                self.transport, self, ctx, server_side=True, ssl_handshake_timeout=self.limits.read_timeout
+            )
         except (OSError, ssl.SSLError, ConnectionError, asyncio.TimeoutError) as e:
             log.debug("TLS handshake failed: %s", e)
             self.abort()
@@ -521,8 +536,12 @@ class _Connection(asyncio.Protocol):
 
     def _protocol_error(self, e: h11.RemoteProtocolError) -> _RequestError:
         status = e.error_status_hint
-        if status == 431 and self.request is None and len(self.head) > self.limits.max_request_line \
-                and b"\n" not in self.head:
+        if (
+            status == 431
+            and self.request is None
+            and len(self.head) > self.limits.max_request_line
+            and b"\n" not in self.head
+        ):
             return _RequestError(414, f"request line over {self.limits.max_request_line} bytes")
         if status == 431:
             return _RequestError(431, f"request headers over {self.limits.max_header_bytes} bytes")
@@ -612,9 +631,14 @@ class _Connection(asyncio.Protocol):
             if resp is None:
                 resp = await self.server.call(req, deadline)
                 if resp is None:
-                    resp = Response(503, {"error": "could not answer within the scrape timeout "
-                                                   f"({deadline - received:.2f}s): zmon is overloaded"},
-                                    {"Retry-After": "1"})
+                    resp = Response(
+                        503,
+                        {
+                            "error": "could not answer within the scrape timeout "
+                            f"({deadline - received:.2f}s): zmon is overloaded"
+                        },
+                        {"Retry-After": "1"},
+                    )
         except _RequestError as e:
             self._fail(e)
             return
@@ -623,8 +647,11 @@ class _Connection(asyncio.Protocol):
             payload = b""
         headers += self._extra_headers()
         try:
-            self._write(self.h11.send(h11.Response(status_code=status, headers=headers,
-                                                   reason=REASONS.get(status, "").encode())))
+            self._write(
+                self.h11.send(
+                    h11.Response(status_code=status, headers=headers, reason=REASONS.get(status, "").encode())
+                )
+            )
             if payload:
                 self._write(self.h11.send(h11.Data(data=payload)))
             self._write(self.h11.send(h11.EndOfMessage()))
@@ -667,10 +694,12 @@ class _Connection(asyncio.Protocol):
         if verdict is AuthVerdict.OK:
             return None
         if verdict is AuthVerdict.BUSY:
-            return Response(503, {"error": "too many password checks in progress; retry shortly"},
-                            {"Retry-After": "1"})
-        return Response(401, {"error": "basic authentication required (basic_auth_users in the web config)"},
-                        {"WWW-Authenticate": 'Basic realm="zmon"'})
+            return Response(503, {"error": "too many password checks in progress; retry shortly"}, {"Retry-After": "1"})
+        return Response(
+            401,
+            {"error": "basic authentication required (basic_auth_users in the web config)"},
+            {"WWW-Authenticate": 'Basic realm="zmon"'},
+        )
 
     def _extra_headers(self) -> list[tuple[str, str]]:
         return list(self.web.headers) if self.web is not None else []
@@ -703,8 +732,13 @@ class _Connection(asyncio.Protocol):
         self._cancel_timer()
         self.server.set_idle(self, False)
         payload = (json.dumps({"error": e.reason}) + "\n").encode()
-        headers = [("Content-Type", "application/json"), ("Content-Length", str(len(payload))),
-                   ("Connection", "close"), *e.headers.items(), *self._extra_headers()]
+        headers = [
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(payload))),
+            ("Connection", "close"),
+            *e.headers.items(),
+            *self._extra_headers(),
+        ]
         self.state = "closing"
         self.transport.write(_raw_head(e.status, headers) + payload)
         if self.eof:

@@ -52,8 +52,13 @@ TLS_VERSIONS = {
     "TLS12": ssl.TLSVersion.TLSv1_2,
     "TLS13": ssl.TLSVersion.TLSv1_3,
 }
-CLIENT_AUTH_TYPES = ("NoClientCert", "RequestClientCert", "RequireAnyClientCert", "VerifyClientCertIfGiven",
-                     "RequireAndVerifyClientCert")
+CLIENT_AUTH_TYPES = (
+    "NoClientCert",
+    "RequestClientCert",
+    "RequireAnyClientCert",
+    "VerifyClientCertIfGiven",
+    "RequireAndVerifyClientCert",
+)
 _CLIENT_AUTH_ALIASES = {"RequireClientCert": "RequireAnyClientCert", "": "NoClientCert"}  # as exporter-toolkit
 # Go's tls.CipherSuites() (the secure list, the only names exporter-toolkit accepts) → OpenSSL names.
 GO_CIPHERS = {
@@ -143,8 +148,9 @@ class TLSServerConfig(_Strict):
     def _ciphers(cls, v: list[str] | None) -> list[str] | None:
         bad = [c for c in v or () if c not in GO_CIPHERS and c not in GO_TLS13_CIPHERS]
         if bad:
-            raise ValueError(f"unknown cipher {bad[0]!r} (Go's tls.CipherSuites() names, e.g. "
-                             "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256)")
+            raise ValueError(
+                f"unknown cipher {bad[0]!r} (Go's tls.CipherSuites() names, e.g. TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256)"
+            )
         return v
 
     @field_validator("curve_preferences")
@@ -154,14 +160,23 @@ class TLSServerConfig(_Strict):
         if bad:
             raise ValueError(f"unknown curve {bad[0]!r}; one of {', '.join(GO_CURVES)}")
         if v and len(v) > 1:
-            raise ValueError("zmon (Python's ssl) can set only one curve: list one, or leave it out for OpenSSL's "
-                             "defaults (X25519, P-256, P-384, P-521)")
+            raise ValueError(
+                "zmon (Python's ssl) can set only one curve: list one, or leave it out for OpenSSL's "
+                "defaults (X25519, P-256, P-384, P-521)"
+            )
         return v
 
     def enabled(self) -> bool:
         """TLS is on when any certificate, key, client CA or client auth setting is given (exporter-toolkit)."""
-        return bool(self.cert_file or self.cert or self.key_file or self.key or self.client_ca_file
-                    or self.client_ca or ("client_auth_type" in self.model_fields_set))
+        return bool(
+            self.cert_file
+            or self.cert
+            or self.key_file
+            or self.key
+            or self.client_ca_file
+            or self.client_ca
+            or ("client_auth_type" in self.model_fields_set)
+        )
 
 
 class HTTPServerConfig(_Strict):
@@ -356,12 +371,15 @@ def _ssl_context(tls: TLSServerConfig, base: Path, problems: list[str]) -> tuple
     auth = tls.client_auth_type
     has_ca = bool(tls.client_ca or tls.client_ca_file)
     if auth == "RequireAnyClientCert":
-        problems.append(f"{where}.client_auth_type: RequireAnyClientCert (a client certificate required but never "
-                        "verified) cannot be enforced with Python's ssl; use RequireAndVerifyClientCert with "
-                        "client_ca_file")
+        problems.append(
+            f"{where}.client_auth_type: RequireAnyClientCert (a client certificate required but never "
+            "verified) cannot be enforced with Python's ssl; use RequireAndVerifyClientCert with "
+            "client_ca_file"
+        )
     if has_ca and auth == "NoClientCert":
-        problems.append(f"{where}: client CA's have been configured without a Client Auth Policy "
-                        "(set client_auth_type)")
+        problems.append(
+            f"{where}: client CA's have been configured without a Client Auth Policy (set client_auth_type)"
+        )
     if tls.client_allowed_sans is not None and auth not in ("RequireAnyClientCert", "RequireAndVerifyClientCert"):
         problems.append(f"{where}: client_allowed_sans requires client_auth_type RequireAndVerifyClientCert")
     if TLS_VERSIONS[tls.min_version] > TLS_VERSIONS[tls.max_version]:
@@ -402,8 +420,10 @@ def _ssl_context(tls: TLSServerConfig, base: Path, problems: list[str]) -> tuple
             if not missing:
                 ctx.load_cert_chain(cert_path, key_path)
         except (OSError, ssl.SSLError) as e:
-            problems.append(f"{where}: failed to load the certificate and key ({tls.cert_file or 'cert'}, "
-                            f"{tls.key_file or 'key'}): {getattr(e, 'strerror', None) or e}")
+            problems.append(
+                f"{where}: failed to load the certificate and key ({tls.cert_file or 'cert'}, "
+                f"{tls.key_file or 'key'}): {getattr(e, 'strerror', None) or e}"
+            )
     ca_path = _resolve(base, tls.client_ca_file)
     if ca_path is not None or tls.client_ca:
         try:
@@ -543,8 +563,12 @@ class WebConfigWatcher:
         self.current = self._adopt(new, self.current)
         self._sig = _signature(self.current.files)
         self.reloads += 1
-        log.info("web config %s reloaded (TLS %s, %d basic auth user(s))", self.path,
-                 "on" if new.ssl_context else "off", len(new.users))
+        log.info(
+            "web config %s reloaded (TLS %s, %d basic auth user(s))",
+            self.path,
+            "on" if new.ssl_context else "off",
+            len(new.users),
+        )
         return self.current
 
     def close(self) -> None:

@@ -37,9 +37,12 @@ class FlopCount:
     method: str  # "FlopCounterMode" or "params×tokens"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"generation_flops": self.generation_flops,
-                "denoiser_flops_per_forward": self.denoiser_flops_per_forward,
-                "denoiser_forwards": self.denoiser_forwards, "method": self.method}
+        return {
+            "generation_flops": self.generation_flops,
+            "denoiser_flops_per_forward": self.denoiser_flops_per_forward,
+            "denoiser_forwards": self.denoiser_forwards,
+            "method": self.method,
+        }
 
 
 def count_flops(pipe: Any, run_generation: Callable[[], Any], forwards: int | None) -> FlopCount:
@@ -82,8 +85,12 @@ class MatmulRate:
     seconds: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {"flops_per_second": self.flops_per_second, "dtype": self.dtype, "side": self.side,
-                "seconds": self.seconds}
+        return {
+            "flops_per_second": self.flops_per_second,
+            "dtype": self.dtype,
+            "side": self.side,
+            "seconds": self.seconds,
+        }
 
 
 def measure_matmul_rate(device: str, dtype: Any, seconds: float = RATE_SECONDS) -> MatmulRate:

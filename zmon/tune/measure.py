@@ -113,8 +113,13 @@ class WarmupResult:
     walls: tuple[float, ...]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"runs": self.runs, "seconds": self.seconds, "settled": self.settled,
-                "compile_events": self.compile_events, "walls": list(self.walls)}
+        return {
+            "runs": self.runs,
+            "seconds": self.seconds,
+            "settled": self.settled,
+            "compile_events": self.compile_events,
+            "walls": list(self.walls),
+        }
 
 
 def warm_up(run_once: Callable[[], float], counter: Callable[[], int], rule: WarmupRule) -> WarmupResult:
@@ -171,8 +176,13 @@ class OutputDiff:
 
     def to_dict(self) -> dict[str, Any]:
         max_abs = self.max_abs if math.isfinite(self.max_abs) else None  # JSON has no NaN
-        return {"max_abs": max_abs, "psnr_db": self.psnr_db, "identical": self.identical,
-                "finite": self.finite, "shape_match": self.shape_match}
+        return {
+            "max_abs": max_abs,
+            "psnr_db": self.psnr_db,
+            "identical": self.identical,
+            "finite": self.finite,
+            "shape_match": self.shape_match,
+        }
 
 
 def compare_outputs(reference: Sequence[Any], candidate: Sequence[Any]) -> OutputDiff:
@@ -204,6 +214,8 @@ def output_verdict(diff: OutputDiff, *, lossy: bool, min_psnr_db: float) -> str 
     if lossy or diff.psnr_db is None:
         return None
     if diff.psnr_db < min_psnr_db:
-        return (f"output differs from the baseline beyond the tolerance: PSNR {diff.psnr_db:.1f} dB < "
-                f"{min_psnr_db:.0f} dB (max |Δ| {diff.max_abs:.3g})")
+        return (
+            f"output differs from the baseline beyond the tolerance: PSNR {diff.psnr_db:.1f} dB < "
+            f"{min_psnr_db:.0f} dB (max |Δ| {diff.max_abs:.3g})"
+        )
     return None

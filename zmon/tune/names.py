@@ -79,7 +79,7 @@ def parse_variants(text: str | Iterable[str] | None) -> tuple[list[str], list[st
         if name == ATTENTION_GROUP:
             expanded = [ATTENTION_PREFIX + b for b in DEFAULT_ATTENTION_VARIANTS]
         elif name in VARIANT_NAMES or (
-            name.startswith(ATTENTION_PREFIX) and name[len(ATTENTION_PREFIX):] in ATTENTION_BACKENDS
+            name.startswith(ATTENTION_PREFIX) and name[len(ATTENTION_PREFIX) :] in ATTENTION_BACKENDS
         ):
             expanded = [name]
         else:
@@ -89,4 +89,3 @@ def parse_variants(text: str | Iterable[str] | None) -> tuple[list[str], list[st
     if not names and not problems:
         return default_variant_names(), []
     return names, problems
-

@@ -59,8 +59,10 @@ def headline(result: TuneResult) -> str:
     if not result.best or best is None:
         return f"{result.model_id}: baseline p50 {b.p50:.4f} s; no variant measurably faster"
     gain = (b.p50 - best.p50) / b.p50 if b.p50 else 0.0
-    return (f"{result.model_id}: {' + '.join(result.best)} p50 {best.p50:.4f} s vs baseline {b.p50:.4f} s "
-            f"({gain:+.1%} faster)")
+    return (
+        f"{result.model_id}: {' + '.join(result.best)} p50 {best.p50:.4f} s vs baseline {b.p50:.4f} s "
+        f"({gain:+.1%} faster)"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ JSON
@@ -118,9 +120,16 @@ def to_dict(result: TuneResult) -> dict[str, Any]:
         "baseline": _variant_dict(result.baseline),
         "variants": [_variant_dict(v) for v in result.variants],
         "combination": [
-            {"current": s.current, "added": s.added, "kept": s.kept, "reason": s.reason, "verdict": s.verdict,
-             "gain": s.gain, "current_latency_seconds": _spread(s.current_stats),
-             "candidate_latency_seconds": _spread(s.candidate_stats)}
+            {
+                "current": s.current,
+                "added": s.added,
+                "kept": s.kept,
+                "reason": s.reason,
+                "verdict": s.verdict,
+                "gain": s.gain,
+                "current_latency_seconds": _spread(s.current_stats),
+                "candidate_latency_seconds": _spread(s.candidate_stats),
+            }
             for s in result.combination
         ],
         "best": {
@@ -222,8 +231,18 @@ def _row(v: VariantResult, s: Spread | None) -> list[str]:
     ]
 
 
-TABLE_HEADER = ("variant", "p50 s", "IQR s", "min–max s", "n", "gain", "output vs baseline",
-                "peak alloc / reserved", "warm-up", "verdict")
+TABLE_HEADER = (
+    "variant",
+    "p50 s",
+    "IQR s",
+    "min–max s",
+    "n",
+    "gain",
+    "output vs baseline",
+    "peak alloc / reserved",
+    "warm-up",
+    "verdict",
+)
 
 
 def _md_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
@@ -249,11 +268,14 @@ def stage_rows(result: TuneResult) -> list[list[str]]:
         rows.append(cells)
     if result.best and result.best_stages:
         st = result.best_stages
-        rows.append(["best: " + " + ".join(result.best)] + [
-            f"{_s(st.get(k))}" + ("" if base.get(k) is None or st.get(k) is None else
-                                  f" ({st.get(k, 0.0) - base.get(k, 0.0):+.4f})")
-            for k in (*STAGE_KEYS, "total")
-        ])
+        rows.append(
+            ["best: " + " + ".join(result.best)]
+            + [
+                f"{_s(st.get(k))}"
+                + ("" if base.get(k) is None or st.get(k) is None else f" ({st.get(k, 0.0) - base.get(k, 0.0):+.4f})")
+                for k in (*STAGE_KEYS, "total")
+            ]
+        )
     return rows
 
 
@@ -268,19 +290,23 @@ def floor_lines(result: TuneResult) -> list[str]:
     best = result.best_stats or result.baseline.stats
     lines = [
         f"- FLOPs ({'counted with FlopCounterMode' if f.method == 'FlopCounterMode' else 'estimated: ' + f.method}): "
-        + (f"{_flop(f.denoiser_flops_per_forward)} per denoiser forward × {f.denoiser_forwards} forwards"
-           if f.denoiser_flops_per_forward and f.denoiser_forwards else "denoiser share unknown")
-        + (f"; {_flop(f.generation_flops)} per generation (text encoder, denoiser, VAE)"
-           if f.generation_flops else ""),
-        f"- measured matmul rate on {result.device} ({r.dtype}, {r.side}³ matmuls): "
-        f"{_flop(r.flops_per_second)}/s",
+        + (
+            f"{_flop(f.denoiser_flops_per_forward)} per denoiser forward × {f.denoiser_forwards} forwards"
+            if f.denoiser_flops_per_forward and f.denoiser_forwards
+            else "denoiser share unknown"
+        )
+        + (f"; {_flop(f.generation_flops)} per generation (text encoder, denoiser, VAE)" if f.generation_flops else ""),
+        f"- measured matmul rate on {result.device} ({r.dtype}, {r.side}³ matmuls): {_flop(r.flops_per_second)}/s",
     ]
     if den is not None:
-        lines.append(f"- denoise floor {den:.4f} s; whole-generation floor "
-                     + ("not counted" if gen is None else f"{gen:.4f} s"))
+        lines.append(
+            f"- denoise floor {den:.4f} s; whole-generation floor " + ("not counted" if gen is None else f"{gen:.4f} s")
+        )
     if best is not None and gen:
-        lines.append(f"- best p50 {best.p50:.4f} s = {best.p50 / gen:.2f}× the generation floor "
-                     f"({gen / best.p50:.0%} of the measured matmul rate sustained over a generation)")
+        lines.append(
+            f"- best p50 {best.p50:.4f} s = {best.p50 / gen:.2f}× the generation floor "
+            f"({gen / best.p50:.0%} of the measured matmul rate sustained over a generation)"
+        )
     return lines
 
 
@@ -320,10 +346,13 @@ def render_markdown(result: TuneResult) -> str:
         "",
     ]
     if result.combination:
-        out += ["## Combination (greedy, largest gain first)", "",
-                "Each step re-measures the current best and the candidate in interleaved rounds of their own; the "
-                "best configuration's figures come from its last such round, the baseline's from the main rounds.",
-                ""]
+        out += [
+            "## Combination (greedy, largest gain first)",
+            "",
+            "Each step re-measures the current best and the candidate in interleaved rounds of their own; the "
+            "best configuration's figures come from its last such round, the baseline's from the main rounds.",
+            "",
+        ]
         for s in result.combination:
             base = " + ".join(s.current)
             if s.kept:
@@ -331,14 +360,29 @@ def render_markdown(result: TuneResult) -> str:
             else:
                 out.append(f"- dropped {s.added} on top of {base}: {s.reason}")
         out.append("")
-    out += ["## Per-stage effect (median seconds; Δ vs baseline)", "",
-            _md_table(STAGE_HEADER, stage_rows(result)), "", "## Compute floor", "", *floor_lines(result), ""]
+    out += [
+        "## Per-stage effect (median seconds; Δ vs baseline)",
+        "",
+        _md_table(STAGE_HEADER, stage_rows(result)),
+        "",
+        "## Compute floor",
+        "",
+        *floor_lines(result),
+        "",
+    ]
     notes = [f"- {n}" for n in all_notes(result)]
     if notes:
         out += ["## Notes", "", *notes, ""]
-    out += ["## Configuration snippet", "",
-            "Merge into your config (or run `zmon run -c tune.config.yaml`, the whole configuration with it):",
-            "", "```yaml", snippet_yaml(result).rstrip(), "```", ""]
+    out += [
+        "## Configuration snippet",
+        "",
+        "Merge into your config (or run `zmon run -c tune.config.yaml`, the whole configuration with it):",
+        "",
+        "```yaml",
+        snippet_yaml(result).rstrip(),
+        "```",
+        "",
+    ]
     return "\n".join(out)
 
 
@@ -347,7 +391,10 @@ def render_markdown(result: TuneResult) -> str:
 
 def bar_chart(
     rows: Sequence[tuple[str, float | None, float | None, float | None, str, str]],
-    *, unit: str, label: str, ref: float | None = None,
+    *,
+    unit: str,
+    label: str,
+    ref: float | None = None,
 ) -> str:
     """Horizontal bars (name, value, low, high, color, tooltip) with a whisker from low to high."""
     values = [v for _, v, _, hi, _, _ in rows for v in (v, hi) if v is not None]
@@ -368,15 +415,21 @@ def bar_chart(
         body.append(_rect(left, y, x_of(v) - left, bar_h, color, tip))
         if lo is not None and hi is not None:
             yc = y + bar_h / 2
-            body.append(f'<line x1="{x_of(lo):.1f}" y1="{yc:.1f}" x2="{x_of(hi):.1f}" y2="{yc:.1f}" '
-                        'stroke="#1d2327" stroke-width="1.5"/>')
+            body.append(
+                f'<line x1="{x_of(lo):.1f}" y1="{yc:.1f}" x2="{x_of(hi):.1f}" y2="{yc:.1f}" '
+                'stroke="#1d2327" stroke-width="1.5"/>'
+            )
             for xv in (lo, hi):
-                body.append(f'<line x1="{x_of(xv):.1f}" y1="{y + 3:.1f}" x2="{x_of(xv):.1f}" '
-                            f'y2="{y + bar_h - 3:.1f}" stroke="#1d2327" stroke-width="1.5"/>')
+                body.append(
+                    f'<line x1="{x_of(xv):.1f}" y1="{y + 3:.1f}" x2="{x_of(xv):.1f}" '
+                    f'y2="{y + bar_h - 3:.1f}" stroke="#1d2327" stroke-width="1.5"/>'
+                )
         body.append(_text(max(x_of(v), x_of(hi or v)) + 6, y + bar_h * 0.75, format_value(v, unit)))
     if ref is not None:
-        body.append(f'<line x1="{x_of(ref):.1f}" y1="{top}" x2="{x_of(ref):.1f}" '
-                    f'y2="{top + len(rows) * (bar_h + gap)}" stroke="#2e86ab" stroke-dasharray="4 3"/>')
+        body.append(
+            f'<line x1="{x_of(ref):.1f}" y1="{top}" x2="{x_of(ref):.1f}" '
+            f'y2="{top + len(rows) * (bar_h + gap)}" stroke="#2e86ab" stroke-dasharray="4 3"/>'
+        )
     axis = top + len(rows) * (bar_h + gap) + 14
     for t in _nice_ticks(0, hi_all, 5):
         body.append(_text(x_of(t), axis, format_value(t, unit), "middle"))
@@ -388,8 +441,11 @@ def latency_chart(result: TuneResult) -> str:
     for v in [result.baseline, *result.variants]:
         s = v.stats
         color = "#2e86ab" if v.status == "baseline" else VERDICT_COLORS.get(v.verdict or "", "#b0b0b0")
-        tip = (f"{v.name}: p50 {s.p50:.4f} s, IQR {s.q1:.4f}–{s.q3:.4f}, min–max {s.min:.4f}–{s.max:.4f}, n={s.n}"
-               if s else f"{v.status}: {v.reason}")
+        tip = (
+            f"{v.name}: p50 {s.p50:.4f} s, IQR {s.q1:.4f}–{s.q3:.4f}, min–max {s.min:.4f}–{s.max:.4f}, n={s.n}"
+            if s
+            else f"{v.status}: {v.reason}"
+        )
         rows.append((v.name, s.p50 if s else None, s.min if s else None, s.max if s else None, color, tip))
     base = result.baseline.stats
     return bar_chart(rows, unit="s", label="latency per variant", ref=base.p50 if base else None)
@@ -401,14 +457,25 @@ def memory_chart(result: TuneResult) -> str:
         if v.measurement is None:
             continue
         alloc, reserved = v.measurement.peaks()
-        rows.append((v.name, None if alloc is None else float(alloc), None,
-                     None if reserved is None else float(reserved), "#a05195",
-                     "" if alloc is None else f"peak allocated {format_value(alloc, 'B')}, reserved "
-                     f"{format_value(reserved, 'B')}"))
+        rows.append(
+            (
+                v.name,
+                None if alloc is None else float(alloc),
+                None,
+                None if reserved is None else float(reserved),
+                "#a05195",
+                ""
+                if alloc is None
+                else f"peak allocated {format_value(alloc, 'B')}, reserved {format_value(reserved, 'B')}",
+            )
+        )
     if not rows or all(r[1] is None for r in rows):
         return "<p class='note'>Peak memory: CUDA only (not measured on this device).</p>"
-    return bar_chart([(n, v, v, hi, c, t) for n, v, _, hi, c, t in rows], unit="B",
-                     label="peak memory per variant (bar: allocated, whisker to reserved)")
+    return bar_chart(
+        [(n, v, v, hi, c, t) for n, v, _, hi, c, t in rows],
+        unit="B",
+        label="peak memory per variant (bar: allocated, whisker to reserved)",
+    )
 
 
 def output_chart(result: TuneResult) -> str:
@@ -421,12 +488,12 @@ def output_chart(result: TuneResult) -> str:
         psnr = cap if o.identical else (o.psnr_db if o.finite and o.psnr_db is not None else 0.0)
         ok = (v.lossy or psnr >= result.tolerance_db) and o.finite
         color = "#2f8f4e" if ok else "#c0392b"
-        rows.append((v.name, min(psnr, cap), None, None, color,
-                     f"{v.name}: {_output(v)}" + (" (lossy)" if v.lossy else "")))
+        rows.append(
+            (v.name, min(psnr, cap), None, None, color, f"{v.name}: {_output(v)}" + (" (lossy)" if v.lossy else ""))
+        )
     if not rows:
         return "<p class='note'>No variant produced outputs to compare.</p>"
-    return bar_chart(rows, unit="", label="PSNR against the baseline (dB; identical = 120)",
-                     ref=result.tolerance_db)
+    return bar_chart(rows, unit="", label="PSNR against the baseline (dB; identical = 120)", ref=result.tolerance_db)
 
 
 def render_html(result: TuneResult) -> str:
@@ -465,7 +532,8 @@ def render_html(result: TuneResult) -> str:
         f"<div class='card'>{_table(STAGE_HEADER, stage_rows(result))}</div>",
         f"<h2>Combination</h2><div class='card'><ul>{combo or '<li>no second winner to combine</li>'}</ul></div>",
         "<h2>Compute floor</h2>",
-        "<div class='card'><ul>" + "".join(f"<li>{escape(x.lstrip('- '))}</li>" for x in floor_lines(result))
+        "<div class='card'><ul>"
+        + "".join(f"<li>{escape(x.lstrip('- '))}</li>" for x in floor_lines(result))
         + "</ul></div>",
         f"<h2>Notes</h2><div class='card'><ul>{notes or '<li>none</li>'}</ul></div>",
         f"<h2>Environment</h2><div class='card'>{_table(('package', 'version'), sorted((k, v or '—') for k, v in result.versions.items()))}</div>",  # noqa: E501

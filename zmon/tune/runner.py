@@ -111,12 +111,22 @@ class TuneOptions:
         return max(1, math.ceil(self.runs / max(1, self.rounds)))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"runs": self.runs, "rounds": self.rounds, "per_round": self.per_round,
-                "warmup": {"window": self.warmup.window, "settle_rel": self.warmup.settle_rel,
-                           "max_runs": self.warmup.max_runs},
-                "check_items": self.check_items, "allow_lossy": self.allow_lossy, "combine": self.combine,
-                "max_seconds": self.max_seconds, "compile_backend": self.compile_backend or opt.DEFAULT_COMPILE_BACKEND,
-                "seed": self.seed}
+        return {
+            "runs": self.runs,
+            "rounds": self.rounds,
+            "per_round": self.per_round,
+            "warmup": {
+                "window": self.warmup.window,
+                "settle_rel": self.warmup.settle_rel,
+                "max_runs": self.warmup.max_runs,
+            },
+            "check_items": self.check_items,
+            "allow_lossy": self.allow_lossy,
+            "combine": self.combine,
+            "max_seconds": self.max_seconds,
+            "compile_backend": self.compile_backend or opt.DEFAULT_COMPILE_BACKEND,
+            "seed": self.seed,
+        }
 
 
 # ------------------------------------------------------------------------------------------------ results
@@ -316,17 +326,20 @@ class Bench:
     def item(self) -> dict[str, Any]:
         """What every timed generation is: prompt, resolution, steps, seed."""
         kw = self.kwargs()
-        return {"prompt": kw["prompt"], "resolution": f"{kw['width']}x{kw['height']}",
-                "steps": kw["num_inference_steps"],
-                "seed": self.ctx.spec.seed if self.ctx.spec.seed is not None else 0}
+        return {
+            "prompt": kw["prompt"],
+            "resolution": f"{kw['width']}x{kw['height']}",
+            "steps": kw["num_inference_steps"],
+            "seed": self.ctx.spec.seed if self.ctx.spec.seed is not None else 0,
+        }
 
     @contextlib.contextmanager
     def instrumented(self, sink: list[GenerationRecord] | None = None) -> Iterator[None]:
         """The prompt cache in force and (with a sink) stage timing on the pipeline for the block."""
         cache = apply_prompt_cache(self.ctx.pipe, self.ctx.prompt_cache) if self.ctx.prompt_cache else None
         try:
-            timing = None if sink is None else apply_stage_timing(
-                self.ctx.pipe, StageTimingConfig(on_record=sink.append)
+            timing = (
+                None if sink is None else apply_stage_timing(self.ctx.pipe, StageTimingConfig(on_record=sink.append))
             )
             try:
                 yield
@@ -451,7 +464,12 @@ class Tuner:
         device = anatomy.pipeline_device(pipe)
         dtype = str(opt.pipe_dtype(pipe)).removeprefix("torch.")
         self.ctx = TuneContext(
-            pipe=pipe, cfg=cfg, spec=spec, model_id=self.model_id, device=device, dtype=dtype,
+            pipe=pipe,
+            cfg=cfg,
+            spec=spec,
+            model_id=self.model_id,
+            device=device,
+            dtype=dtype,
             compile_backend=options.compile_backend or opt.DEFAULT_COMPILE_BACKEND,
         )
         self.bench = Bench(self.ctx, self.progress)
@@ -479,8 +497,14 @@ class Tuner:
 
     def _result_for(self, v: Variant) -> VariantResult:
         return VariantResult(
-            name=v.name, description=v.description, status="pending", lossy=v.lossy,
-            fresh_process=v.fresh_process, group=v.group, note=v.note, settings=v.settings(self.ctx),
+            name=v.name,
+            description=v.description,
+            status="pending",
+            lossy=v.lossy,
+            fresh_process=v.fresh_process,
+            group=v.group,
+            note=v.note,
+            settings=v.settings(self.ctx),
             compared_to="baseline (fresh process)" if v.fresh_process else "baseline",
         )
 
@@ -496,13 +520,19 @@ class Tuner:
     def run(self) -> TuneResult:
         ctx = self.ctx
         result = TuneResult(
-            model_id=self.model_id, pipeline_class=type(ctx.pipe).__name__, device=ctx.device,
-            device_name=_device_name(ctx.device), dtype=ctx.dtype,
+            model_id=self.model_id,
+            pipeline_class=type(ctx.pipe).__name__,
+            device=ctx.device,
+            device_name=_device_name(ctx.device),
+            dtype=ctx.dtype,
             workload={**_workload_dict(ctx.spec), "timed_generation": self.bench.item()},
-            options=self.options, tolerance_db=self.tolerance_db,
-            baseline=VariantResult(name="baseline", description="the configured pipeline, as loaded",
-                                   status="baseline"),
-            versions=_versions(), base_config=self.cfg.model_dump(mode="json", exclude_defaults=True),
+            options=self.options,
+            tolerance_db=self.tolerance_db,
+            baseline=VariantResult(
+                name="baseline", description="the configured pipeline, as loaded", status="baseline"
+            ),
+            versions=_versions(),
+            base_config=self.cfg.model_dump(mode="json", exclude_defaults=True),
         )
         dynamo_config: Any = None
         limit_key = None
@@ -590,7 +620,7 @@ class Tuner:
                 if v.status != "skipped":
                     v.status, v.reason = "skipped", "not run: the baseline fails"
             return False
-        self.gen_seconds["baseline"] = median(b.warmup.walls[-self.options.warmup.window:]) or 0.0
+        self.gen_seconds["baseline"] = median(b.warmup.walls[-self.options.warmup.window :]) or 0.0
         self._note_warmup("baseline", b.warmup)
         return True
 
@@ -674,7 +704,7 @@ class Tuner:
         self._note_warmup(v.name, vr.warmup)
         if v.compiles:
             self.compile_seconds = max(self.compile_seconds or 0.0, vr.warmup.seconds)
-        self.gen_seconds[v.name] = median(vr.warmup.walls[-self.options.warmup.window:]) or 0.0
+        self.gen_seconds[v.name] = median(vr.warmup.walls[-self.options.warmup.window :]) or 0.0
         vr.output = compare_outputs(self.reference, outputs)
         bad = output_verdict(vr.output, lossy=v.lossy, min_psnr_db=self.tolerance_db)
         if bad:
@@ -693,9 +723,12 @@ class Tuner:
             raise FatalPipelineState(f"the baseline fails after the variants were undone: {failure_reason(e)}") from e
         if not again.identical:
             psnr = "n/a" if again.psnr_db is None else f"{again.psnr_db:.1f} dB"
-            self.note(result, f"after undoing the variants the baseline's images differ from its first run "
-                              f"(max |Δ| {again.max_abs:.3g}, PSNR {psnr}): the device is not bit-deterministic "
-                              "or an undo is incomplete")
+            self.note(
+                result,
+                f"after undoing the variants the baseline's images differ from its first run "
+                f"(max |Δ| {again.max_abs:.3g}, PSNR {psnr}): the device is not bit-deterministic "
+                "or an undo is incomplete",
+            )
 
     def _run_rounds(
         self, configs: Sequence[tuple[str, Sequence[Variant]]], rounds: int, label: str
@@ -784,9 +817,14 @@ class Tuner:
     def _combine(self, result: TuneResult, measured: dict[str, Measurement], n_fresh: int) -> None:
         by_name = {v.name: v for v in self.variants}
         winners = sorted(
-            (vr for vr in result.variants
-             if vr.status == "measured" and not vr.fresh_process and vr.verdict == "faster"
-             and (self.options.allow_lossy or not vr.lossy)),
+            (
+                vr
+                for vr in result.variants
+                if vr.status == "measured"
+                and not vr.fresh_process
+                and vr.verdict == "faster"
+                and (self.options.allow_lossy or not vr.lossy)
+            ),
             key=lambda vr: -(vr.gain or 0.0),
         )
         if not winners:
@@ -809,9 +847,11 @@ class Tuner:
             self.gen_seconds.setdefault(cur_key, self.gen_seconds.get(current[-1], 0.0))
             self.gen_seconds.setdefault(cand_key, self.gen_seconds.get(cur_key, 0.0))
             variants = [by_name[n] for n in cand]
-            cost = (self._estimate_warm(variants, combined=True)
-                    + self._rounds_cost([cur_key, cand_key], self.rounds_run)
-                    + self._later_reserve(n_fresh))
+            cost = (
+                self._estimate_warm(variants, combined=True)
+                + self._rounds_cost([cur_key, cand_key], self.rounds_run)
+                + self._later_reserve(n_fresh)
+            )
             if not self.budget.allows(cost):
                 step.reason = f"time budget: {self.budget.left():.0f} s left"
                 continue
@@ -834,7 +874,7 @@ class Tuner:
                 step.reason = f"the combination fails: {failure}"
                 _release_memory(self.ctx)
                 continue
-            self.gen_seconds[cand_key] = median(warm.walls[-self.options.warmup.window:]) or 0.0
+            self.gen_seconds[cand_key] = median(warm.walls[-self.options.warmup.window :]) or 0.0
             diff = compare_outputs(self.reference, outputs)
             lossy = any(by_name[n].lossy for n in cand)
             bad = output_verdict(diff, lossy=lossy, min_psnr_db=self.tolerance_db)
@@ -877,8 +917,9 @@ class Tuner:
                 continue
             if control is None:
                 self.progress.note("fresh process: control (configured allocator)")
-                control = run_worker(self.cfg, {}, self.options, self.model_id, label="control",
-                                     timeout=self.budget.left())
+                control = run_worker(
+                    self.cfg, {}, self.options, self.model_id, label="control", timeout=self.budget.left()
+                )
                 if control.error:
                     self.note(result, f"fresh-process control failed: {control.error}")
             if control.error or control.measurement.spread is None:
@@ -886,8 +927,13 @@ class Tuner:
                 continue
             self.progress.note(f"fresh process: {v.name}")
             env = v.env(self.ctx) if v.env else {}
-            cfg = self.cfg.model_copy(update={"model": self.cfg.model.model_copy(
-                update={"alloc_conf": env.get(ALLOC_CONF_ENV, self.cfg.model.alloc_conf)})})
+            cfg = self.cfg.model_copy(
+                update={
+                    "model": self.cfg.model.model_copy(
+                        update={"alloc_conf": env.get(ALLOC_CONF_ENV, self.cfg.model.alloc_conf)}
+                    )
+                }
+            )
             w = run_worker(cfg, env, self.options, self.model_id, label=v.name, timeout=self.budget.left())
             if w.error:
                 vr.status, vr.reason = ("skipped" if w.timed_out else "rejected"), w.error
@@ -964,15 +1010,19 @@ def run_worker(
         spec_path = Path(tmp) / "spec.json"
         result_path = Path(tmp) / "result.json"
         outputs_path = Path(tmp) / "outputs.pt"
-        spec_path.write_text(json.dumps({
-            "config": cfg.model_dump(mode="json"),
-            "model_id": model_id,
-            "factory": options.factory,
-            "options": options.to_dict(),
-            "threads": torch.get_num_threads(),
-            "result": str(result_path),
-            "outputs": str(outputs_path),
-        }))
+        spec_path.write_text(
+            json.dumps(
+                {
+                    "config": cfg.model_dump(mode="json"),
+                    "model_id": model_id,
+                    "factory": options.factory,
+                    "options": options.to_dict(),
+                    "threads": torch.get_num_threads(),
+                    "result": str(result_path),
+                    "outputs": str(outputs_path),
+                }
+            )
+        )
         env = {k: v for k, v in os.environ.items() if k not in (ALLOC_CONF_ENV, NEW_ALLOC_CONF_ENV)}
         if cfg.model.alloc_conf:
             env[ALLOC_CONF_ENV] = cfg.model.alloc_conf
@@ -981,15 +1031,23 @@ def run_worker(
         try:
             proc = subprocess.run(
                 [sys.executable, "-m", "zmon.tune.worker", str(spec_path)],
-                env=env, capture_output=True, text=True, timeout=None if math.isinf(timeout) else max(timeout, 1.0),
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=None if math.isinf(timeout) else max(timeout, 1.0),
             )
         except subprocess.TimeoutExpired:
-            return WorkerResult(error=f"time budget: the fresh process ({label}) was stopped after {timeout:.0f} s",
-                                seconds=time.monotonic() - t0, timed_out=True)
+            return WorkerResult(
+                error=f"time budget: the fresh process ({label}) was stopped after {timeout:.0f} s",
+                seconds=time.monotonic() - t0,
+                timed_out=True,
+            )
         if proc.returncode != 0 or not result_path.exists():
             tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-3:]
-            return WorkerResult(error=f"fresh process ({label}) exited {proc.returncode}: {' | '.join(tail)[:400]}",
-                                seconds=time.monotonic() - t0)
+            return WorkerResult(
+                error=f"fresh process ({label}) exited {proc.returncode}: {' | '.join(tail)[:400]}",
+                seconds=time.monotonic() - t0,
+            )
         data = json.loads(result_path.read_text())
         if data.get("error"):
             return WorkerResult(error=str(data["error"]), seconds=time.monotonic() - t0)
@@ -1053,6 +1111,14 @@ def tune_pipeline(
     """Tune an already loaded (configured) pipeline; see the module docstring. The pipeline is left as it was
     given (every variant is undone), except for compiled code caches. `sampling` feeds `history` meanwhile
     (GPU utilization per configuration); without them nothing is sampled."""
-    tuner = Tuner(pipe, cfg, variants, options or TuneOptions(), model_id=model_id, progress=progress,
-                  sampling=sampling, history=history)
+    tuner = Tuner(
+        pipe,
+        cfg,
+        variants,
+        options or TuneOptions(),
+        model_id=model_id,
+        progress=progress,
+        sampling=sampling,
+        history=history,
+    )
     return tuner.run()

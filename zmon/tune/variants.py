@@ -243,13 +243,23 @@ def _attention_variant(backend: str) -> Variant:
 _FIXED: Final[dict[str, Variant]] = {
     v.name: v
     for v in (
-        _compile_variant("compile", None, "torch.compile the denoiser (default mode: inductor kernels, fusion)",
-                         cuda_only=False),
-        _compile_variant("cuda_graphs", "reduce-overhead", "torch.compile the denoiser in reduce-overhead mode: "
-                         "CUDA graphs replay each step's kernels without per-launch CPU cost", cuda_only=True),
-        _compile_variant("compile_max_autotune", "max-autotune", "torch.compile the denoiser in max-autotune "
-                         "mode (benchmarks GEMM/conv configs, CUDA graphs; compiles for many minutes)",
-                         cuda_only=False),
+        _compile_variant(
+            "compile", None, "torch.compile the denoiser (default mode: inductor kernels, fusion)", cuda_only=False
+        ),
+        _compile_variant(
+            "cuda_graphs",
+            "reduce-overhead",
+            "torch.compile the denoiser in reduce-overhead mode: "
+            "CUDA graphs replay each step's kernels without per-launch CPU cost",
+            cuda_only=True,
+        ),
+        _compile_variant(
+            "compile_max_autotune",
+            "max-autotune",
+            "torch.compile the denoiser in max-autotune "
+            "mode (benchmarks GEMM/conv configs, CUDA graphs; compiles for many minutes)",
+            cuda_only=False,
+        ),
         Variant(
             name="compile_vae",
             description="torch.compile the VAE decoder (vae.decoder)",
@@ -311,8 +321,8 @@ def build_variant(name: str) -> Variant:
     """The registered variant `name` ('compile', 'attention:_native_cudnn', ...); KeyError when unknown."""
     if name in _FIXED:
         return _FIXED[name]
-    if name.startswith(ATTENTION_PREFIX) and name[len(ATTENTION_PREFIX):] in ATTENTION_BACKENDS:
-        return _attention_variant(name[len(ATTENTION_PREFIX):])
+    if name.startswith(ATTENTION_PREFIX) and name[len(ATTENTION_PREFIX) :] in ATTENTION_BACKENDS:
+        return _attention_variant(name[len(ATTENTION_PREFIX) :])
     raise KeyError(name)
 
 

@@ -52,13 +52,21 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         opt.DEFAULT_COMPILE_BACKEND = o["compile_backend"]  # what the parent's tune compiles with
     cfg = Config.model_validate(spec["config"])
     options = TuneOptions(
-        runs=int(o["runs"]), rounds=int(o["rounds"]), check_items=int(o["check_items"]),
+        runs=int(o["runs"]),
+        rounds=int(o["rounds"]),
+        check_items=int(o["check_items"]),
         warmup=WarmupRule(**o["warmup"]),
     )
     pipe, model_id = _build(spec, cfg)
-    ctx = TuneContext(pipe=pipe, cfg=cfg, spec=workload_spec(cfg, pipe, model_id), model_id=model_id,
-                      device=anatomy.pipeline_device(pipe), dtype=anatomy.dtype(pipe) or "float32",
-                      prompt_cache=cfg.workload.prompt_cache if cfg.workload.prompt_cache.enabled else None)
+    ctx = TuneContext(
+        pipe=pipe,
+        cfg=cfg,
+        spec=workload_spec(cfg, pipe, model_id),
+        model_id=model_id,
+        device=anatomy.pipeline_device(pipe),
+        dtype=anatomy.dtype(pipe) or "float32",
+        prompt_cache=cfg.workload.prompt_cache if cfg.workload.prompt_cache.enabled else None,
+    )
     bench = Bench(ctx)
     warm = bench.warm(options.warmup, "fresh")
     outputs = bench.outputs(options.check_items)

@@ -47,18 +47,22 @@ def export_alloc_conf(alloc_conf: str | None, environ: MutableMapping[str, str] 
     env = os.environ if environ is None else environ
     newer = env.get(NEW_ALLOC_CONF_ENV)
     if newer and newer != alloc_conf:
-        raise ModelOptionsError([
-            f"model.alloc_conf: {NEW_ALLOC_CONF_ENV}={newer!r} is set in the environment and torch reads it "
-            f"instead of {ALLOC_CONF_ENV}; unset it or make it {alloc_conf!r}"
-        ])
+        raise ModelOptionsError(
+            [
+                f"model.alloc_conf: {NEW_ALLOC_CONF_ENV}={newer!r} is set in the environment and torch reads it "
+                f"instead of {ALLOC_CONF_ENV}; unset it or make it {alloc_conf!r}"
+            ]
+        )
     if effective_alloc_conf(env) == alloc_conf:
         return True
     if cuda.initialized():
-        raise ModelOptionsError([
-            f"model.alloc_conf: CUDA is already initialised in this process, and its caching allocator read "
-            f"{ALLOC_CONF_ENV}={effective_alloc_conf(env)!r} then; start the process with "
-            f"{ALLOC_CONF_ENV}={alloc_conf!r} in its environment instead"
-        ])
+        raise ModelOptionsError(
+            [
+                f"model.alloc_conf: CUDA is already initialised in this process, and its caching allocator read "
+                f"{ALLOC_CONF_ENV}={effective_alloc_conf(env)!r} then; start the process with "
+                f"{ALLOC_CONF_ENV}={alloc_conf!r} in its environment instead"
+            ]
+        )
     previous = env.get(ALLOC_CONF_ENV)
     if previous:
         log.warning("model.alloc_conf overrides %s=%r with %r", ALLOC_CONF_ENV, previous, alloc_conf)

@@ -117,8 +117,9 @@ class OomHandler:
             except (SourceUnavailable, OSError, RuntimeError, AttributeError) as e:
                 log.warning("cannot record the CUDA allocator history for OOM snapshots: %s", e)
                 return False
-        log.info("recording the CUDA allocator history (%d entries) for OOM snapshots in %s",
-                 self.config.max_entries, d)
+        log.info(
+            "recording the CUDA allocator history (%d entries) for OOM snapshots in %s", self.config.max_entries, d
+        )
         return True
 
     def stop(self) -> None:
@@ -143,8 +144,13 @@ class OomHandler:
             existing = len(list(d.glob(SNAPSHOT_GLOB)))
             if existing >= self.config.max_snapshots:
                 if not self._cap_logged:
-                    log.warning("OOM snapshot not written: %s holds %d %s file(s) (workload.oom.max_snapshots); "
-                                "delete them to get new ones", d, existing, SNAPSHOT_GLOB)
+                    log.warning(
+                        "OOM snapshot not written: %s holds %d %s file(s) (workload.oom.max_snapshots); "
+                        "delete them to get new ones",
+                        d,
+                        existing,
+                        SNAPSHOT_GLOB,
+                    )
                     self._cap_logged = True
                 return None
             path = d / f"oom-{int(self._wall())}-{generation}{'-retry' if attempt else ''}.pickle"

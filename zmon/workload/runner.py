@@ -66,7 +66,11 @@ class Workload:
         except torch.OutOfMemoryError:
             log.warning(
                 "generation %d%s: out of GPU memory at %dx%d (batch %d)",
-                i, " (retry)" if attempt else "", kwargs["width"], kwargs["height"], self.spec.batch_size,
+                i,
+                " (retry)" if attempt else "",
+                kwargs["width"],
+                kwargs["height"],
+                self.spec.batch_size,
             )
             if oom is not None:
                 oom.snapshot(i, attempt)
@@ -153,8 +157,12 @@ class Runner:
         log.info(
             "generating %s: %d prompt(s) × %s, %d steps, guidance %g, batch %d%s",
             "forever" if limit is None else f"{limit} generation(s)",
-            len(spec.prompts), ", ".join(f"{w}x{h}" for w, h in spec.resolutions), spec.steps,
-            spec.guidance_scale, spec.batch_size, ", img2img" if spec.img2img else "",
+            len(spec.prompts),
+            ", ".join(f"{w}x{h}" for w, h in spec.resolutions),
+            spec.steps,
+            spec.guidance_scale,
+            spec.batch_size,
+            ", img2img" if spec.img2img else "",
         )
         first: int | None = None
         for i in items:
@@ -192,7 +200,12 @@ class Runner:
         result.seconds = time.monotonic() - started
         log.info(
             "%d generation(s) in %.1fs: %d ok, %d oom, %d error(s), %d image(s)%s",
-            result.generations, result.seconds, result.ok, result.oom, result.errors, result.images,
+            result.generations,
+            result.seconds,
+            result.ok,
+            result.oom,
+            result.errors,
+            result.images,
             f"; {result.oom_recovered} of {result.oom_retries} OOM retries succeeded" if result.oom_retries else "",
         )
         return result
@@ -241,8 +254,9 @@ class Runner:
             self.images_written += 1
             if self._output_failing:
                 self._output_failing = False
-                log.info("saving images to %s works again after %d failure(s)", self.spec.output_dir,
-                         self.output_failures)
+                log.info(
+                    "saving images to %s works again after %d failure(s)", self.spec.output_dir, self.output_failures
+                )
 
     def stop(self) -> None:
         """Stop what the run started (the OOM handler's allocator history); idempotent."""
