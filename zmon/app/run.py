@@ -12,12 +12,10 @@ restart (said so in the log and in zmon_config_restart_required).
 from __future__ import annotations
 
 import logging
-import signal
 import statistics
 import threading
 import time
 from collections.abc import Callable
-from types import FrameType
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -27,6 +25,7 @@ from zmon.app.instrument import Instrumentation, pipeline_facts
 from zmon.app.monitor import Monitor
 from zmon.app.parts import PolicyParts
 from zmon.app.reload import ConfigSource, Plan, Reloader, hold_sighup
+from zmon.app.signals import install_stop_handlers, restore_handlers
 from zmon.app.watch import systemd_hooks
 from zmon.capture.live import LiveDiagnosis
 from zmon.collectors.generation import GenerationMetrics
@@ -353,7 +352,7 @@ def run_main(cfg: Config, *, linger_seconds: float = 0.0, source: ConfigSource |
     the first signal stops after the current generation, a second one interrupts; SIGHUP reloads (queued
     while the model loads)."""
     stop = threading.Event()
-    previous = _install_stop_handlers(stop)
+    previous = install_stop_handlers(stop, "stopping after the current generation (again to interrupt)")
     hold_sighup()
     session: RunSession | None = None
     reloader: Reloader | None = None
@@ -385,22 +384,4 @@ def run_main(cfg: Config, *, linger_seconds: float = 0.0, source: ConfigSource |
             reloader.stop()
         if session is not None:
             session.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _install_stop_handlers(stop: threading.Event) -> dict[int, Any]:
-    previous: dict[int, Any] = {}
-    if threading.current_thread() is not threading.main_thread():
-        return previous
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        if stop.is_set():
-            raise KeyboardInterrupt
-        name = signal.Signals(signum).name
-        log.info("%s: stopping after the current generation (again to interrupt)", name)
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        previous[sig] = signal.signal(sig, handler)
-    return previous
+        restore_handlers(previous)

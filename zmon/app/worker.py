@@ -27,12 +27,12 @@ import threading
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
-from types import FrameType
 from typing import Any, ClassVar
 
 from zmon.app.instrument import Instrumentation, pipeline_facts
 from zmon.app.monitor import Monitor
 from zmon.app.parts import add_policy
+from zmon.app.signals import install_stop_handlers
 from zmon.app.sources import add_allocator_source
 from zmon.app.worker_protocol import (
     MULTICAST_OFF,
@@ -120,7 +120,7 @@ def worker_main(spec: WorkerSpec, conn: Connection, beat: Any) -> None:
     _setup_logging(spec.config.logging, label)
     channel = Channel(conn)
     stop = threading.Event()
-    _install_stop_handlers(stop, label)
+    install_stop_handlers(stop, f"worker {label}: stopping after the current generation")
     session: list[WorkerSession] = []  # filled once loaded: commands before that have nothing to act on
     threading.Thread(
         target=_read_commands, args=(conn, session, stop), name="zmon-worker-commands", daemon=True
@@ -330,17 +330,6 @@ def _read_commands(conn: Connection, session: list[WorkerSession], stop: threadi
                 session[0].queue_action(message)
             else:
                 log.warning("%s requested before the pipeline was loaded: ignored", message.action)
-
-
-def _install_stop_handlers(stop: threading.Event, label: str) -> None:
-    def handler(signum: int, frame: FrameType | None) -> None:
-        if stop.is_set():
-            raise KeyboardInterrupt
-        log.info("worker %s: %s, stopping after the current generation", label, signal.Signals(signum).name)
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, handler)
 
 
 def _die_with_parent() -> None:

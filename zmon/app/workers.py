@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import signal
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from types import FrameType
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -31,6 +29,7 @@ from zmon.analysis.facts import EnvironmentFacts, MultiGpuFacts
 from zmon.analysis.scaling import Finished, Scaling, scaling
 from zmon.app.monitor import Monitor
 from zmon.app.parts import add_live_diagnosis
+from zmon.app.signals import install_stop_handlers, restore_handlers
 from zmon.app.sources import add_host_sources, add_nvml_sources
 from zmon.app.supervisor import DevicePlanError, Supervisor, SupervisorResult, plan_devices
 from zmon.app.worker_protocol import Allocator, Busy, Command, Placement, Ready, Record, Stats
@@ -461,7 +460,7 @@ def run_workers_main(cfg: Config, *, linger_seconds: float = 0.0) -> int:
         log.error("%s", e)
         return EXIT_USAGE
     stop = threading.Event()
-    previous = _install_stop_handlers(stop)
+    previous = install_stop_handlers(stop, "draining the workers (again to stop waiting)")
     parent: WorkerParent | None = None
     try:
         try:
@@ -486,21 +485,4 @@ def run_workers_main(cfg: Config, *, linger_seconds: float = 0.0) -> int:
     finally:
         if parent is not None:
             parent.monitor.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _install_stop_handlers(stop: threading.Event) -> dict[int, Any]:
-    previous: dict[int, Any] = {}
-    if threading.current_thread() is not threading.main_thread():
-        return previous
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        if stop.is_set():
-            raise KeyboardInterrupt
-        log.info("%s: draining the workers (again to stop waiting)", signal.Signals(signum).name)
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        previous[sig] = signal.signal(sig, handler)
-    return previous
+        restore_handlers(previous)
