@@ -1,4 +1,5 @@
-"""`zmon run` with two CPU workers (model.devices: cpu:2), as a subprocess: SIGTERM to the parent drains them —
+"""`zmon run` with two CPU workers (model.devices: cpu:2), as a subprocess: SIGHUP is refused with a warning and
+changes nothing; SIGTERM to the parent drains them —
 each worker finishes the generation it is in, nothing is killed — and the parent exits 0; devices that do not
 exist here are a usage error (exit 2)."""
 
@@ -50,6 +51,14 @@ def test_sigterm_drains_every_worker_and_exits_0(tiny_cache_dir: Path, tmp_path:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
                 metrics = r.read().decode()
             assert 'zmon_worker_up{device="cpu:0"} 1.0' in metrics and 'zmon_worker_up{device="cpu:1"} 1.0' in metrics
+            # A reload is not supported in worker mode: SIGHUP is refused with a warning, nothing stops.
+            proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 10
+            while "reloading the configuration is not supported" not in log.read_text():
+                assert time.monotonic() < deadline and proc.poll() is None, log.read_text()[-3000:]
+                time.sleep(0.1)
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+                assert 'zmon_worker_up{device="cpu:1"} 1.0' in r.read().decode()
             signalled_at = time.time()
             proc.send_signal(signal.SIGTERM)
             rc = proc.wait(60)

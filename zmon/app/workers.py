@@ -29,6 +29,7 @@ from zmon.analysis.facts import EnvironmentFacts, MultiGpuFacts
 from zmon.analysis.scaling import Finished, Scaling, scaling
 from zmon.app.monitor import Monitor
 from zmon.app.parts import add_live_diagnosis
+from zmon.app.reload import hold_sighup
 from zmon.app.signals import install_stop_handlers, restore_handlers
 from zmon.app.sources import add_host_sources, add_nvml_sources
 from zmon.app.supervisor import DevicePlanError, Supervisor, SupervisorResult, plan_devices
@@ -461,6 +462,7 @@ def run_workers_main(cfg: Config, *, linger_seconds: float = 0.0) -> int:
         return EXIT_USAGE
     stop = threading.Event()
     previous = install_stop_handlers(stop, "draining the workers (again to stop waiting)")
+    _refuse_reloads()
     parent: WorkerParent | None = None
     try:
         try:
@@ -486,3 +488,20 @@ def run_workers_main(cfg: Config, *, linger_seconds: float = 0.0) -> int:
         if parent is not None:
             parent.monitor.stop()
         restore_handlers(previous)
+
+
+def _refuse_reloads() -> None:
+    """SIGHUP in worker mode: say that it is not applied, and keep running (a `systemctl reload` must not take
+    the whole fleet down, and must not pass silently either)."""
+    requests = hold_sighup()  # the CLI installed it already; main thread only
+
+    def refuse() -> None:
+        while True:
+            requests.wait()
+            requests.clear()
+            log.warning(
+                "SIGHUP: reloading the configuration is not supported with model.devices (worker mode); "
+                "restart zmon to apply a new configuration"
+            )
+
+    threading.Thread(target=refuse, name="zmon-sighup", daemon=True).start()
