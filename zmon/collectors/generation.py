@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -286,45 +286,33 @@ class GenerationMetrics:
             facts, facts_set = self.facts, self._facts_set
         base = ["model", "resolution", "device"]
 
-        h = HistogramMetricFamily(
+        yield _histogram(
             "zmon_stage_duration_seconds",
             "Time spent in one pipeline stage per successful generation (denoise: all steps).",
-            labels=["stage", *base],
+            ["stage", *base],
+            stage,
         )
-        for k, (b, s) in sorted(stage.items()):
-            h.add_metric(list(k), b, s)
-        yield h
-        h = HistogramMetricFamily(
+        yield _histogram(
             "zmon_generation_duration_seconds",
             "Wall time of one successful pipeline call, from entry to return.",
-            labels=base,
+            base,
+            gen,
         )
-        for k, (b, s) in sorted(gen.items()):
-            h.add_metric(list(k), b, s)
-        yield h
-        h = HistogramMetricFamily("zmon_denoise_step_duration_seconds", "Time of one denoising step.", labels=base)
-        for k, (b, s) in sorted(step.items()):
-            h.add_metric(list(k), b, s)
-        yield h
-
+        yield _histogram("zmon_denoise_step_duration_seconds", "Time of one denoising step.", base, step)
         if comm:  # only pipelines that span several GPUs (torch.distributed) have these
-            h = HistogramMetricFamily(
+            yield _histogram(
                 "zmon_stage_communication_seconds",
                 "Time the generating stream waited in torch.distributed collectives per stage of one "
                 "successful generation (denoise: all steps; other: outside every stage).",
-                labels=["stage", *base],
+                ["stage", *base],
+                comm,
             )
-            for k, (b, s) in sorted(comm.items()):
-                h.add_metric(list(k), b, s)
-            yield h
-            h = HistogramMetricFamily(
+            yield _histogram(
                 "zmon_denoise_step_communication_seconds",
                 "Time the generating stream waited in torch.distributed collectives during one denoising step.",
-                labels=base,
+                base,
+                step_comm,
             )
-            for k, (b, s) in sorted(step_comm.items()):
-                h.add_metric(list(k), b, s)
-            yield h
 
         c = CounterMetricFamily(
             "zmon_generations", "Pipeline calls by outcome (ok, oom, error).", labels=["status", *base]
@@ -422,3 +410,16 @@ class GenerationMetrics:
         yield GaugeMetricFamily(
             "zmon_prompt_cache_entries", "Prompt embeddings held in the cache.", value=float(pc.size)
         )
+
+
+_Buckets = tuple[list[tuple[str, float]], float]  # (cumulative buckets, sum) of one label set
+
+
+def _histogram(
+    name: str, documentation: str, labels: list[str], data: Mapping[tuple[str, ...], _Buckets]
+) -> HistogramMetricFamily:
+    """One histogram family from {label values: (buckets, sum)}, in label order."""
+    h = HistogramMetricFamily(name, documentation, labels=labels)
+    for k, (b, total) in sorted(data.items()):
+        h.add_metric(list(k), b, total)
+    return h
