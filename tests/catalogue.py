@@ -33,6 +33,10 @@ _SUFFIXES = {
 }
 
 
+# helpers in zmon that build one family of a fixed type from its name (collectors/generation.py)
+_HELPERS = {"_histogram": "HistogramMetricFamily"}
+
+
 def _is_name(node: ast.AST) -> bool:
     return isinstance(node, ast.Constant) and isinstance(node.value, str) and bool(_NAME.match(node.value))
 
@@ -46,19 +50,20 @@ def _call_name(node: ast.Call) -> str:
 def code_families() -> dict[str, str]:
     """{family name as written in zmon's source: its MetricFamily class}, read from the AST of the package.
 
-    A name passed straight to XMetricFamily("zmon_...") has that type. A name in a table (a tuple literal)
-    assigned to a variable whose name contains COUNTER, HISTOGRAM or INFO is of that type. Any other
-    "zmon_..." string constant is taken for a gauge (the tables of unlabelled gauges).
+    A name passed straight to XMetricFamily("zmon_...") (or to a helper in _HELPERS) has that type. A name
+    in a table (a tuple literal) assigned to a variable whose name contains COUNTER, HISTOGRAM or INFO is of
+    that type. Any other "zmon_..." string constant is taken for a gauge (the tables of unlabelled gauges).
     """
     out: dict[str, str] = {}
     for path in sorted((ROOT / "zmon").rglob("*.py")):
         tree = ast.parse(path.read_text(), str(path))
         typed: set[int] = set()
         for node in ast.walk(tree):
-            if isinstance(node, ast.Call) and _call_name(node).endswith("MetricFamily") and node.args:
+            kind = _HELPERS.get(_call_name(node), _call_name(node)) if isinstance(node, ast.Call) else ""
+            if isinstance(node, ast.Call) and kind.endswith("MetricFamily") and node.args:
                 first = node.args[0]
                 if isinstance(first, ast.Constant) and _is_name(first):
-                    out[str(first.value)] = _call_name(node)
+                    out[str(first.value)] = kind
                     typed.add(id(first))
         for node in ast.walk(tree):
             if isinstance(node, ast.Assign | ast.AnnAssign) and node.value is not None:
