@@ -22,6 +22,7 @@ from zmon.instrumentation.jsonl import JsonlLog
 from zmon.instrumentation.prompt_cache import PromptCacheHandle, apply_prompt_cache
 from zmon.instrumentation.records import GenerationRecord
 from zmon.instrumentation.stages import StageTimingConfig, StageTimingHandle, apply_stage_timing
+from zmon.workload.loading import LoadedPipeline
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,17 @@ def pipeline_facts(pipe: Any, model_id: str, *, distilled: bool = False) -> Pipe
         compiled=anatomy.is_compiled(pipe),
         distilled=distilled,
     )
+
+
+def loaded_pipeline_facts(loaded: LoadedPipeline, *, distilled: bool) -> PipelineFacts:
+    """pipeline_facts, with what loading measured: the device, dtype and compile state it chose, and the
+    checkpoint read (seconds, bytes, throughput)."""
+    facts = pipeline_facts(loaded.pipe, loaded.model_id, distilled=distilled)
+    facts.device, facts.dtype, facts.compiled = loaded.device, loaded.dtype, loaded.compiled
+    facts.load_seconds = loaded.load_seconds
+    facts.checkpoint_bytes = loaded.checkpoint_bytes
+    facts.read_bytes_per_second = loaded.read_bytes_per_second
+    return facts
 
 
 class Instrumentation:

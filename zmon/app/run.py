@@ -21,7 +21,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from zmon.app.attach import add_in_process_sources, connect_in_process, install_in_process_sources
-from zmon.app.instrument import Instrumentation, pipeline_facts
+from zmon.app.instrument import Instrumentation, loaded_pipeline_facts
 from zmon.app.monitor import Monitor
 from zmon.app.parts import PolicyParts
 from zmon.app.reload import ConfigSource, Plan, Reloader, hold_sighup
@@ -265,11 +265,7 @@ def build_run(
             raise WorkloadError(problems)
         if class_name is None:
             spec = build_spec(cfg, model_defaults(loaded.pipe, cfg.model.id))
-        facts = pipeline_facts(loaded.pipe, loaded.model_id, distilled=spec.distilled)
-        facts.device, facts.dtype, facts.compiled = loaded.device, loaded.dtype, loaded.compiled
-        facts.load_seconds = loaded.load_seconds
-        facts.checkpoint_bytes = loaded.checkpoint_bytes
-        facts.read_bytes_per_second = loaded.read_bytes_per_second
+        facts = loaded_pipeline_facts(loaded, distilled=spec.distilled)
         metrics.set_pipeline(facts)
         inst = Instrumentation(loaded.pipe, cfg.workload, metrics, model_id=loaded.model_id)
         live = connect_in_process(mon, cfg, inst, policy)

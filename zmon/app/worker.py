@@ -29,7 +29,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any, ClassVar
 
-from zmon.app.instrument import Instrumentation, pipeline_facts
+from zmon.app.instrument import Instrumentation, loaded_pipeline_facts
 from zmon.app.monitor import Monitor
 from zmon.app.parts import add_policy
 from zmon.app.signals import install_stop_handlers
@@ -177,11 +177,7 @@ class WorkerSession:
                 raise WorkloadError(problems)
             if class_name is None:
                 workload = build_spec(cfg, model_defaults(loaded.pipe, cfg.model.id))
-            facts = pipeline_facts(loaded.pipe, loaded.model_id, distilled=workload.distilled)
-            facts.device, facts.dtype, facts.compiled = loaded.device, loaded.dtype, loaded.compiled
-            facts.load_seconds = loaded.load_seconds
-            facts.checkpoint_bytes = loaded.checkpoint_bytes
-            facts.read_bytes_per_second = loaded.read_bytes_per_second
+            facts = loaded_pipeline_facts(loaded, distilled=workload.distilled)
             # Records go to the parent; the local metrics only keep the in-progress gauge's bookkeeping.
             inst = Instrumentation(
                 loaded.pipe, cfg.workload, GenerationMetrics(model=loaded.model_id), model_id=loaded.model_id
