@@ -8,8 +8,9 @@ activity) and (b) their wall times lie within `settle_rel` of each other ((max â
 `window` generations run; at most `max_runs`, after which it is measured anyway and flagged "not settled".
 
 Noise rule (`judge`): a variant is faster only when both hold â€”
-  1. its median gain over the baseline exceeds the noise floor: the relative range of the baseline's
-     per-round medians (how far the same configuration drifts from round to round), at least MIN_NOISE_FLOOR;
+  1. its median gain over the baseline exceeds the noise floor: the larger relative range of the two
+     configurations' per-round medians (how far the same configuration drifts from round to round), at least
+     MIN_NOISE_FLOOR;
   2. the interquartile ranges do not overlap (variant q3 < baseline q1).
 Slower symmetrically; anything else is "no measurable gain".
 

@@ -801,7 +801,9 @@ class Tuner:
             if s is None:
                 vr.status, vr.reason = "rejected", "no measured generation"
                 continue
-            vr.verdict, vr.gain = judge(b, s, result.noise_floor)
+            # Either configuration's drift between rounds bounds what can be told apart.
+            m = measured[vr.name]
+            vr.verdict, vr.gain = judge(b, s, max(result.noise_floor, noise_floor(m.round_medians, s.p50)))
 
     def _set_best(self, result: TuneResult, names: list[str], m: Measurement | None) -> None:
         result.best = names
@@ -890,7 +892,11 @@ class Tuner:
             if cs is None or ns is None:
                 step.reason = "not measured"
                 continue
-            f = max(floor, noise_floor(ms[cur_key].round_medians, cs.p50))
+            f = max(
+                floor,
+                noise_floor(ms[cur_key].round_medians, cs.p50),
+                noise_floor(ms[cand_key].round_medians, ns.p50),
+            )
             step.verdict, step.gain = judge(cs, ns, f)
             step.current_stats, step.candidate_stats = cs, ns
             if step.verdict == "faster":
@@ -948,7 +954,11 @@ class Tuner:
             if vs is None:
                 vr.status, vr.reason = "rejected", "no measured generation"
                 continue
-            floor = max(result.noise_floor or 0.0, noise_floor(control.measurement.round_medians, cs.p50))
+            floor = max(
+                result.noise_floor or 0.0,
+                noise_floor(control.measurement.round_medians, cs.p50),
+                noise_floor(w.measurement.round_medians, vs.p50),
+            )
             vr.verdict, vr.gain = judge(cs, vs, floor)
             vr.note = (vr.note + " " if vr.note else "") + (
                 f"ran in a fresh process with {ALLOC_CONF_ENV}={w.alloc_conf or '(unset)'}, compared with a "
