@@ -39,7 +39,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from zmon.app.worker_protocol import MULTICAST_OFF
+from zmon.app.workers.protocol import MULTICAST_OFF
 
 os.environ.update(MULTICAST_OFF)
 
@@ -113,7 +113,7 @@ def steady_rate(records: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _fullsize_worker(spec: Any, conn: Any, beat: Any) -> None:
     """Worker target: zmon's worker, its loader replaced by the on-GPU build of the full-size architecture."""
-    import zmon.app.worker as worker
+    import zmon.app.workers.worker as worker
     from zmon.workload.loading import LoadedPipeline
 
     def load(cfg: Any, *, img2img: bool = False) -> Any:
@@ -146,8 +146,8 @@ def worker_config(devices: Any, *, cpu: bool, size: int, steps: int, gens: int) 
 
 def dp_run(label: str, devices: Any, *, cpu: bool, size: int, steps: int, gens: int, out: Path) -> dict[str, Any]:
     """One `zmon run` worker setup (parent + workers), scraped over HTTP while it runs and once at the end."""
-    from zmon.app.supervisor import plan_devices
-    from zmon.app.workers import WorkerParent
+    from zmon.app.workers.parent import WorkerParent
+    from zmon.app.workers.supervisor import plan_devices
 
     placements = plan_devices(devices)
     cfg = worker_config(devices, cpu=cpu, size=size, steps=steps, gens=gens * len(placements))

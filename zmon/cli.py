@@ -238,7 +238,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not _export_alloc_conf(cfg):
         return EXIT_USAGE
     if cfg.model.devices is not None:
-        from zmon.app.workers import run_workers_main  # lazy: the workers import torch, the parent need not
+        from zmon.app.workers.parent import run_workers_main  # lazy: the workers import torch, the parent need not
 
         return run_workers_main(cfg, linger_seconds=max(0.0, args.linger))
     from zmon.app.run import run_main  # lazy: imports torch / diffusers

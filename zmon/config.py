@@ -351,7 +351,7 @@ MAX_WORKERS = 64
 
 
 class WorkersConfig(_Section):
-    """How `zmon run` / `zmon profile` supervise one worker process per device (owned by zmon.app.workers)."""
+    """How `zmon run` / `zmon profile` supervise one worker process per device (owned by zmon.app.workers.parent)."""
 
     # A worker must have loaded its pipeline within this long after it started.
     start_timeout_seconds: float = Field(600.0, gt=0, le=86400)

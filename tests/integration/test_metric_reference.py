@@ -40,7 +40,7 @@ def enumerations() -> dict[tuple[str, str], frozenset[str] | None]:
     the full exposition shows (each of those labels is written from a fixed list in its collector, and the
     fakes exercise every entry)."""
     from zmon.analysis.live import KINDS, VERDICTS
-    from zmon.app.supervisor import RESTART_REASONS
+    from zmon.app.workers.supervisor import RESTART_REASONS
     from zmon.collectors import generation, policy
     from zmon.collectors.workers import STATES
     from zmon.providers.nvml import CLOCK_EVENT_REASONS

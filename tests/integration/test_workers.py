@@ -19,9 +19,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from tests.integration import worker_faults
 from tests.services import require_binary
 from zmon.app.profile import profile_main
-from zmon.app.supervisor import Supervisor, plan_devices
-from zmon.app.worker_protocol import Record
-from zmon.app.workers import WorkerParent
+from zmon.app.workers.parent import WorkerParent
+from zmon.app.workers.protocol import Record
+from zmon.app.workers.supervisor import Supervisor, plan_devices
 from zmon.config import Config, load_config
 from zmon.exitcodes import EXIT_FAILURE
 from zmon.instrumentation.records import GenerationRecord

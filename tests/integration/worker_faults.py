@@ -1,6 +1,6 @@
 """Worker process targets that misbehave on purpose, for the supervisor tests (spawned: module-level, light).
 
-Each wraps zmon.app.worker.worker_main: the faults are real process behaviour (an exit mid-run, a generation
+Each wraps zmon.app.workers.worker.worker_main: the faults are real process behaviour (an exit mid-run, a generation
 that never returns, a worker that never gets ready), not mocks of the supervisor.
 """
 
@@ -16,7 +16,7 @@ HANG_LABEL, HANG_ITEM = "cpu:1", 3
 
 def crash_once_and_hang_once(spec: Any, conn: Any, beat: Any) -> None:
     """cpu:0 exits (code 3) when it reaches item 2, cpu:1 hangs in item 3 — each in its first incarnation."""
-    from zmon.app.worker import worker_main
+    from zmon.app.workers.worker import worker_main
     from zmon.workload import runner
 
     call = runner.Workload.call

@@ -7,7 +7,7 @@ import pytest
 
 from tests.fakes.nvml import FakeNvml, h100
 from zmon.app.probe import ProbeError, ProbeOptions, _nominal, plan
-from zmon.app.worker_protocol import Placement
+from zmon.app.workers.protocol import Placement
 from zmon.capture.interconnect import (
     Nominal,
     ProbeResult,

@@ -12,9 +12,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from tests.services import require_binary
 from zmon.alerting.alertmanager import DeliveryStats
 from zmon.analysis.scaling import Finished, scaling
-from zmon.app.supervisor import DevicePlanError, plan_devices
-from zmon.app.worker_protocol import MULTICAST_OFF, Placement, WorkerSpec
-from zmon.app.workers import MergedPolicy, MergedPromptCache, ScalingWindow
+from zmon.app.workers.parent import MergedPolicy, MergedPromptCache, ScalingWindow
+from zmon.app.workers.protocol import MULTICAST_OFF, Placement, WorkerSpec
+from zmon.app.workers.supervisor import DevicePlanError, plan_devices
 from zmon.collectors.policy import PolicyCollector
 from zmon.collectors.workers import ScalingState, WorkerCollector, WorkerStatus
 from zmon.config import Config, ConfigError, load_config

@@ -1,6 +1,6 @@
 """Data-parallel scaling: the images/s of N workers against N times what one worker does on its own.
 
-Pure: the supervisor (zmon.app.workers) and the profile feed it the finished generations of every worker.
+Pure: the supervisor (zmon.app.workers.parent) and the profile feed it the finished generations of every worker.
 
 - A worker's steady-state rate is its images divided by the time it spent generating them (the sum of its
   generation times): what that device does while it generates, back to back.

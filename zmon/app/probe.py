@@ -3,7 +3,7 @@ compare the bus bandwidth with the link's nominal figure, print a table and writ
 
 The ranks (zmon.capture.interconnect.run_rank) rendezvous through a file store in a private temporary
 directory; each gets MULTICAST_OFF in its environment (NVLink multicast stays off, see
-zmon.app.worker_protocol). The nominal bandwidth comes from NVML (active NVLinks × link speed, each
+zmon.app.workers.protocol). The nominal bandwidth comes from NVML (active NVLinks × link speed, each
 direction, the slowest participating GPU) where the GPUs report NVLink, else from a table of known cards by
 name; on the CPU (gloo) there is none.
 """
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from zmon.app.supervisor import DevicePlanError, plan_devices
-from zmon.app.worker_protocol import MULTICAST_OFF, Placement
+from zmon.app.workers.protocol import MULTICAST_OFF, Placement
+from zmon.app.workers.supervisor import DevicePlanError, plan_devices
 from zmon.capture.interconnect import (
     BACKENDS,
     OPS,

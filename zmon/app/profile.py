@@ -19,9 +19,9 @@ from zmon.analysis.report import render_markdown, write_reports
 from zmon.analysis.scaling import Finished, scaling
 from zmon.app.monitor import Monitor
 from zmon.app.sources import add_allocator_source, add_host_sources, add_nvml_sources
-from zmon.app.supervisor import DevicePlanError, Supervisor, plan_devices
-from zmon.app.worker_protocol import Record
-from zmon.app.workers import MergedPolicy, MergedPromptCache, ScalingWindow, WorkerMerge
+from zmon.app.workers.parent import MergedPolicy, MergedPromptCache, ScalingWindow, WorkerMerge
+from zmon.app.workers.protocol import Record
+from zmon.app.workers.supervisor import DevicePlanError, Supervisor, plan_devices
 from zmon.capture.disk import disk_speed_test, local_model_dir
 from zmon.capture.inputs import GpuResolver, window_facts
 from zmon.capture.profile import ProfileResult, load_for_profile, profile_pipeline

@@ -1,7 +1,7 @@
 """`zmon run` with `model.devices`: one worker process per device, their metrics merged into one /metrics.
 
 The parent is the one Monitor: the HTTP server, NVML and host sampling, the generation metrics, the JSONL
-log, the live diagnosis. Each worker (zmon.app.worker) ships what only it can measure — GenerationRecords,
+log, the live diagnosis. Each worker (zmon.app.workers.worker) ships what only it can measure — GenerationRecords,
 allocator samples, the policy's and prompt cache's counters — over a pipe, and the parent's collectors render
 it with the worker's `device` label (`WorkerMerge`). Why snapshots shipped to one parent rather than
 prometheus_client's multiprocess mode: zmon's collectors build their families at scrape time from snapshots
@@ -32,8 +32,8 @@ from zmon.app.parts import add_live_diagnosis
 from zmon.app.reload import hold_sighup
 from zmon.app.signals import install_stop_handlers, restore_handlers
 from zmon.app.sources import add_host_sources, add_nvml_sources
-from zmon.app.supervisor import DevicePlanError, Supervisor, SupervisorResult, plan_devices
-from zmon.app.worker_protocol import Allocator, Busy, Command, Placement, Ready, Record, Stats
+from zmon.app.workers.protocol import Allocator, Busy, Command, Placement, Ready, Record, Stats
+from zmon.app.workers.supervisor import DevicePlanError, Supervisor, SupervisorResult, plan_devices
 from zmon.capture.live import DEFAULT_WINDOW_SECONDS, LiveDiagnosis
 from zmon.collectors.allocator import AllocatorCollector
 from zmon.collectors.generation import GenerationMetrics

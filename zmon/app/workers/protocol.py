@@ -1,9 +1,9 @@
 """What a worker process and its supervisor say to each other: the worker's assignment and the messages.
 
 One worker per device (`model.devices`), started with multiprocessing's spawn method. The supervisor
-(zmon.app.supervisor) passes each worker a `WorkerSpec`; the worker (zmon.app.worker) sends `Ready` once its
-pipeline is loaded, `Busy` around each pipeline call, a `Record` per generation, an `Item` per workload item
-finished, `Allocator` and `Stats` snapshots, and `Done` (or `Fatal`) at the end. Messages are frozen
+(zmon.app.workers.supervisor) passes each worker a `WorkerSpec`; the worker (zmon.app.workers.worker) sends
+`Ready` once its pipeline is loaded, `Busy` around each pipeline call, a `Record` per generation, an `Item`
+per workload item finished, `Allocator` and `Stats` snapshots, and `Done` (or `Fatal`) at the end. Messages are frozen
 dataclasses sent over a multiprocessing Pipe, pickled. The supervisor sends `Command`s back (queued remedial
 actions from POST /actions) and `Stop` (the drain): a pipe message, not a shared multiprocessing.Event,
 because a worker killed while waiting on such an event leaves its condition's sleeper count behind, and the

@@ -1,7 +1,7 @@
 """The supervisor: one worker process per device, started, watched, restarted, drained.
 
-Each worker (zmon.app.worker) is a spawned process with its own pipeline on its own device and a round-robin
-share of the workload (zmon.app.worker_protocol.WorkerSpec). The supervisor runs on the parent's main thread:
+Each worker (zmon.app.workers.worker) is a spawned process with its own pipeline on its own device and a round-robin
+share of the workload (zmon.app.workers.protocol.WorkerSpec). The supervisor runs on the parent's main thread:
 
 - start: every worker is spawned at once; each must report `Ready` within `start_timeout_seconds`.
 - crash: a worker that exits without `Done` is restarted from the first item it had not finished, after a
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any, Literal, Protocol
 
-from zmon.app.worker_protocol import (
+from zmon.app.workers.protocol import (
     MULTICAST_OFF,
     Command,
     Done,
@@ -157,7 +157,7 @@ class Supervisor:
         entry: Callable[[WorkerSpec, Connection, Any], None] | None = None,
     ) -> None:
         """`entry`: the worker process's target, a module-level function (spawn pickles it by name);
-        default: zmon.app.worker.worker_main."""
+        default: zmon.app.workers.worker.worker_main."""
         if not placements:
             raise ValueError("no worker to supervise")
         self.cfg = cfg
@@ -416,6 +416,6 @@ class Supervisor:
 
 def _worker_entry(spec: WorkerSpec, conn: Connection, beat: Any) -> None:
     """The spawned process's target: imports the worker (torch, diffusers) only in the child."""
-    from zmon.app.worker import worker_main
+    from zmon.app.workers.worker import worker_main
 
     worker_main(spec, conn, beat)

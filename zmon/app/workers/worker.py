@@ -1,6 +1,6 @@
 """One data-parallel worker process: its own pipeline on its own device, generating its share of the workload.
 
-Started by the supervisor (zmon.app.supervisor) with multiprocessing's spawn method; `worker_main` is the
+Started by the supervisor (zmon.app.workers.supervisor) with multiprocessing's spawn method; `worker_main` is the
 process body. What acts on the process's own CUDA context runs here, because it acts nowhere else: the
 caching-allocator sampling, the policy (empty_cache and gc at the safe points between this worker's
 generations), the out-of-memory retry, stage and collective timing. What the parent exports is sent to it:
@@ -34,7 +34,7 @@ from zmon.app.monitor import Monitor
 from zmon.app.parts import add_policy
 from zmon.app.signals import install_stop_handlers
 from zmon.app.sources import add_allocator_source
-from zmon.app.worker_protocol import (
+from zmon.app.workers.protocol import (
     MULTICAST_OFF,
     Allocator,
     Busy,
