@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import multiprocessing
 import os
 import threading
 from pathlib import Path
@@ -152,6 +153,48 @@ def test_lines_are_never_torn_across_threads(tmp_path: Path) -> None:
         t.join()
     got = lines(path)
     assert len(got) == 400 and len({g["steps"] for g in got}) == 400
+
+
+def test_a_writer_follows_the_file_another_writer_rotated(tmp_path: Path) -> None:
+    """Two logs on one path (two processes of a host service): when one rotates, the other's next line goes
+    to the new file, not into the backup it still holds open, and it does not rotate that backup again."""
+    path = tmp_path / "gen.jsonl"
+    one = len(json.dumps(record_to_dict(record(), model="m"), separators=(",", ":"))) + 1
+    a, b = JsonlLog(path, max_bytes=one * 3 + 10, backups=3), JsonlLog(path, max_bytes=one * 3 + 10, backups=3)
+    assert a.write(record(steps=1), model="m") and b.write(record(steps=2), model="m")
+    assert a.write(record(steps=3), model="m") and a.write(record(steps=4), model="m")  # a rotates: 1,2,3 → .1
+    assert b.write(record(steps=5), model="m")
+    a.close()
+    b.close()
+    assert [g["steps"] for g in lines(path.with_name("gen.jsonl.1"))] == [1, 2, 3]
+    assert [g["steps"] for g in lines(path)] == [4, 5]
+    assert not path.with_name("gen.jsonl.2").exists()
+
+
+def _write_many(path: str, writer: int, n: int, max_bytes: int) -> None:
+    log = JsonlLog(path, max_bytes=max_bytes, backups=200)
+    for i in range(n):
+        assert log.write(record(steps=writer * 10_000 + i), model="m")
+    log.close()
+
+
+def test_processes_sharing_a_rotating_file_lose_no_line(tmp_path: Path) -> None:
+    """Three processes append to one file that rotates every few lines: every line lands whole, once, and no
+    file grows past max_bytes (rotation and appends are serialised by the file lock)."""
+    path = tmp_path / "gen.jsonl"
+    one = len(json.dumps(record_to_dict(record(steps=10_000), model="m"), separators=(",", ":"))) + 1
+    max_bytes = one * 5 + 10
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_write_many, args=(str(path), w, 150, max_bytes)) for w in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    files = sorted(tmp_path.iterdir())
+    got = [g["steps"] for f in files for g in lines(f)]
+    assert sorted(got) == sorted(w * 10_000 + i for w in range(3) for i in range(150))
+    assert all(f.stat().st_size <= max_bytes for f in files)
 
 
 @pytest.mark.parametrize("case", ["directory", "missing_dir", "disk_full"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -82,9 +83,12 @@ class JsonlLog:
     """Appends one JSON line per generation to `path`, rotating to path.1 … path.N past `max_bytes`.
 
     The file is opened with O_APPEND and each line goes out in a single os.write, so concurrent writers
-    (threads, or processes sharing the file) never interleave inside a line. A failing write (disk full,
-    permission, missing directory, path is a directory) is counted in `failures` and logged once per
-    streak of failures; it never reaches the generation. The file is reopened on the next write.
+    (threads, or processes sharing the file: a host service whose worker processes each attach zmon) never
+    interleave inside a line. Writers that share the file also share its rotation and repair: each write,
+    rotation and tail repair holds an advisory lock (flock) on the file, and a writer whose open file was
+    rotated away by another follows the path to the new file instead of appending to a backup. A failing
+    write (disk full, permission, missing directory, path is a directory) is counted in `failures` and logged
+    once per streak of failures; it never reaches the generation. The file is reopened on the next write.
 
     Lines are all or nothing. A write that fits only partly (the disk fills mid-line) is cut back off at
     once. A line torn by something zmon cannot catch (kill -9 or a power cut in the middle of a write) is
@@ -129,16 +133,20 @@ class JsonlLog:
     def write_line(self, line: bytes) -> bool:
         with self._lock:
             try:
-                fd = self._open()
-                size = os.fstat(fd).st_size  # fstat, not a counter: another process may append to the file
-                if size > 0 and size + len(line) > self.max_bytes:
-                    self._rotate()
-                    fd = self._open()
-                    size = os.fstat(fd).st_size
-                n = os.write(fd, line)
-                if n != len(line):
-                    self._cut_partial(fd, size, n)
-                    raise OSError(errno.ENOSPC, f"short write: {n} of {len(line)} bytes (disk full?), cut off")
+                fd = self._open_current()
+                try:
+                    size = os.fstat(fd).st_size  # fstat, not a counter: another process may append to the file
+                    if size > 0 and size + len(line) > self.max_bytes:
+                        self._rotate()  # closes fd (releasing its lock) once the file is moved
+                        fd = self._open_current()
+                        size = os.fstat(fd).st_size
+                    n = os.write(fd, line)
+                    if n != len(line):
+                        self._cut_partial(fd, size, n)
+                        raise OSError(errno.ENOSPC, f"short write: {n} of {len(line)} bytes (disk full?), cut off")
+                finally:
+                    if self._fd == fd:
+                        _unlock(fd)
             except OSError as e:
                 self._close_fd()
                 return self._failed(f"{e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
@@ -167,8 +175,34 @@ class JsonlLog:
             self._repair(fd)
         return self._fd
 
+    def _open_current(self) -> int:
+        """The open file, locked, and still the one at `path`: when another writer rotated it away while
+        this one held it open, the file at `path` now is reopened (and repaired) instead."""
+        for _ in range(8):  # a rotation per pass: only a storm of other writers could use them all
+            fd = self._open()
+            _lock(fd)
+            if not self._rotated_away(fd):
+                return fd
+            _unlock(fd)
+            self._close_fd()
+        return self._open()  # (unlocked) the line still goes to the file at path, whole
+
+    def _rotated_away(self, fd: int) -> bool:
+        try:
+            here, there = os.fstat(fd), os.stat(self.path)
+        except FileNotFoundError:  # renamed away and no new file yet: reopen creates it
+            return True
+        return (here.st_dev, here.st_ino) != (there.st_dev, there.st_ino)
+
     def _repair(self, fd: int) -> None:
         """Cut a torn last line (one that does not end in a newline) back to the end of the last whole line."""
+        _lock(fd)
+        try:
+            self._repair_locked(fd)
+        finally:
+            _unlock(fd)
+
+    def _repair_locked(self, fd: int) -> None:
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_size == 0 or os.pread(fd, 1, st.st_size - 1) == b"\n":
@@ -208,15 +242,19 @@ class JsonlLog:
             log.debug("JSONL log %s: cannot cut a partial line: %s", self.path, e)
 
     def _rotate(self) -> None:
-        self._close_fd()
-        if self.backups == 0:
-            os.truncate(self.path, 0)
-            return
-        for i in range(self.backups - 1, 0, -1):
-            src = self.path.with_name(f"{self.path.name}.{i}")
-            if src.exists():
-                os.replace(src, self.path.with_name(f"{self.path.name}.{i + 1}"))
-        os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+        """Shift the backups and move the file to path.1 (or empty it), while still holding the file's lock;
+        then close it."""
+        try:
+            if self.backups == 0:
+                os.truncate(self.path, 0)
+                return
+            for i in range(self.backups - 1, 0, -1):
+                src = self.path.with_name(f"{self.path.name}.{i}")
+                if src.exists():
+                    os.replace(src, self.path.with_name(f"{self.path.name}.{i + 1}"))
+            os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+        finally:
+            self._close_fd()
 
     def _close_fd(self) -> None:
         if self._fd is not None:
@@ -227,3 +265,15 @@ class JsonlLog:
     def close(self) -> None:
         with self._lock:
             self._close_fd()
+
+
+def _lock(fd: int) -> None:
+    """An exclusive advisory lock on the file between zmon writers; where the filesystem has none, writes go
+    on unlocked (each line is still one O_APPEND write)."""
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_EX)
+
+
+def _unlock(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_UN)
