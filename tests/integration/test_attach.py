@@ -282,3 +282,34 @@ def test_example_host_service(tiny_cache_dir: Path, tmp_path: Path) -> None:
             proc.kill()
             raise
     assert rc == 0, proc.stdout.read().decode() if proc.stdout else rc
+
+
+@pytest.mark.parametrize("serve_http", [True, False])
+def test_alerts_name_the_target_zmon_serves_or_none_it_invents(serve_http: bool) -> None:
+    """Serving its own /metrics, zmon's alerts carry that target as `instance` and link to it; attached into
+    a host's registry (serve_http=False) zmon knows no address of its own: host name, no zmon URLs."""
+    import socket
+
+    from zmon.app.attach import add_in_process_sources
+    from zmon.app.monitor import Monitor
+
+    port = free_port()
+    cfg = Config.model_validate(
+        {"server": {"listen": f"127.0.0.1:{port}"}, "alerting": {"alertmanager_urls": ["http://127.0.0.1:9"]}}
+    )
+    mon = Monitor(cfg.sampling, cfg.server, mode="attach", registry=CollectorRegistry(), serve_http=serve_http)
+    parts = add_in_process_sources(mon, cfg)
+    try:
+        assert parts is not None
+        if serve_http:
+            assert parts.alerts.instance == f"127.0.0.1:{port}"
+            assert parts.alerts.runbook_base_url == f"http://127.0.0.1:{port}/runbooks#runbook-"
+        else:
+            assert parts.alerts.instance == socket.gethostname()
+            assert parts.alerts.generator_url is None and parts.alerts.runbook_base_url is None
+        configured = cfg.alerting.model_copy(update={"instance": "svc-1:8000"})
+        parts.reconfigure(mon, cfg.policy, configured)  # a reload: alerting.instance wins, URLs stay as they were
+        assert parts.alerts.instance == "svc-1:8000"
+        assert (parts.alerts.generator_url is None) is not serve_http
+    finally:
+        mon.stop()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 from typing import Any
@@ -45,7 +46,7 @@ def add_in_process_sources(mon: Monitor, cfg: Config) -> PolicyParts | None:
     """The in-process sources and the policy over them. Connect the instrumented pipeline with
     `connect_in_process` once it exists."""
     install_in_process_sources(mon, cfg.sampling)
-    return add_policy(mon, cfg.policy, cfg.alerting, listen=cfg.server.listen)
+    return add_policy(mon, cfg.policy, cfg.alerting, listen=cfg.server.listen if mon.serves_http else None)
 
 
 def connect_in_process(mon: Monitor, cfg: Config, inst: Instrumentation, policy: PolicyParts | None) -> LiveDiagnosis:
@@ -192,6 +193,12 @@ def attach(
         type(pipe).__name__,
         f"; /metrics on {handle.url}/metrics" if handle.url else "",
     )
+    if not serve_http and cfg.policy.enabled and cfg.alerting.alertmanager_urls and not cfg.alerting.instance:
+        log.info(
+            "zmon's alerts carry instance=%r (this host's name): set alerting.instance to the target Prometheus "
+            "scrapes this service under, so Alertmanager can group and inhibit them with the rule-based ones",
+            socket.gethostname(),
+        )
     return handle
 
 

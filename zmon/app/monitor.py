@@ -186,6 +186,11 @@ class Monitor:
                 log.exception("closing source group %s failed", name)
 
     @property
+    def serves_http(self) -> bool:
+        """Whether this monitor serves its own /metrics (False: a host's registry, `zmon profile`, a worker)."""
+        return self._serve_http
+
+    @property
     def serving(self) -> bool:
         """True once /metrics is bound (always True for a monitor that serves no HTTP)."""
         return self.server is not None or not self._serve_http

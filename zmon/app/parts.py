@@ -129,22 +129,29 @@ class PolicyParts:
         """New policy and alerting settings (a reload): rules keep their state where unchanged, alerts follow
         the Alertmanager URLs and labels."""
         self.runner.reconfigure(policy)
-        self.alerts.generator_url = mon.server_config.listen.url("/metrics")
+        if self.alerts.generator_url is not None:  # None: zmon serves no HTTP of its own (attach, host registry)
+            self.alerts.generator_url = mon.server_config.listen.url("/metrics")
         self.alerts.reconfigure(alerting)
 
 
 def add_policy(
-    mon: Monitor, policy: PolicyConfig, alerting: AlertingConfig, *, listen: ListenAddress
+    mon: Monitor, policy: PolicyConfig, alerting: AlertingConfig, *, listen: ListenAddress | None
 ) -> PolicyParts | None:
     """Policy rules evaluated after every allocator sample (after every host sample where there is no CUDA
     allocator), with actions at safe points, alerts to Alertmanager and POST /actions.
 
-    Alerts carry `instance` = alerting.instance or what Prometheus calls this target (monitor_instance), and
-    are resolved when the monitor stops unless alerting.resolve_on_shutdown is false (read at that moment,
-    so a reload can change it)."""
+    `listen` is where zmon's /metrics is served (a worker passes its parent's), None when zmon serves none of
+    its own (attach into the host's registry): then no zmon URL is invented for the alerts' generator and
+    runbook links. Alerts carry `instance` = alerting.instance, else what Prometheus calls this target
+    (monitor_instance), else (no listen address) this host's name; they are resolved when the monitor stops
+    unless alerting.resolve_on_shutdown is false (read at that moment, so a reload can change it)."""
     if not policy.enabled:
         return None
-    alerts = AlertmanagerClient(alerting, generator_url=listen.url("/metrics"), instance=lambda: monitor_instance(mon))
+    alerts = AlertmanagerClient(
+        alerting,
+        generator_url=None if listen is None else listen.url("/metrics"),
+        instance=None if listen is None else (lambda: monitor_instance(mon)),
+    )
     mon.add_closer(lambda: alerts.close(timeout=5.0, resolve_active=alerts.config.resolve_on_shutdown))
     runner = PolicyRunner(policy, alerts=alerts)
     figures = WorkloadFigures(mon.store)
