@@ -28,8 +28,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from zmon.app.checks import Mode, require
-from zmon.collectors.reload import ReloadState
-from zmon.config import Config, ConfigError
+from zmon.app.monitor import Monitor
+from zmon.collectors.reload import ReloadCollector, ReloadState
+from zmon.config import Config, ConfigError, SamplingConfig
+from zmon.systemd import SystemdHandle
 
 log = logging.getLogger(__name__)
 
@@ -269,3 +271,55 @@ class Reloader:
         self.failures += 1
         self.state.failed()
         return False, f"configuration reload failed, keeping the running configuration: {why}"
+
+
+def monitor_reloader(
+    mon: Monitor,
+    cfg: Config,
+    source: ConfigSource,
+    *,
+    mode: Mode,
+    plan: Plan,
+    rebuild_sources: Callable[[SamplingConfig], list[str]],
+    apply_more: Callable[[Config], None] | None = None,
+    systemd: SystemdHandle | None = None,
+) -> Reloader:
+    """The SIGHUP reloader of a daemon's Monitor, its state exported as zmon_config_*. Applying a new
+    configuration: bind its server first (may fail; nothing has changed yet), then the sampler's settings,
+    the source groups whose sub-config changed (`rebuild_sources`, which returns their names), what the mode
+    adds (`apply_more`: policy, alerting, thresholds), the new server swapped in, logging."""
+
+    def apply(old: Config, new: Config, live: list[str]) -> None:
+        server = mon.prepare_server(new.server)  # may raise: nothing has changed yet
+        mon.configure_sampling(new.sampling)
+        rebuilt = rebuild_sources(new.sampling)
+        if rebuilt:
+            log.info("sources rebuilt: %s", ", ".join(rebuilt))
+        if apply_more is not None:
+            apply_more(new)
+        mon.commit_server(new.server, server)
+        if source.apply_logging is not None and new.logging != old.logging:
+            source.apply_logging(new)
+
+    state = ReloadState()
+    mon.add_collector("config", ReloadCollector(state))
+    return Reloader(
+        cfg,
+        source,
+        mode=mode,
+        plan=plan,
+        apply=apply,
+        state=state,
+        requests=hold_sighup(),
+        lock=mon.lock,
+        stopped=lambda: mon.wait(0),
+        **systemd_hooks(systemd),
+    )
+
+
+def systemd_hooks(sd: SystemdHandle | None) -> dict[str, Any]:
+    """Reloader hooks telling systemd about a reload: RELOADING=1 … READY=1 with a STATUS line (what
+    `systemctl reload` waits for with Type=notify-reload, harmless with Type=notify)."""
+    if sd is None:
+        return {}
+    return {"on_reloading": sd.reloading, "on_reloaded": lambda ok, summary: sd.reloaded(summary)}

@@ -16,7 +16,6 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 from prometheus_client import CollectorRegistry
 
@@ -24,17 +23,16 @@ from zmon.app.attach import add_in_process_sources, connect_in_process, install_
 from zmon.app.instrument import Instrumentation, loaded_pipeline_facts
 from zmon.app.monitor import Monitor
 from zmon.app.parts import PolicyParts
-from zmon.app.reload import ConfigSource, Plan, Reloader, hold_sighup
+from zmon.app.reload import ConfigSource, Plan, Reloader, hold_sighup, monitor_reloader
 from zmon.app.signals import install_stop_handlers, restore_handlers
-from zmon.app.watch import systemd_hooks
 from zmon.capture.live import LiveDiagnosis
 from zmon.collectors.generation import GenerationMetrics
-from zmon.collectors.reload import ReloadCollector, ReloadState
 from zmon.config import Config
 from zmon.exitcodes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from zmon.instrumentation.boundaries import BoundaryListener
 from zmon.instrumentation.records import GenerationRecord
 from zmon.server import Request, Response
+from zmon.systemd import SystemdHandle
 from zmon.workload.loading import LoadedPipeline, load_pipeline, model_defaults, vae_scale_factor
 from zmon.workload.oom import OomHandler
 from zmon.workload.runner import Runner, RunResult, Workload
@@ -309,37 +307,28 @@ def run_plan(session: RunSession) -> Plan:
     )
 
 
-def run_reloader(session: RunSession, cfg: Config, source: ConfigSource, *, systemd: Any | None = None) -> Reloader:
-    """The SIGHUP reloader of a run session (its state exported as zmon_config_*)."""
+def run_reloader(
+    session: RunSession, cfg: Config, source: ConfigSource, *, systemd: SystemdHandle | None = None
+) -> Reloader:
+    """The SIGHUP reloader of a run session (its state exported as zmon_config_*): the in-process sources, and
+    the policy, alerting and live-diagnosis thresholds where they run."""
     mon = session.monitor
 
-    def apply(old: Config, new: Config, live: list[str]) -> None:
-        server = mon.prepare_server(new.server)  # may raise: nothing has changed yet
-        mon.configure_sampling(new.sampling)
-        rebuilt = install_in_process_sources(mon, new.sampling)
-        if rebuilt:
-            log.info("sources rebuilt: %s", ", ".join(rebuilt))
+    def apply_more(new: Config) -> None:
         if session.policy is not None:
             session.policy.reconfigure(mon, new.policy, new.alerting)
         if session.live is not None:
             session.live.thresholds = new.diagnosis_thresholds
-        mon.commit_server(new.server, server)
-        if source.apply_logging is not None and new.logging != old.logging:
-            source.apply_logging(new)
 
-    state = ReloadState()
-    mon.add_collector("config", ReloadCollector(state))
-    return Reloader(
+    return monitor_reloader(
+        mon,
         cfg,
         source,
         mode="run",
         plan=run_plan(session),
-        apply=apply,
-        state=state,
-        requests=hold_sighup(),
-        lock=mon.lock,
-        stopped=lambda: mon.wait(0),
-        **systemd_hooks(systemd),
+        rebuild_sources=lambda sampling: install_in_process_sources(mon, sampling),
+        apply_more=apply_more,
+        systemd=systemd,
     )
 
 

@@ -12,9 +12,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from zmon.app.monitor import Monitor
-from zmon.app.reload import ConfigSource, Plan, Reloader, hold_sighup
+from zmon.app.reload import ConfigSource, Plan, Reloader, monitor_reloader
 from zmon.app.sources import install_sources
-from zmon.collectors.reload import ReloadCollector, ReloadState
 from zmon.config import Config
 from zmon.exitcodes import EXIT_FAILURE, EXIT_OK
 from zmon.systemd import SystemdHandle, attach_systemd
@@ -49,32 +48,16 @@ def watch_reloader(
     psutil_module: Any | None = None,
 ) -> Reloader:
     """The SIGHUP reloader of a watch monitor (its state exported as zmon_config_*)."""
-
-    def apply(old: Config, new: Config, live: list[str]) -> None:
-        server = mon.prepare_server(new.server)  # may raise: nothing has changed yet
-        mon.configure_sampling(new.sampling)
-        rebuilt = install_sources(
-            mon, new.sampling, watched_pid=new.sampling.process.pid, nvml=nvml, psutil_module=psutil_module
-        )
-        if rebuilt:
-            log.info("sources rebuilt: %s", ", ".join(rebuilt))
-        mon.commit_server(new.server, server)
-        if source.apply_logging is not None and new.logging != old.logging:
-            source.apply_logging(new)
-
-    state = ReloadState()
-    mon.add_collector("config", ReloadCollector(state))
-    return Reloader(
+    return monitor_reloader(
+        mon,
         cfg,
         source,
         mode="watch",
         plan=WATCH_PLAN,
-        apply=apply,
-        state=state,
-        requests=hold_sighup(),
-        lock=mon.lock,
-        stopped=lambda: mon.wait(0),
-        **systemd_hooks(systemd),
+        rebuild_sources=lambda sampling: install_sources(
+            mon, sampling, watched_pid=sampling.process.pid, nvml=nvml, psutil_module=psutil_module
+        ),
+        systemd=systemd,
     )
 
 
@@ -98,11 +81,3 @@ def watch_main(cfg: Config, source: ConfigSource | None = None) -> int:
     finally:
         reloader.stop()
     return EXIT_OK
-
-
-def systemd_hooks(sd: SystemdHandle | None) -> dict[str, Any]:
-    """Reloader hooks telling systemd about a reload: RELOADING=1 … READY=1 with a STATUS line (what
-    `systemctl reload` waits for with Type=notify-reload, harmless with Type=notify)."""
-    if sd is None:
-        return {}
-    return {"on_reloading": sd.reloading, "on_reloaded": lambda ok, summary: sd.reloaded(summary)}
