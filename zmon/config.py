@@ -548,6 +548,10 @@ class Thresholds(_Section):
     headroom_low: float = Field(0.10, ge=0, le=1)  # (device free + allocator cache) / card below this = pressure
     io_read_rate_high: float = Field(100e6, gt=0, le=1e13)  # bytes/s read from storage during generations = I/O-bound
     outlier_ratio_high: float = Field(3.0, gt=1, le=1000)  # a run over this × the median is an outlier (left out)
+    # Share of the wall time the GPU waits between pipeline calls above this, while the process works
+    # (between_busy_cores) → CPU-bound: the caller's data loading or pre/post-processing between generations.
+    between_idle_share_high: float = Field(0.25, ge=0, le=1)
+    between_busy_cores: float = Field(0.5, ge=0, le=4096)  # process cores busy between calls: the caller works
 
     # field → (figure of zmon.rules.FIGURES, operator under which the finding fires)
     CONDITIONS: ClassVar[dict[str, tuple[str, Op]]] = {
@@ -571,6 +575,8 @@ class Thresholds(_Section):
         "headroom_low": ("torch_headroom_ratio", "<"),
         "io_read_rate_high": ("generation_read_bytes_per_second", ">="),
         "outlier_ratio_high": ("run_time_outlier_ratio", ">"),
+        "between_idle_share_high": ("between_generations_idle_share_ratio", ">"),
+        "between_busy_cores": ("between_generations_process_cpu_cores", ">="),
     }
 
     # The reserved-unallocated (cache) ratio is judged against the policy rule of the same name: one knob.

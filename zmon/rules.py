@@ -112,6 +112,12 @@ FIGURES: dict[str, Figure] = {
     "generation_read_bytes_per_second": Figure("storage reads during generations", "B/s", "window"),
     "run_time_outlier_ratio": Figure("a generation's time / the steady-state median", "x", "window"),
     "gpu_idle_ratio": Figure("share of a generation the GPU sat idle", "ratio", "window"),
+    "between_generations_idle_share_ratio": Figure(
+        "share of the wall time the GPU waited between pipeline calls", "ratio", "window"
+    ),
+    "between_generations_process_cpu_cores": Figure(
+        "CPU seconds per second of the process between pipeline calls", "cores", "window"
+    ),
 }
 KNOWN_FIGURES: frozenset[str] = frozenset(FIGURES)
 SAMPLE_FIGURES: frozenset[str] = frozenset(k for k, f in FIGURES.items() if f.scope == "sample")

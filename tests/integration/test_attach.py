@@ -6,8 +6,9 @@ import json
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -313,3 +314,40 @@ def test_alerts_name_the_target_zmon_serves_or_none_it_invents(serve_http: bool)
         assert (parts.alerts.generator_url is None) is not serve_http
     finally:
         mon.stop()
+
+
+def _between_calls(pipe: Any, work: Callable[[], None], n: int = 6) -> Any:
+    """Attach, call the pipeline n times with `work` between the calls, and diagnose the live window."""
+    handle = zmon.attach(pipe, Config(), registry=CollectorRegistry(), serve_http=False, model_id=MODEL)
+    try:
+        for i in range(n):
+            generate(pipe, seed=i)
+            work()
+        assert handle.live is not None
+        return handle.live.evaluate()
+    finally:
+        handle.detach()
+
+
+def test_live_diagnosis_names_the_callers_own_work_between_calls(tiny_pipe: Any, torch_single_thread: None) -> None:
+    """A host that decodes its next input on the generating thread between calls (CPU work the GPU waits for)."""
+
+    def decode_next_input() -> None:
+        until = time.process_time() + 0.3
+        while time.process_time() < until:
+            pass
+
+    snap = _between_calls(tiny_pipe, decode_next_input)
+    assert snap.facts.between.gaps == 5 and snap.facts.between.process_cores > 0.7
+    assert snap.diagnosis.verdict == "cpu_bound"
+    cpu = next(f for f in snap.diagnosis.findings if f.kind == "cpu_bound")
+    assert cpu.active and "between pipeline calls" in (cpu.fix or "") and "producer thread" in (cpu.fix or "")
+
+
+def test_live_diagnosis_tells_waiting_for_requests_from_work(tiny_pipe: Any, torch_single_thread: None) -> None:
+    snap = _between_calls(tiny_pipe, lambda: time.sleep(0.3))  # the host waits for its next request
+    assert snap.facts.between.gaps == 5 and snap.facts.between.process_cores < 0.3
+    cpu = next(f for f in snap.diagnosis.findings if f.kind == "cpu_bound")
+    assert "between pipeline calls" not in (cpu.fix or "")
+    held = {e.name: e.holds for e in cpu.evidence if e.name}
+    assert held["between_generations_idle_share_ratio"] and held["between_generations_process_cpu_cores"] is False

@@ -39,6 +39,7 @@ from zmon.analysis.facts import (
     gaps,
     split_runs,
 )
+from zmon.analysis.report import render_markdown
 from zmon.analysis.stats import backward_intervals, cv, percentile, stdev, summarize, windowed_mean
 from zmon.config import ProfilingConfig, Thresholds
 from zmon.instrumentation.records import GenerationRecord, StageTiming
@@ -656,3 +657,75 @@ def test_gpm_activity_is_attributed_per_stage() -> None:
     assert u.tensor_active_by_stage["denoise_step"] == pytest.approx(0.9)
     assert u.sm_active_by_stage["generation"] == pytest.approx(0.95)
     assert isinstance(trace[0], GpuPoint)
+
+
+# ------------------------------------------------------------------------------------------------ between calls
+
+
+def _calls_with_gaps(gap: float, cores: float, n: int = 13) -> list[GenerationRecord]:
+    """Generations `gap` seconds apart; the process keeps one core busy inside each call and `cores` busy
+    between calls (its CPU time at each call's entry and return, as stage timing records it)."""
+    out, cpu = [], 100.0
+    for r in make_records(n, gap=gap):
+        entry = cpu
+        cpu += r.total_seconds
+        out.append(replace(r, process_cpu_seconds=(entry, cpu)))
+        cpu += gap * cores
+    return out
+
+
+def test_between_facts_come_from_consecutive_calls_per_device() -> None:
+    busy = make_record(T0).total_seconds  # each call lasts this long; cuda:0's calls follow without a gap
+    a = [make_record(T0 + i * busy, device="cuda:0") for i in range(3)]
+    b = [
+        replace(make_record(T0 + i * (busy + 2.0), device="cuda:1"), process_cpu_seconds=(i * 10.0, i * 10.0 + 1.0))
+        for i in range(3)
+    ]
+    facts = build_facts([a[0], b[0], a[1], b[1], a[2], b[2]], created_at=T0)  # interleaved, as workers report
+    bt = facts.between
+    assert bt.gaps == 2  # only cuda:1's calls have time between them
+    assert bt.mean_seconds == pytest.approx(2.0)
+    wall = 3 * busy + (3 * busy + 2 * 2.0)
+    assert bt.share == pytest.approx(4.0 / wall)
+    assert bt.process_cores == pytest.approx((10.0 - 1.0) / 2.0)  # CPU seconds between calls / seconds between
+    assert build_facts(a, created_at=T0).between.gaps == 0  # back-to-back calls: nothing between them
+
+
+def test_caller_work_between_calls_is_cpu_bound_with_its_fix() -> None:
+    records = _calls_with_gaps(gap=1.0, cores=1.0)
+    facts = healthy_facts(records, gpu_samples=gpu_trace(records, HEALTHY_UTIL, idle=0.0))
+    assert facts.between.share == pytest.approx(12 * 1.0 / (13 * records[0].total_seconds + 12 * 1.0))
+    assert facts.utilization.process_cpu_by_stage["between generations"] == pytest.approx(1.0)
+    d = diagnose(facts)
+    assert d.verdict == "cpu_bound"
+    assert d.steps[0].answer == "yes" and "between pipeline calls" in d.steps[0].basis
+    ev = {e.name: e for e in d.steps[0].evidence if e.name}
+    assert ev["between_generations_idle_share_ratio"].holds and ev["between_generations_process_cpu_cores"].holds
+    cpu = finding(d, "cpu_bound")
+    assert cpu.active and "between pipeline calls" in (cpu.fix or "") and "producer thread" in (cpu.fix or "")
+    assert "1.00 cores" in (cpu.fix or "")
+    assert not finding(d, "gpu_underutilization").active  # inside the calls the GPU is busy
+    md = render_markdown(facts, d)
+    assert "between calls (share of wall time)" in md
+
+
+def test_waiting_for_requests_between_calls_is_not_a_bottleneck() -> None:
+    records = _calls_with_gaps(gap=1.0, cores=0.01)
+    d = diagnose(healthy_facts(records, gpu_samples=gpu_trace(records, HEALTHY_UTIL, idle=0.0)))
+    assert d.verdict == "optimized"
+    cpu = finding(d, "cpu_bound")
+    assert not cpu.active and "waits for requests" in cpu.summary
+
+
+def test_gpu_work_between_calls_is_not_idle_time() -> None:
+    """The host runs other GPU work between calls (an upscaler, a safety checker): the GPU is not waiting."""
+    records = _calls_with_gaps(gap=1.0, cores=1.0)
+    d = diagnose(healthy_facts(records, gpu_samples=gpu_trace(records, HEALTHY_UTIL, idle=0.95)))
+    assert d.verdict == "optimized"
+    assert not finding(d, "cpu_bound").active
+
+
+def test_between_calls_on_a_cpu_only_run() -> None:
+    records = [replace(r, device="cpu", timing_method="monotonic") for r in _calls_with_gaps(gap=1.0, cores=1.0)]
+    d = diagnose(build_facts(records, env=EnvironmentFacts(device="cpu"), warmup=1, created_at=T0))
+    assert d.verdict == "cpu_bound" and "between pipeline calls" in d.steps[0].basis

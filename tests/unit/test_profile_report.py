@@ -49,7 +49,8 @@ def test_markdown_of_a_cpu_run_says_not_measured() -> None:
     md = render_markdown(facts, diagnose(facts))
     assert "GPU utilization: not measured." in md
     assert (
-        "| 1 | Is the GPU idle for more than the threshold over whole generations, with the CPU side behind it?"
+        "| 1 | Is the GPU idle for more than the threshold over whole generations or between them, with the CPU side "
+        "behind it?"
         " | not measured |"
     ) in md
 

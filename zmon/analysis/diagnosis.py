@@ -5,10 +5,19 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from zmon.analysis.facts import DENOISE, GAP_PREFIX, WHOLE_GENERATION, ProfileFacts, from_jsonable, to_jsonable
+from zmon.analysis.facts import (
+    BETWEEN_GENERATIONS,
+    BETWEEN_MIN_SHARE,
+    DENOISE,
+    GAP_PREFIX,
+    WHOLE_GENERATION,
+    ProfileFacts,
+    from_jsonable,
+    to_jsonable,
+)
 from zmon.config import CACHE_RULE, Thresholds
 from zmon.rules import compare
 
@@ -269,7 +278,7 @@ class IdleSpot:
 def _idle_spot(f: ProfileFacts) -> IdleSpot | None:
     u = f.utilization
     total = f.baseline.latency.mean if f.baseline.latency else None
-    windows = {k: v for k, v in u.gpu_idle_seconds.items() if k != WHOLE_GENERATION}
+    windows = {k: v for k, v in u.gpu_idle_seconds.items() if k not in (WHOLE_GENERATION, BETWEEN_GENERATIONS)}
     if not windows or not total:
         return None
     key = max(windows, key=lambda k: windows[k])
@@ -297,6 +306,65 @@ def _generation_reads(f: ProfileFacts) -> float | None:
     """Storage reads during generations, bytes/s: the process's own where known, else every disk's."""
     u = f.utilization
     return u.process_read_by_stage.get(WHOLE_GENERATION, u.disk_read_by_stage.get(WHOLE_GENERATION))
+
+
+@dataclass(frozen=True)
+class Between:
+    """The time between pipeline calls as the diagnosis reads it (see BetweenFacts)."""
+
+    idle_share: float | None  # share of the wall time the GPU waited between calls (all of it off GPU)
+    mean_seconds: float | None
+    cores: float | None  # process CPU between calls
+    reads: float | None  # storage reads between calls, bytes/s
+    evidence: tuple[Evidence, ...]
+    busy: bool  # long waits while the process works or reads: the caller's own work holds the GPU back
+    waiting: bool  # long waits while the process is idle: it waits for requests (or on I/O zmon does not see)
+
+    def fix(self) -> str:
+        reads = "" if self.reads is None else f", reading {format_value(self.reads, 'B/s')} from storage"
+        return (
+            f"the GPU waits {self.idle_share or 0:.0%} of the wall time between pipeline calls (mean "
+            f"{format_value(self.mean_seconds, 's')}) while the process works ({format_value(self.cores, 'cores')}"
+            f"{reads}): the caller's own work between generations (reading and decoding inputs, pre- and "
+            "post-processing, saving outputs) runs on the generating thread. Prepare the next request's inputs in "
+            "a producer thread or process feeding a queue, and hand outputs to a writer thread, so each call starts "
+            "as soon as the previous one returns"
+        )
+
+    def waiting_summary(self) -> str:
+        return (
+            f"the GPU waits {self.idle_share or 0:.0%} of the wall time between pipeline calls while the process is "
+            "idle: it waits for requests (spare capacity) or on I/O outside the process — not a bottleneck of "
+            "the pipeline"
+        )
+
+
+def _between(f: ProfileFacts, t: Thresholds) -> Between | None:
+    """The time between pipeline calls, when there was any (None for a single call or back-to-back calls)."""
+    b = f.between
+    if not b.gaps or b.share is None or b.share < BETWEEN_MIN_SHARE:
+        return None
+    u = f.utilization
+    gpu = u.gpu_by_stage.get(BETWEEN_GENERATIONS)
+    idle_share = b.share * (1.0 - gpu) if gpu is not None else b.share
+    cores = u.process_cpu_by_stage.get(BETWEEN_GENERATIONS)
+    reads = u.process_read_by_stage.get(BETWEEN_GENERATIONS, u.disk_read_by_stage.get(BETWEEN_GENERATIONS))
+    label = "GPU waiting between pipeline calls" if gpu is not None else "time between pipeline calls"
+    share_ev = measure(t, "between_idle_share_high", f"{label} (share of the wall time)", idle_share, "ratio")
+    cores_ev = measure(t, "between_busy_cores", "process CPU between pipeline calls", cores, "cores")
+    reads_ev = measure(t, "io_read_rate_high", "storage reads between pipeline calls", reads, "B/s")
+    evidence = (share_ev, info("mean time between pipeline calls", b.mean_seconds, "s"), cores_ev, reads_ev)
+    long = bool(share_ev.holds)
+    works = bool(cores_ev.holds or reads_ev.holds)
+    return Between(
+        idle_share,
+        b.mean_seconds,
+        cores,
+        reads,
+        evidence,
+        busy=long and works,
+        waiting=long and not works and cores_ev.holds is False,
+    )
 
 
 def _pressure(f: ProfileFacts, t: Thresholds) -> tuple[bool | None, tuple[Evidence, ...]]:
@@ -395,6 +463,23 @@ def _q_gpu_util(f: ProfileFacts, t: Thresholds) -> tuple[Answer, str, tuple[Evid
     u = f.utilization
     whole = u.gpu_by_stage.get(WHOLE_GENERATION)
     ev = measure(t, "gpu_util_low", "GPU utilization over whole generations", whole, "ratio")
+    between = _between(f, t)
+    answer, basis, evidence = _q_gpu_util_within(f, t, ev)
+    if between is None:
+        return answer, basis, evidence
+    if answer != "yes" and between.busy:
+        basis = (
+            f"the caller's own work between pipeline calls keeps the GPU waiting {between.idle_share or 0:.0%} of "
+            f"the wall time ({format_value(between.cores, 'cores')} busy meanwhile)"
+        )
+        return "yes", basis, (*evidence, *between.evidence)
+    return answer, basis, (*evidence, *between.evidence)
+
+
+def _q_gpu_util_within(f: ProfileFacts, t: Thresholds, ev: Evidence) -> tuple[Answer, str, tuple[Evidence, ...]]:
+    """The CPU-bound question inside the pipeline calls: GPU idle time and where it sits, or (off GPU) the
+    CPU-side stages' shares."""
+    u = f.utilization
     if ev.holds is not None:
         diffusion, name = _gpu_util_diffusion(f)
         spot = _idle_spot(f)
@@ -486,7 +571,8 @@ FLOWCHART: tuple[FlowRule, ...] = (
     ),
     FlowRule(
         "cpu_bound",
-        "Is the GPU idle for more than the threshold over whole generations, with the CPU side behind it?",
+        "Is the GPU idle for more than the threshold over whole generations or between them, with the CPU side "
+        "behind it?",
         "CPU bottleneck: optimize data loading, prompt encoding and output processing",
         _q_gpu_util,
     ),
@@ -572,6 +658,24 @@ def _stage_fix(stage_key: str, f: ProfileFacts) -> str:
 
 
 def _cpu_bound(f: ProfileFacts, t: Thresholds) -> Outcome:
+    """Inside the calls (idle GPU time and where it sits, or the CPU-side stages off GPU) and between them (the
+    caller's own work while the GPU waits)."""
+    inside = _cpu_bound_within(f, t)
+    between = _between(f, t)
+    if between is None:
+        return inside
+    evidence = (*inside.evidence, *between.evidence)
+    if between.busy:
+        fix = between.fix() if not inside.active else f"{inside.fix}; {between.fix()}"
+        summary = inside.summary if inside.active else "the caller's work between pipeline calls keeps the GPU waiting"
+        return Outcome(True, summary, evidence, fix)
+    summary = inside.summary
+    if between.waiting and not inside.active:
+        summary = f"{summary}; {between.waiting_summary()}"
+    return replace(inside, summary=summary, evidence=evidence)
+
+
+def _cpu_bound_within(f: ProfileFacts, t: Thresholds) -> Outcome:
     u = f.utilization
     whole = measure(
         t, "gpu_util_low", "GPU utilization over whole generations", u.gpu_by_stage.get(WHOLE_GENERATION), "ratio"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import time
 import types
 import typing
@@ -19,6 +20,10 @@ SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)  # version 2 only added fields (their defaults read version 1 files)
 # Key of `attribute_utilization` results covering each whole generation (all stages and the gaps between).
 WHOLE_GENERATION = "generation"
+# Key of the utilization facts covering the time between one pipeline call's return and the next call.
+BETWEEN_GENERATIONS = "between generations"
+# Time between calls under this share of the wall time is back-to-back calling: not reported or judged.
+BETWEEN_MIN_SHARE = 0.01
 DENOISE: str = "denoise_step"
 CacheState = Literal["cold", "warm", "unknown"]
 
@@ -204,7 +209,8 @@ class StageSplit:
 @dataclass(frozen=True)
 class UtilizationFacts:
     """GPU, CPU and storage use attributed to windows: keys are stage names, "generation" (whole
-    generations) and "gap:<name>" (the untimed time between stages, see GapStat)."""
+    generations), "gap:<name>" (the untimed time between stages, see GapStat) and "between generations"
+    (from one call's return to the next call, see BetweenFacts)."""
 
     gpu_by_stage: dict[str, float] = field(default_factory=dict)  # NVML util ratio 0..1
     process_cpu_by_stage: dict[str, float] = field(default_factory=dict)  # cores busy
@@ -288,6 +294,20 @@ class MultiGpuFacts:
 
 
 @dataclass(frozen=True)
+class BetweenFacts:
+    """The time between one pipeline call's return and the next call on the same device: the caller's own work
+    (reading inputs, pre- and post-processing, saving outputs) or waiting for the next request. What the GPU,
+    the CPU and storage did meanwhile is in the utilization facts under BETWEEN_GENERATIONS."""
+
+    gaps: int = 0  # pairs of consecutive calls
+    share: float | None = None  # of the wall time from the first call's entry to the last call's return
+    mean_seconds: float | None = None
+    # CPU the process used during the gaps (cores busy), from its CPU time at each call's return and the next
+    # call's entry: exact, whatever the sampling interval. None when the records do not carry it.
+    process_cores: float | None = None
+
+
+@dataclass(frozen=True)
 class ProfileFacts:
     """Everything one profile (or one rolling window of a live service) measured. Serialises losslessly."""
 
@@ -300,6 +320,7 @@ class ProfileFacts:
     memory: MemoryFacts
     io: IoFacts
     multi_gpu: MultiGpuFacts | None = None
+    between: BetweenFacts = field(default_factory=BetweenFacts)
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -358,19 +379,62 @@ def stage_windows(records: Iterable[GenerationRecord]) -> dict[str, list[Window]
     return out
 
 
+def between_windows(records: Iterable[GenerationRecord]) -> list[tuple[GenerationRecord, GenerationRecord]]:
+    """Consecutive calls on the same device (by start time) with time between them: (earlier, later)."""
+    by_device: dict[str, list[GenerationRecord]] = {}
+    for r in records:
+        by_device.setdefault(r.device, []).append(r)
+    out = []
+    for calls in by_device.values():
+        calls.sort(key=lambda r: r.started_at)
+        for a, b in itertools.pairwise(calls):
+            if b.started_at - (a.started_at + a.total_seconds) > _GAP_MIN_SECONDS:
+                out.append((a, b))
+    return out
+
+
+def _between(records: Sequence[GenerationRecord]) -> BetweenFacts:
+    """BetweenFacts of consecutive calls (any outcome: a failed call held the pipeline too)."""
+    pairs = between_windows(records)
+    if not pairs:
+        return BetweenFacts()
+    gap = [b.started_at - (a.started_at + a.total_seconds) for a, b in pairs]
+    spans: dict[str, tuple[float, float]] = {}
+    for r in records:
+        lo, hi = spans.get(r.device, (r.started_at, r.started_at + r.total_seconds))
+        spans[r.device] = (min(lo, r.started_at), max(hi, r.started_at + r.total_seconds))
+    wall = sum(hi - lo for lo, hi in spans.values())
+    cpu = [
+        (b.process_cpu_seconds[0] - a.process_cpu_seconds[1], g)
+        for (a, b), g in zip(pairs, gap, strict=True)
+        if a.process_cpu_seconds is not None and b.process_cpu_seconds is not None
+    ]
+    return BetweenFacts(
+        gaps=len(pairs),
+        share=_ratio(sum(gap), wall),
+        mean_seconds=mean(gap),
+        process_cores=_ratio(sum(max(0.0, c) for c, _ in cpu), sum(g for _, g in cpu)) if cpu else None,
+    )
+
+
 def attribute_utilization(
     records: Sequence[GenerationRecord],
     samples: Iterable[tuple[float, float | None]],
+    between: Sequence[GenerationRecord] = (),
 ) -> dict[str, float]:
     """Mean of a sampled utilization inside each stage's windows, time-weighted; stages without data left out.
 
     `samples` are (unix seconds, value) pairs, e.g. NVML GPU util ratios or process CPU cores, each value
-    covering the interval since the previous sample. Keys are stage names plus WHOLE_GENERATION.
+    covering the interval since the previous sample. Keys are stage names plus WHOLE_GENERATION, and
+    BETWEEN_GENERATIONS for the time between consecutive calls of `between`.
     """
     ordered = sorted(samples, key=lambda s: s[0])
     out: dict[str, float] = {}
-    for stage, windows in stage_windows(records).items():
-        value = windowed_mean(ordered, windows)
+    windows = stage_windows(records)
+    if gaps_between := between_windows(between):
+        windows[BETWEEN_GENERATIONS] = [(a.started_at + a.total_seconds, b.started_at) for a, b in gaps_between]
+    for stage, stage_wins in windows.items():
+        value = windowed_mean(ordered, stage_wins)
         if value is not None:
             out[stage] = value
     return out
@@ -664,13 +728,19 @@ def build_facts(
     environment = env or EnvironmentFacts(device=records[0].device if records else "cpu")
 
     def by(points: Sequence[Any], attr: str) -> dict[str, float]:
-        return attribute_utilization(base, [(p.timestamp, getattr(p, attr)) for p in points])
+        return attribute_utilization(base, [(p.timestamp, getattr(p, attr)) for p in points], between=records)
 
     gpu_util = by(gpu, "util_ratio")
     durations = _mean_windows(base)
+    between = _between(records)
+    if between.mean_seconds is not None:
+        durations[BETWEEN_GENERATIONS] = between.mean_seconds
+    process_cpu = by(cpu, "process_cores")
+    if between.process_cores is not None:  # exact, from the records, rather than sampled
+        process_cpu[BETWEEN_GENERATIONS] = between.process_cores
     utilization = UtilizationFacts(
         gpu_by_stage=gpu_util,
-        process_cpu_by_stage=by(cpu, "process_cores"),
+        process_cpu_by_stage=process_cpu,
         host_cpu_by_stage=by(cpu, "host_ratio"),
         gpu_samples=gpu,
         cpu_samples=cpu,
@@ -709,6 +779,7 @@ def build_facts(
         memory=_complete_memory(memory or MemoryFacts(), records, gpu),  # warm-up peaks count too
         io=io_facts,
         multi_gpu=multi if (multi := _communication(base, multi_gpu)) is None or multi.gpu_count > 1 else None,
+        between=between,
     )
 
 

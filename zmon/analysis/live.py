@@ -22,8 +22,8 @@ VERDICTS: tuple[str, ...] = typing.get_args(Verdict)
 # (41% of the generation…) and would mint a new series at every evaluation. The tailored text is in
 # GET /diagnosis.
 LIVE_FIXES: Mapping[str, str] = {
-    "cpu_bound": "enable the prompt-embedding cache (workload.prompt_cache.enabled), batch prompt encoding, "
-    "move PNG encoding off the critical path",
+    "cpu_bound": "enable the prompt cache (workload.prompt_cache.enabled), batch prompt encoding, encode PNGs "
+    "off the critical path, prepare next inputs while the GPU works",
     "memory_fragmentation": "set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, empty_cache only at safe "
     "points, pre-warm the largest shape",
     "gpu_underutilization": "raise the batch size, torch.compile the transformer, find the gaps in a trace",

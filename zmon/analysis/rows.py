@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from zmon.analysis.diagnosis import Evidence, format_value
-from zmon.analysis.facts import GAP_PREFIX, WHOLE_GENERATION, ProfileFacts
+from zmon.analysis.facts import BETWEEN_GENERATIONS, BETWEEN_MIN_SHARE, GAP_PREFIX, WHOLE_GENERATION, ProfileFacts
 
 
 def fmt(value: float | None, unit: str) -> str:
@@ -69,8 +69,8 @@ def _window_cells(facts: ProfileFacts, key: str) -> tuple[str, ...]:
 
 
 def stage_rows(facts: ProfileFacts) -> list[tuple[str, ...]]:
-    """Per stage, per untimed gap, then the whole generation: time, share, and what the GPU, the CPU and
-    storage did meanwhile (the whole-generation timeline)."""
+    """Per stage, per untimed gap, the whole generation, then the time between calls: time, share, and what
+    the GPU, the CPU and storage did meanwhile (the whole-generation timeline)."""
     rows: list[tuple[str, ...]] = []
     for s in facts.stages.stages:
         rows.append(
@@ -100,6 +100,17 @@ def stage_rows(facts: ProfileFacts) -> list[tuple[str, ...]]:
                 "100%",
                 "",
                 *_window_cells(facts, WHOLE_GENERATION),
+            )
+        )
+    between = facts.between
+    if between.gaps and between.share is not None and between.share >= BETWEEN_MIN_SHARE:  # of the wall time
+        rows.append(
+            (
+                "between calls (share of wall time)",
+                fmt(between.mean_seconds, "s"),
+                fmt(between.share, "ratio"),
+                "",
+                *_window_cells(facts, BETWEEN_GENERATIONS),
             )
         )
     return rows

@@ -64,6 +64,9 @@ class GenerationRecord:
     # Collectives during the call, per stage span; None: not measured (no torch.distributed process group).
     communication: tuple[CommunicationTiming, ...] | None = None
     world_size: int | None = None  # ranks of the default process group when communication was measured
+    # The process's CPU time (all threads, time.process_time) at the call's entry and at its return: what the
+    # process did between two calls (the caller's data loading, pre/post-processing) needs no sampling.
+    process_cpu_seconds: tuple[float, float] | None = None
 
     def stage_seconds(self, stage: Stage) -> float:
         """Total seconds spent in a stage (sum over its spans, e.g. all denoise steps)."""

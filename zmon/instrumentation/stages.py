@@ -76,6 +76,7 @@ class _CallState:
     on_cuda: bool
     device: torch.device
     started_at: float  # unix seconds
+    cpu_started: float  # time.process_time() at entry
     call_args: dict[str, Any]
     prompt_chars: int | None
     events: cuda.EventTimeline | None = None
@@ -90,6 +91,7 @@ class _CallState:
     text_tokens: int | None = None
     graphs_before: int = 0
     generation_ranges: tuple[Any, ...] = ()
+    cpu_finished: float | None = None  # time.process_time() at return
 
     def mark(self) -> int:
         if self.events is not None:
@@ -230,6 +232,7 @@ class StageTimingHandle(PipelineHook):
             on_cuda=on_cuda,
             device=device,
             started_at=time.time(),
+            cpu_started=time.process_time(),
             call_args=call_args,
             # Counted before the call: Z-Image rewrites list prompts in place (chat template).
             prompt_chars=_prompt_chars(call_args.get("prompt")),
@@ -245,6 +248,7 @@ class StageTimingHandle(PipelineHook):
         if state is None:
             return
         state.finish()
+        state.cpu_finished = time.process_time()
         _close_ranges(state.generation_ranges)
         error = ctx.error
         if error is not None and not isinstance(error, Exception):
@@ -311,6 +315,7 @@ class StageTimingHandle(PipelineHook):
             extra={"pipeline": self._original_class_name(), "denoiser_forwards": str(state.forwards)},
             communication=comm[-1].timings if comm else None,
             world_size=comm[-1].world_size if comm else None,
+            process_cpu_seconds=None if state.cpu_finished is None else (state.cpu_started, state.cpu_finished),
         )
 
     def _original_class_name(self) -> str:
