@@ -240,7 +240,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if cfg.model.devices is not None:
         from zmon.app.workers.parent import run_workers_main  # lazy: the workers import torch, the parent need not
 
-        return run_workers_main(cfg, linger_seconds=max(0.0, args.linger))
+        return run_workers_main(cfg, linger_seconds=max(0.0, args.linger), source=_source(args, extra))
     from zmon.app.run import run_main  # lazy: imports torch / diffusers
 
     return run_main(cfg, linger_seconds=args.linger, source=_source(args, extra))

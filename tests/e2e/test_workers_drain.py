@@ -1,5 +1,5 @@
-"""`zmon run` with two CPU workers (model.devices: cpu:2), as a subprocess: SIGHUP is refused with a warning and
-changes nothing; SIGTERM to the parent drains them —
+"""`zmon run` with two CPU workers (model.devices: cpu:2), as a subprocess: SIGHUP reloads what the parent runs
+and keeps what the workers run for a restart, a broken file changes nothing; SIGTERM to the parent drains them —
 each worker finishes the generation it is in, nothing is killed — and the parent exits 0; devices that do not
 exist here are a usage error (exit 2)."""
 
@@ -17,6 +17,18 @@ from pathlib import Path
 import yaml
 
 from tests.services import free_port, wait_http
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        return str(r.read().decode())
+
+
+def wait_log(log: Path, text: str, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text():
+        assert time.monotonic() < deadline and proc.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.1)
 
 
 def test_sigterm_drains_every_worker_and_exits_0(tiny_cache_dir: Path, tmp_path: Path) -> None:
@@ -51,14 +63,25 @@ def test_sigterm_drains_every_worker_and_exits_0(tiny_cache_dir: Path, tmp_path:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
                 metrics = r.read().decode()
             assert 'zmon_worker_up{device="cpu:0"} 1.0' in metrics and 'zmon_worker_up{device="cpu:1"} 1.0' in metrics
-            # A reload is not supported in worker mode: SIGHUP is refused with a warning, nothing stops.
+            # SIGHUP: what the parent runs applies live; what the workers run waits for a restart.
+            good = yaml.safe_load(cfg.read_text())
+            good["sampling"]["host"] = {"interval_seconds": 0.5}  # the parent's source: live
+            good["policy"] = {"dry_run": True}  # the workers' policy: after a restart
+            cfg.write_text(yaml.safe_dump(good))
             proc.send_signal(signal.SIGHUP)
-            deadline = time.monotonic() + 10
-            while "reloading the configuration is not supported" not in log.read_text():
-                assert time.monotonic() < deadline and proc.poll() is None, log.read_text()[-3000:]
-                time.sleep(0.1)
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-                assert 'zmon_worker_up{device="cpu:1"} 1.0' in r.read().decode()
+            wait_log(log, "configuration reloaded", proc)
+            metrics = scrape(port)
+            assert "zmon_config_last_reload_successful 1.0" in metrics
+            assert "zmon_config_restart_required 1.0" in metrics
+            text = log.read_text()
+            assert "sampling.host.interval_seconds" in text and "needs a restart" in text and "policy.dry_run" in text
+            # a broken file changes nothing: the parent and both workers run on
+            cfg.write_text(yaml.safe_dump({**good, "sampling": {"host": {"interval_seconds": -1}}}))
+            proc.send_signal(signal.SIGHUP)
+            wait_log(log, "configuration reload failed", proc)
+            metrics = scrape(port)
+            assert "zmon_config_last_reload_successful 0.0" in metrics
+            assert 'zmon_worker_up{device="cpu:0"} 1.0' in metrics and 'zmon_worker_up{device="cpu:1"} 1.0' in metrics
             signalled_at = time.time()
             proc.send_signal(signal.SIGTERM)
             rc = proc.wait(60)

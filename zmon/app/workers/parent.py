@@ -29,9 +29,9 @@ from zmon.analysis.facts import EnvironmentFacts, MultiGpuFacts
 from zmon.analysis.scaling import Finished, Scaling, scaling
 from zmon.app.monitor import Monitor
 from zmon.app.parts import add_live_diagnosis
-from zmon.app.reload import hold_sighup
+from zmon.app.reload import ConfigSource, Plan, Reloader, hold_sighup, monitor_reloader
 from zmon.app.signals import install_stop_handlers, restore_handlers
-from zmon.app.sources import add_host_sources, add_nvml_sources
+from zmon.app.sources import install_sources
 from zmon.app.workers.protocol import Allocator, Busy, Command, Placement, Ready, Record, Stats
 from zmon.app.workers.supervisor import DevicePlanError, Supervisor, SupervisorResult, plan_devices
 from zmon.capture.live import DEFAULT_WINDOW_SECONDS, LiveDiagnosis
@@ -391,8 +391,8 @@ class WorkerParent:
         self.metrics = GenerationMetrics(model=cfg.model.id)
         mon.add_collector("generation", self.metrics)
         # Worker processes come and go: the process source (one pid) is left out; NVML lists them all.
-        add_host_sources(mon, cfg.sampling, watched_pid=None)
-        add_nvml_sources(mon, cfg.sampling.nvml, watched_pid=None, nvml=nvml)
+        self._nvml = nvml
+        install_sources(mon, cfg.sampling, watched_pid=None, nvml=nvml)
         if cfg.sampling.allocator.enabled and any(p.cuda_index is not None for p in placements):
             mon.store.register(ALLOCATOR.name)
             mon.add_collector("allocator", AllocatorCollector(mon.store), sources=(ALLOCATOR,))
@@ -429,6 +429,25 @@ class WorkerParent:
             mon.add_collector("policy", PolicyCollector(self.policy, self.policy if cfg.alerting.enabled else None))
             mon.http.add_route("/actions", self._actions, methods=("POST",), auth=True)
 
+    def reloader(self, source: ConfigSource) -> Reloader:
+        """SIGHUP in worker mode: what the parent runs applies live (serving, its sources, logging, the live
+        diagnosis' thresholds); what the workers run (model, workload, policy, alerting, their allocator
+        sampling) waits for a restart, logged as such (zmon_config_restart_required 1)."""
+        mon = self.monitor
+
+        def thresholds(new: Config) -> None:
+            self.live.thresholds = new.diagnosis_thresholds
+
+        return monitor_reloader(
+            mon,
+            self.cfg,
+            source,
+            mode="run",
+            plan=WORKERS_PLAN,
+            rebuild_sources=lambda sampling: install_sources(mon, sampling, watched_pid=None, nvml=self._nvml),
+            apply_more=thresholds,
+        )
+
     def supervise(self, limit: int | None, *, entry: Callable[..., None] | None = None) -> Supervisor:
         """The supervisor of this parent's workers (`entry`: the worker process target, for tests)."""
         sup = Supervisor(self.cfg, self.placements, self.merge, limit=limit, entry=entry)
@@ -449,11 +468,19 @@ class WorkerParent:
         return Response(202, {"queued": action, "workers": reached})
 
 
-def run_workers_main(cfg: Config, *, linger_seconds: float = 0.0) -> int:
+# SIGHUP in worker mode (WorkerParent.reloader): the workers got their configuration when they started.
+WORKERS_PLAN = Plan(
+    restart=("model", "workload", "profiling.trace", "policy", "alerting", "sampling.allocator"),
+    live=("server", "sampling", "logging", "profiling.thresholds"),
+    unused=("sampling.process",),  # the parent watches no single process
+)
+
+
+def run_workers_main(cfg: Config, *, linger_seconds: float = 0.0, source: ConfigSource | None = None) -> int:
     """`zmon run` with `model.devices`: supervise one worker per device; returns the exit code.
 
     The first SIGTERM/SIGINT drains (each worker finishes its current generation) and exits 0; a second one
-    in the parent stops waiting for them."""
+    in the parent stops waiting for them. SIGHUP reloads what the parent runs (`WorkerParent.reloader`)."""
     assert cfg.model.devices is not None
     try:
         placements = plan_devices(cfg.model.devices)
@@ -462,16 +489,19 @@ def run_workers_main(cfg: Config, *, linger_seconds: float = 0.0) -> int:
         return EXIT_USAGE
     stop = threading.Event()
     previous = install_stop_handlers(stop, "draining the workers (again to stop waiting)")
-    _refuse_reloads()
+    hold_sighup()  # the CLI installed it already: a SIGHUP before the reloader starts is queued for it
     parent: WorkerParent | None = None
+    reloader: Reloader | None = None
     try:
         try:
             parent = WorkerParent(cfg, placements)
             sup = parent.supervise(cfg.workload.max_generations)
+            reloader = parent.reloader(source or ConfigSource(lambda: cfg))
             parent.monitor.start()
         except OSError as e:
             log.error("cannot start: %s", e)
             return EXIT_FAILURE
+        reloader.start()
         log.info("starting %d worker(s) on %s", len(placements), ", ".join(p.label for p in placements))
         result: SupervisorResult = sup.run(stop)
         for label, state in result.outcomes.items():
@@ -485,23 +515,8 @@ def run_workers_main(cfg: Config, *, linger_seconds: float = 0.0) -> int:
         log.info("interrupted")
         return EXIT_OK
     finally:
+        if reloader is not None:
+            reloader.stop()
         if parent is not None:
             parent.monitor.stop()
         restore_handlers(previous)
-
-
-def _refuse_reloads() -> None:
-    """SIGHUP in worker mode: say that it is not applied, and keep running (a `systemctl reload` must not take
-    the whole fleet down, and must not pass silently either)."""
-    requests = hold_sighup()  # the CLI installed it already; main thread only
-
-    def refuse() -> None:
-        while True:
-            requests.wait()
-            requests.clear()
-            log.warning(
-                "SIGHUP: reloading the configuration is not supported with model.devices (worker mode); "
-                "restart zmon to apply a new configuration"
-            )
-
-    threading.Thread(target=refuse, name="zmon-sighup", daemon=True).start()
