@@ -715,6 +715,7 @@ def test_waiting_for_requests_between_calls_is_not_a_bottleneck() -> None:
     assert d.verdict == "optimized"
     cpu = finding(d, "cpu_bound")
     assert not cpu.active and "waits for requests" in cpu.summary
+    assert d.confidence == "high" and any("waits for requests" in c for c in d.caveats)  # said, not doubted
 
 
 def test_gpu_work_between_calls_is_not_idle_time() -> None:

@@ -312,6 +312,7 @@ def _generation_reads(f: ProfileFacts) -> float | None:
 class Between:
     """The time between pipeline calls as the diagnosis reads it (see BetweenFacts)."""
 
+    subject: str  # "the GPU", or off GPU "the pipeline"
     idle_share: float | None  # share of the wall time the GPU waited between calls (all of it off GPU)
     mean_seconds: float | None
     cores: float | None  # process CPU between calls
@@ -323,7 +324,7 @@ class Between:
     def fix(self) -> str:
         reads = "" if self.reads is None else f", reading {format_value(self.reads, 'B/s')} from storage"
         return (
-            f"the GPU waits {self.idle_share or 0:.0%} of the wall time between pipeline calls (mean "
+            f"{self.subject} waits {self.idle_share or 0:.0%} of the wall time between pipeline calls (mean "
             f"{format_value(self.mean_seconds, 's')}) while the process works ({format_value(self.cores, 'cores')}"
             f"{reads}): the caller's own work between generations (reading and decoding inputs, pre- and "
             "post-processing, saving outputs) runs on the generating thread. Prepare the next request's inputs in "
@@ -333,9 +334,9 @@ class Between:
 
     def waiting_summary(self) -> str:
         return (
-            f"the GPU waits {self.idle_share or 0:.0%} of the wall time between pipeline calls while the process is "
-            "idle: it waits for requests (spare capacity) or on I/O outside the process — not a bottleneck of "
-            "the pipeline"
+            f"{self.subject} waits {self.idle_share or 0:.0%} of the wall time between pipeline calls while the "
+            "process is idle: it waits for requests (spare capacity) or on I/O outside the process — not a "
+            "bottleneck of the pipeline"
         )
 
 
@@ -357,6 +358,7 @@ def _between(f: ProfileFacts, t: Thresholds) -> Between | None:
     long = bool(share_ev.holds)
     works = bool(cores_ev.holds or reads_ev.holds)
     return Between(
+        "the GPU" if f.environment.on_gpu else "the pipeline",
         idle_share,
         b.mean_seconds,
         cores,
@@ -469,8 +471,8 @@ def _q_gpu_util(f: ProfileFacts, t: Thresholds) -> tuple[Answer, str, tuple[Evid
         return answer, basis, evidence
     if answer != "yes" and between.busy:
         basis = (
-            f"the caller's own work between pipeline calls keeps the GPU waiting {between.idle_share or 0:.0%} of "
-            f"the wall time ({format_value(between.cores, 'cores')} busy meanwhile)"
+            f"the caller's own work between pipeline calls keeps {between.subject} waiting "
+            f"{between.idle_share or 0:.0%} of the wall time ({format_value(between.cores, 'cores')} busy meanwhile)"
         )
         return "yes", basis, (*evidence, *between.evidence)
     return answer, basis, (*evidence, *between.evidence)
@@ -1096,4 +1098,7 @@ def _confidence(f: ProfileFacts, t: Thresholds) -> tuple[Confidence, tuple[str, 
     if b.excluded:
         kinds = ", ".join(f"{n} {k}" for k, n in Counter(x.kind for x in b.excluded).items())
         caveats.append(f"{len(b.excluded)} generation(s) left out of the steady state ({kinds}); see the excluded runs")
+    between = _between(f, t)
+    if between is not None and between.waiting:  # context, not a doubt: the confidence stays
+        caveats.append(between.waiting_summary())
     return ("low", "medium", "high")[level], tuple(caveats)
