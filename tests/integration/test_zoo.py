@@ -56,7 +56,15 @@ def run_case(case: Case, pipe: Any, cache: Path, tmp_path: Path, **workload: Any
 
 
 @pytest.mark.parametrize(
-    "name", ["cpu_text_encoding", "cpu_output_processing", "storage_reads", "cfg_on_distilled", "excess_steps"]
+    "name",
+    [
+        "cpu_text_encoding",
+        "cpu_output_processing",
+        "caller_between_calls",
+        "storage_reads",
+        "cfg_on_distilled",
+        "excess_steps",
+    ],
 )
 def test_injected_case_is_named(name: str, tiny_pipe: Any, tiny_cache_dir: Path, tmp_path: Path) -> None:
     case = BY_NAME[name]
