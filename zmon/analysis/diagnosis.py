@@ -317,12 +317,13 @@ class Between:
     mean_seconds: float | None
     cores: float | None  # process CPU between calls
     reads: float | None  # storage reads between calls, bytes/s
+    reads_high: bool  # at or above io_read_rate_high: the caller reads its inputs from storage
     evidence: tuple[Evidence, ...]
     busy: bool  # long waits while the process works or reads: the caller's own work holds the GPU back
     waiting: bool  # long waits while the process is idle: it waits for requests (or on I/O zmon does not see)
 
     def fix(self) -> str:
-        reads = "" if self.reads is None else f", reading {format_value(self.reads, 'B/s')} from storage"
+        reads = f", reading {format_value(self.reads, 'B/s')} from storage" if self.reads_high else ""
         return (
             f"{self.subject} waits {self.idle_share or 0:.0%} of the wall time between pipeline calls (mean "
             f"{format_value(self.mean_seconds, 's')}) while the process works ({format_value(self.cores, 'cores')}"
@@ -363,6 +364,7 @@ def _between(f: ProfileFacts, t: Thresholds) -> Between | None:
         b.mean_seconds,
         cores,
         reads,
+        bool(reads_ev.holds),
         evidence,
         busy=long and works,
         waiting=long and not works and cores_ev.holds is False,
@@ -669,7 +671,8 @@ def _cpu_bound(f: ProfileFacts, t: Thresholds) -> Outcome:
     evidence = (*inside.evidence, *between.evidence)
     if between.busy:
         fix = between.fix() if not inside.active else f"{inside.fix}; {between.fix()}"
-        summary = inside.summary if inside.active else "the caller's work between pipeline calls keeps the GPU waiting"
+        outside = f"the caller's work between pipeline calls keeps {between.subject} waiting"
+        summary = inside.summary if inside.active else outside
         return Outcome(True, summary, evidence, fix)
     summary = inside.summary
     if between.waiting and not inside.active:
