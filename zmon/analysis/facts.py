@@ -393,9 +393,10 @@ def between_windows(records: Iterable[GenerationRecord]) -> list[tuple[Generatio
     return out
 
 
-def _between(records: Sequence[GenerationRecord]) -> BetweenFacts:
-    """BetweenFacts of consecutive calls (any outcome: a failed call held the pipeline too)."""
-    pairs = between_windows(records)
+def _between(
+    records: Sequence[GenerationRecord], pairs: Sequence[tuple[GenerationRecord, GenerationRecord]]
+) -> BetweenFacts:
+    """BetweenFacts of `records` whose consecutive calls with time between them are `pairs` (between_windows)."""
     if not pairs:
         return BetweenFacts()
     gap = [b.started_at - (a.started_at + a.total_seconds) for a, b in pairs]
@@ -420,21 +421,18 @@ def _between(records: Sequence[GenerationRecord]) -> BetweenFacts:
 def attribute_utilization(
     records: Sequence[GenerationRecord],
     samples: Iterable[tuple[float, float | None]],
-    between: Sequence[GenerationRecord] = (),
+    extra: Mapping[str, Sequence[Window]] | None = None,
 ) -> dict[str, float]:
     """Mean of a sampled utilization inside each stage's windows, time-weighted; stages without data left out.
 
     `samples` are (unix seconds, value) pairs, e.g. NVML GPU util ratios or process CPU cores, each value
-    covering the interval since the previous sample. Keys are stage names plus WHOLE_GENERATION, and
-    BETWEEN_GENERATIONS for the time between consecutive calls of `between`.
+    covering the interval since the previous sample. Keys are stage names plus WHOLE_GENERATION, and the keys
+    of `extra` (more windows by name, e.g. BETWEEN_GENERATIONS).
     """
     ordered = sorted(samples, key=lambda s: s[0])
     out: dict[str, float] = {}
-    windows = stage_windows(records)
-    if gaps_between := between_windows(between):
-        windows[BETWEEN_GENERATIONS] = [(a.started_at + a.total_seconds, b.started_at) for a, b in gaps_between]
-    for stage, stage_wins in windows.items():
-        value = windowed_mean(ordered, stage_wins)
+    for stage, windows in {**stage_windows(records), **(extra or {})}.items():
+        value = windowed_mean(ordered, windows)
         if value is not None:
             out[stage] = value
     return out
@@ -727,12 +725,15 @@ def build_facts(
     base, excluded = split_runs(records, warmup, outlier_ratio=outlier_ratio, first_is_cold=first_is_cold)
     environment = env or EnvironmentFacts(device=records[0].device if records else "cpu")
 
+    pairs = between_windows(records)  # any outcome: a failed call held the pipeline too
+    extra = {BETWEEN_GENERATIONS: [(a.started_at + a.total_seconds, b.started_at) for a, b in pairs]} if pairs else {}
+
     def by(points: Sequence[Any], attr: str) -> dict[str, float]:
-        return attribute_utilization(base, [(p.timestamp, getattr(p, attr)) for p in points], between=records)
+        return attribute_utilization(base, [(p.timestamp, getattr(p, attr)) for p in points], extra)
 
     gpu_util = by(gpu, "util_ratio")
     durations = _mean_windows(base)
-    between = _between(records)
+    between = _between(records, pairs)
     if between.mean_seconds is not None:
         durations[BETWEEN_GENERATIONS] = between.mean_seconds
     process_cpu = by(cpu, "process_cores")
