@@ -730,3 +730,31 @@ def test_between_calls_on_a_cpu_only_run() -> None:
     records = [replace(r, device="cpu", timing_method="monotonic") for r in _calls_with_gaps(gap=1.0, cores=1.0)]
     d = diagnose(build_facts(records, env=EnvironmentFacts(device="cpu"), warmup=1, created_at=T0))
     assert d.verdict == "cpu_bound" and "between pipeline calls" in d.steps[0].basis
+
+
+# ------------------------------------------------------------------------------------------------ CPU offload
+
+
+def test_cpu_offload_on_a_card_with_room_is_a_priority_1_misconfiguration() -> None:
+    facts = healthy_facts(env=gpu_env(offload="model", weights_bytes=20 * GB))  # peak 40 GB of an 80 GB card
+    off = finding(diagnose(facts), "cpu_offload")
+    assert off.active and off.priority == 1 and off.category == "misconfiguration"
+    assert "enable_model_cpu_offload()" in (off.fix or "") and "75%" in (off.fix or "")  # (20 + 40) / 80
+
+
+def test_cpu_offload_that_makes_the_pipeline_fit_is_not_flagged() -> None:
+    off = finding(diagnose(healthy_facts(env=gpu_env(offload="model", weights_bytes=50 * GB))), "cpu_offload")
+    assert not off.active and "lets the pipeline fit" in off.summary
+    assert not finding(diagnose(healthy_facts()), "cpu_offload").active  # no offload at all
+
+
+def test_gpu_idle_on_an_offloading_pipeline_names_the_copies() -> None:
+    records = make_records()
+    facts = healthy_facts(
+        records,
+        gpu_samples=gpu_trace(records, {**HEALTHY_UTIL, "denoise_step": 0.5}),
+        env=gpu_env(offload="sequential", weights_bytes=20 * GB),
+    )
+    d = diagnose(facts)
+    assert d.verdict == "cpu_bound"
+    assert "enable_sequential_cpu_offload()" in (finding(d, "cpu_bound").fix or "")

@@ -627,6 +627,18 @@ class FindingRule:
 
 def _stage_fix(stage_key: str, f: ProfileFacts) -> str:
     """What to do about GPU idle time in one window."""
+    fix = _stage_fix_on_device(stage_key, f)
+    if f.environment.offload is not None and f.environment.on_gpu:
+        call = OFFLOAD_CALLS.get(f.environment.offload, "offloading")
+        return (
+            f"the pipeline moves its weights between CPU and GPU during the generation ({call}): the GPU waits "
+            "for the copies — keep the pipeline on the GPU if it fits (the cpu_offload finding), else prefer "
+            f"enable_model_cpu_offload() to sequential offload; beyond the copies: {fix}"
+        )
+    return fix
+
+
+def _stage_fix_on_device(stage_key: str, f: ProfileFacts) -> str:
     device = _text_encoder_device(f)
     if stage_key == "text_encode":
         hit = f.workload.prompt_cache_hit_ratio
@@ -981,6 +993,52 @@ def _compile_off(f: ProfileFacts, t: Thresholds) -> Outcome:
     )
 
 
+OFFLOAD_CALLS = {
+    "model": "enable_model_cpu_offload()",
+    "sequential": "enable_sequential_cpu_offload()",
+    "group": "enable_group_offload()",
+}
+
+
+def _cpu_offload(f: ProfileFacts, t: Thresholds) -> Outcome:
+    """Weights offloaded to the CPU although they fit on the card next to the generation's peak: every
+    generation moves them over PCIe (offloading trades VRAM for PCIe traffic; it saves nothing else)."""
+    env, m = f.environment, f.memory
+    mode = env.offload
+    need = None
+    if env.weights_bytes is not None and m.vram_peak_used_bytes is not None:
+        need = _ratio(float(env.weights_bytes + m.vram_peak_used_bytes), _float(m.card_total_bytes))
+    fits = check(
+        "(weights + peak VRAM in use) / card, the most keeping the weights resident would need",
+        need,
+        "<=",
+        1.0 - t.headroom_low,
+        "ratio",
+    )
+    evidence = (
+        info("weights offloaded to the CPU between uses", None if mode is None else 1.0, "flag"),
+        info("weights (every component)", _float(env.weights_bytes), "B"),
+        info("peak VRAM in use", _float(m.vram_peak_used_bytes), "B"),
+        fits,
+    )
+    if mode is None or not env.on_gpu:
+        return Outcome(False, "the weights stay on the device" if mode is None else "not on a GPU", evidence)
+    call = OFFLOAD_CALLS.get(mode, f"{mode} offload")
+    if fits.holds is None:
+        return Outcome(False, f"{call} is on; whether the weights fit the card was not measured", evidence)
+    if not fits.holds:
+        return Outcome(False, f"{call} is what lets the pipeline fit the card", evidence)
+    return Outcome(
+        True,
+        f"{call} on a card with room for the weights",
+        evidence,
+        f"the pipeline keeps its weights on the CPU ({call}) and moves up to "
+        f"{format_value(env.weights_bytes, 'B')} over PCIe every generation, though weights and peak together "
+        f"need {need:.0%} of the card: drop the offload call and move the pipeline to the GPU "
+        "(pipe.to('cuda')); offloading saves VRAM only, at the price of PCIe traffic and idle GPU time",
+    )
+
+
 def _float(v: int | None) -> float | None:
     return None if v is None else float(v)
 
@@ -1010,6 +1068,7 @@ RULES: tuple[FindingRule, ...] = (
     FindingRule("cfg_on_distilled", "CFG on a distilled model", "misconfiguration", "high", "low", _cfg_on_distilled),
     FindingRule("excess_steps", "More steps than the model needs", "misconfiguration", "high", "low", _excess_steps),
     FindingRule("compile_off", "torch.compile off on GPU", "misconfiguration", "high", "low", _compile_off),
+    FindingRule("cpu_offload", "CPU offload on a card with room", "misconfiguration", "high", "low", _cpu_offload),
     FindingRule("recompiles", "Repeated recompiles while serving", "misconfiguration", "high", "low", _recompiles),
 )
 

@@ -106,6 +106,9 @@ class EnvironmentFacts:
     pipeline_class: str | None = None  # e.g. "ZImagePipeline"
     distilled: bool | None = None  # few-step / guidance-free model; None = guess from model_id
     cpu_count: int | None = None  # logical cores of the host
+    # Weights kept on the CPU between uses: "model" (enable_model_cpu_offload), "sequential", "group"; None = not.
+    offload: str | None = None
+    weights_bytes: int | None = None  # every component's parameters and buffers
 
     @property
     def on_gpu(self) -> bool:

@@ -37,6 +37,7 @@ LIVE_FIXES: Mapping[str, str] = {
     "cfg_on_distilled": "set guidance_scale 0 on the guidance-distilled model",
     "excess_steps": "use the step count of the model card",
     "compile_off": "torch.compile the transformer (model.compile: true)",
+    "cpu_offload": "drop enable_*_cpu_offload and keep the pipeline on the GPU: the weights fit",
 }
 
 

@@ -107,4 +107,6 @@ def environment_facts(
         pipeline_class=type(pipe).__name__,
         distilled=distilled,
         cpu_count=os.cpu_count(),
+        offload=anatomy.offload_mode(pipe),
+        weights_bytes=anatomy.weights_bytes(pipe),
     )

@@ -44,10 +44,47 @@ def first_parameter(module: Any) -> Any:
 
 
 def pipeline_device(pipe: Any) -> str:
-    """Where the denoiser's weights live ("cuda:0", "cpu"): the device the generations run on."""
+    """The device the generations run on ("cuda:0", "cpu"): where the denoiser's weights live, or, for a
+    pipeline that offloads its weights to the CPU between uses, where they are moved to compute."""
+    if offload_mode(pipe) is not None:
+        return str(execution_device(pipe))
     module = denoiser(pipe)
     param = None if module is None else first_parameter(module)
     return "cpu" if param is None else str(param.device)
+
+
+def offload_mode(pipe: Any) -> str | None:
+    """How the pipeline keeps its weights on the CPU between uses: "model" (enable_model_cpu_offload: a whole
+    component at a time), "sequential" (enable_sequential_cpu_offload: layer by layer), "group"
+    (enable_group_offload), or None."""
+    try:
+        if getattr(pipe, "_all_hooks", None):
+            return "model"
+        components = getattr(pipe, "components", {}) or {}
+        modules = [c for c in components.values() if isinstance(c, torch.nn.Module)]
+        if getattr(pipe, "_offload_device", None) is not None and any(hasattr(m, "_hf_hook") for m in modules):
+            return "sequential"
+        check = getattr(pipe, "_maybe_raise_error_if_group_offload_active", None)
+        if any(hasattr(m, "_diffusers_hook") for m in modules) and callable(check) and check(raise_error=False):
+            return "group"
+    except Exception:
+        log.debug("could not tell whether the pipeline offloads", exc_info=True)
+    return None
+
+
+def weights_bytes(pipe: Any) -> int | None:
+    """Bytes of every component's parameters and buffers (what offloading moves), or None when there are none."""
+    try:
+        components = getattr(pipe, "components", {}) or {}
+        total = 0
+        for module in components.values():
+            if isinstance(module, torch.nn.Module):
+                for t in (*module.parameters(), *module.buffers()):
+                    total += t.numel() * t.element_size()
+    except Exception:
+        log.debug("could not size the pipeline's weights", exc_info=True)
+        return None
+    return total or None
 
 
 def execution_device(pipe: Any) -> torch.device:
@@ -74,8 +111,11 @@ def execution_device(pipe: Any) -> torch.device:
 
 
 def text_encoder_device(pipe: Any) -> str | None:
-    """Where the (first) text encoder's weights live, or None when the pipeline has none."""
+    """Where the (first) text encoder computes: where its weights live, or, offloaded, the pipeline's execution
+    device; None when the pipeline has none."""
     te = getattr(pipe, "text_encoder", None)
+    if te is not None and offload_mode(pipe) is not None:
+        return str(execution_device(pipe))
     param = None if te is None else first_parameter(te)
     return None if param is None else str(param.device)
 
