@@ -107,6 +107,13 @@ CASES: tuple[Case, ...] = (
         gpu_only=True,
     ),
     Case(
+        "cpu_offload",
+        "enable_model_cpu_offload() on a card where the weights fit (needs accelerate on the GPU host)",
+        None,
+        expect_finding="cpu_offload",
+        gpu_only=True,
+    ),
+    Case(
         "healthy_compiled",
         "torch.compile(transformer), default warm-up 1, prompts of varying length",
         "optimized",
@@ -253,6 +260,13 @@ def injected(case: Case, pipe: Any, tiny: bool, scratch: Path) -> Iterator[None]
         finally:
             del blocker
             torch.cuda.empty_cache()
+    elif case.name == "cpu_offload":
+        pipe.enable_model_cpu_offload(device=dev)
+        try:
+            yield
+        finally:
+            pipe.remove_all_hooks()
+            pipe.to(dev)
     elif case.name == "healthy_compiled":
         original = pipe.transformer
         pipe.transformer = torch.compile(original)
