@@ -758,3 +758,13 @@ def test_gpu_idle_on_an_offloading_pipeline_names_the_copies() -> None:
     d = diagnose(facts)
     assert d.verdict == "cpu_bound"
     assert "enable_sequential_cpu_offload()" in (finding(d, "cpu_bound").fix or "")
+
+
+def test_float32_on_a_gpu_is_a_priority_1_misconfiguration() -> None:
+    d = diagnose(healthy_facts(env=gpu_env(dtype="float32")))
+    f32 = finding(d, "float32_on_gpu")
+    assert f32.active and f32.priority == 1 and "torch_dtype=torch.bfloat16" in (f32.fix or "")
+    assert d.verdict == "optimized"  # a misconfiguration is a finding, not the flowchart's verdict
+    assert not finding(diagnose(healthy_facts(env=gpu_env(dtype="bfloat16"))), "float32_on_gpu").active
+    cpu = build_facts(make_records(device="cpu"), env=EnvironmentFacts(device="cpu", dtype="float32"), created_at=T0)
+    assert not finding(diagnose(cpu), "float32_on_gpu").active  # float32 is the CPU's dtype

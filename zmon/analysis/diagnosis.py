@@ -993,6 +993,24 @@ def _compile_off(f: ProfileFacts, t: Thresholds) -> Outcome:
     )
 
 
+def _float32_on_gpu(f: ProfileFacts, t: Thresholds) -> Outcome:
+    """A diffusion model computing in float32 on a GPU: from_pretrained loads float32 unless told otherwise,
+    which doubles the weights' memory and leaves the tensor cores' half-precision rate unused."""
+    env = f.environment
+    ev = (info("denoiser dtype is float32", None if env.dtype is None else float(env.dtype == "float32"), "flag"),)
+    if not env.on_gpu or env.dtype != "float32":
+        return Outcome(False, "not on a GPU" if not env.on_gpu else f"the denoiser computes in {env.dtype}", ev)
+    return Outcome(
+        True,
+        f"the denoiser computes in float32 on {env.device}",
+        ev,
+        "the pipeline runs in float32 on the GPU (diffusers' from_pretrained loads float32 unless torch_dtype is "
+        "given): load it with torch_dtype=torch.bfloat16 (zmon run: model.dtype: bfloat16; float16 on GPUs before "
+        "Ampere) — half the weights' memory and the tensor cores' half-precision rate; `zmon tune` measures the "
+        "outputs against the float32 ones",
+    )
+
+
 OFFLOAD_CALLS = {
     "model": "enable_model_cpu_offload()",
     "sequential": "enable_sequential_cpu_offload()",
@@ -1069,6 +1087,7 @@ RULES: tuple[FindingRule, ...] = (
     FindingRule("excess_steps", "More steps than the model needs", "misconfiguration", "high", "low", _excess_steps),
     FindingRule("compile_off", "torch.compile off on GPU", "misconfiguration", "high", "low", _compile_off),
     FindingRule("cpu_offload", "CPU offload on a card with room", "misconfiguration", "high", "low", _cpu_offload),
+    FindingRule("float32_on_gpu", "float32 on a GPU", "misconfiguration", "high", "low", _float32_on_gpu),
     FindingRule("recompiles", "Repeated recompiles while serving", "misconfiguration", "high", "low", _recompiles),
 )
 

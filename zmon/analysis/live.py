@@ -38,6 +38,7 @@ LIVE_FIXES: Mapping[str, str] = {
     "excess_steps": "use the step count of the model card",
     "compile_off": "torch.compile the transformer (model.compile: true)",
     "cpu_offload": "drop enable_*_cpu_offload and keep the pipeline on the GPU: the weights fit",
+    "float32_on_gpu": "load the pipeline with torch_dtype=torch.bfloat16 (model.dtype: bfloat16)",
 }
 
 
