@@ -114,6 +114,13 @@ CASES: tuple[Case, ...] = (
         gpu_only=True,
     ),
     Case(
+        "float32_on_gpu",
+        "the whole pipeline cast to float32 on the GPU (from_pretrained without torch_dtype)",
+        None,
+        expect_finding="float32_on_gpu",
+        gpu_only=True,
+    ),
+    Case(
         "healthy_compiled",
         "torch.compile(transformer), default warm-up 1, prompts of varying length",
         "optimized",
@@ -267,6 +274,13 @@ def injected(case: Case, pipe: Any, tiny: bool, scratch: Path) -> Iterator[None]
         finally:
             pipe.remove_all_hooks()
             pipe.to(dev)
+    elif case.name == "float32_on_gpu":
+        dtype = pipe.transformer.dtype
+        pipe.to(torch.float32)
+        try:
+            yield
+        finally:
+            pipe.to(dtype)
     elif case.name == "healthy_compiled":
         original = pipe.transformer
         pipe.transformer = torch.compile(original)
