@@ -288,3 +288,47 @@ def test_the_window_is_bounded_in_count_too() -> None:
         live.observe(record(1000.0 - 200 + i))
     assert len(live._records) == 50
     assert live._records[0].started_at == 1000.0 - 50
+
+
+# ------------------------------------------------------------------------------------------------ a shared GPU
+
+
+def _with_processes(*procs: tuple[int, int, bool]) -> NvmlSample:
+    from dataclasses import replace
+
+    from zmon.providers.nvml import ProcessSample as GpuProcess
+
+    base = nvml(0.95)
+    gpu = replace(base.gpus[0], processes=tuple(GpuProcess(pid, mem, ours) for pid, mem, ours in procs))
+    return replace(base, gpus=(gpu,))
+
+
+def test_other_processes_on_the_gpu_are_a_caveat(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dataclasses import replace
+
+    from tests.fakes.profiles import healthy_facts
+    from zmon.analysis.diagnosis import diagnose
+    from zmon.capture.inputs import GpuResolver, other_gpu_processes
+    from zmon.sampling.keys import NVML
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    history = SampleHistory(SnapshotStore(), (NVML,))
+    history.add(NVML, NOW, _with_processes((10, 30 * GIB, True)))
+    history.add(NVML, NOW + 1, _with_processes((10, 30 * GIB, True), (77, 8 * GIB, False), (78, GIB, False)))
+    history.add(NVML, NOW + 2, _with_processes((10, 30 * GIB, True), (77, 8 * GIB, False)))
+    assert other_gpu_processes(history, "cuda:0", GpuResolver()) == (2, 9 * GIB)  # the most seen at once
+    assert other_gpu_processes(history, "cpu", GpuResolver()) == (None, None)
+
+    # NVML lists pids this process cannot see as its own (a container): nothing is known about the others
+    blind = SampleHistory(SnapshotStore(), (NVML,))
+    blind.add(NVML, NOW, _with_processes((4242, 30 * GIB, False), (77, 8 * GIB, False)))
+    assert other_gpu_processes(blind, "cuda:0", GpuResolver()) == (None, None)
+
+    facts = healthy_facts()
+    shared = replace(
+        facts,
+        utilization=replace(facts.utilization, other_gpu_processes=2, other_gpu_processes_memory_bytes=9 * GIB),
+    )
+    d = diagnose(shared)
+    assert d.confidence == "medium" and any("2 other process(es)" in c and "shared GPU" in c for c in d.caveats)
+    assert diagnose(facts).confidence == "high"

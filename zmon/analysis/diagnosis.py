@@ -1173,6 +1173,13 @@ def _confidence(f: ProfileFacts, t: Thresholds) -> tuple[Confidence, tuple[str, 
     if env.on_gpu and not u.gpu_measured:
         level = min(level, 1)
         caveats.append("GPU utilization not measured (no NVML, or the GPU could not be identified)")
+    if u.other_gpu_processes:
+        level = min(level, 1)
+        caveats.append(
+            f"{u.other_gpu_processes} other process(es) held "
+            f"{format_value(_float(u.other_gpu_processes_memory_bytes), 'B')} on this GPU: if they compute, its "
+            "utilization and the timings include their work (a shared GPU)"
+        )
     if b.generations < MIN_STEADY_GENERATIONS:
         level = min(level, 1)
         caveats.append(f"only {b.generations} steady-state generation(s): the statistics are thin")

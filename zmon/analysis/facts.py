@@ -228,6 +228,10 @@ class UtilizationFacts:
     # Mean seconds per generation the GPU sat idle in each window: (1 − utilization) × its mean duration.
     gpu_idle_seconds: dict[str, float] = field(default_factory=dict)
     io_samples: tuple[IoPoint, ...] = ()
+    # Other processes holding memory on the computing GPU (NVML's list; the most seen at once, and their memory
+    # then); None when not known (no process list, or this process not found in it).
+    other_gpu_processes: int | None = None
+    other_gpu_processes_memory_bytes: int | None = None
 
     @property
     def gpu_measured(self) -> bool:

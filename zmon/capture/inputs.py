@@ -77,6 +77,31 @@ def gpu_points(
     return out, latest
 
 
+def other_gpu_processes(
+    history: SampleHistory, device: str, resolver: GpuResolver, since: float | None = None
+) -> tuple[int | None, int | None]:
+    """(most other processes seen on the computing GPU at once, their memory then), from NVML's process lists.
+
+    Counted only in samples that list this process itself (`is_workload`): in a container NVML may report the
+    host's pids, and then no process is known to be ours and none to be another's. (None, None) when unknown."""
+    samples = history.samples(NVML, since)
+    if not samples or not device.startswith("cuda"):
+        return None, None
+    index = resolver.nvml_index(device, samples[-1][1].gpus)
+    if index is None:
+        return None, None
+    most: tuple[int, int] | None = None
+    for _t, sample in samples:
+        gpu = next((g for g in sample.gpus if g.index == index), None)
+        if gpu is None or not gpu.processes or not any(p.is_workload for p in gpu.processes):
+            continue
+        others = [p for p in gpu.processes if not p.is_workload]
+        seen = (len(others), sum(p.used_memory_bytes or 0 for p in others))
+        if most is None or seen > most:
+            most = seen
+    return (None, None) if most is None else most
+
+
 def cpu_points(history: SampleHistory, since: float | None = None) -> tuple[CpuPoint, ...]:
     """Process cores busy (from cumulative CPU seconds) with the host's busy ratio at the same time.
 
@@ -188,4 +213,12 @@ def window_facts(
     )
     if not first_generation_in_window:
         facts = replace(facts, io=replace(facts.io, first_generation_seconds=None, first_generation_slowdown=None))
+    others, others_memory = other_gpu_processes(history, device, resolver, since)
+    if others is not None:
+        facts = replace(
+            facts,
+            utilization=replace(
+                facts.utilization, other_gpu_processes=others, other_gpu_processes_memory_bytes=others_memory
+            ),
+        )
     return facts
