@@ -13,6 +13,7 @@ import os
 import re
 import types
 import typing
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -102,7 +103,9 @@ UserPath = Annotated[Path, AfterValidator(_user_path)]
 
 def _regex(value: str) -> str:
     try:
-        re.compile(value)
+        with warnings.catch_warnings():  # "possible nested set" and the like: Python's notes, not the user's error
+            warnings.simplefilter("ignore")
+            re.compile(value)
     except re.error as e:
         raise ValueError(f"not a valid regular expression: {e}") from None
     return value

@@ -265,3 +265,17 @@ def test_resolutions_and_model_id_are_bounded(tmp_path: Path) -> None:
     assert "workload.resolutions[0]: '99999999x16': width and height must be at most 16384" in found.errors
     assert any(e.startswith("workload.resolutions[1]: ") and "is not WIDTHxHEIGHT" in e for e in found.errors)
     assert any("model.id" in p for p in _errors(tmp_path, "model:\n  id: ''\n"))
+
+
+def test_a_regex_python_only_warns_about_is_accepted_quietly(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """'[[' compiles with a FutureWarning ("possible nested set") that would print a zmon/config.py line."""
+    import warnings
+
+    cfg = tmp_path / "zmon.yaml"
+    cfg.write_text("sampling:\n  disk:\n    exclude_devices: '^[[a]]$'\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning escaping the validation fails the test
+        assert main(["check-config", str(cfg)]) == 0
+    assert "Warning" not in capsys.readouterr().err
