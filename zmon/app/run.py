@@ -24,7 +24,7 @@ from zmon.app.instrument import Instrumentation, loaded_pipeline_facts
 from zmon.app.monitor import Monitor
 from zmon.app.parts import PolicyParts
 from zmon.app.reload import ConfigSource, Plan, Reloader, hold_sighup, monitor_reloader
-from zmon.app.signals import install_stop_handlers, restore_handlers
+from zmon.app.signals import install_stop_handlers, linger, restore_handlers
 from zmon.capture.live import LiveDiagnosis
 from zmon.collectors.generation import GenerationMetrics
 from zmon.config import Config
@@ -357,9 +357,7 @@ def run_main(cfg: Config, *, linger_seconds: float = 0.0, source: ConfigSource |
         reloader = run_reloader(session, cfg, source or ConfigSource(lambda: cfg))
         reloader.start()
         result = session.run(stop_event=stop)
-        if linger_seconds > 0 and not stop.is_set():
-            log.info("done; serving /metrics for %.0fs more (SIGTERM to stop now)", linger_seconds)
-            stop.wait(linger_seconds)
+        linger(stop, linger_seconds)
         return result.exit_code
     except KeyboardInterrupt:
         log.info("interrupted")

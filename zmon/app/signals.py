@@ -33,3 +33,10 @@ def install_stop_handlers(stop: threading.Event, doing: str) -> dict[int, Any]:
 def restore_handlers(previous: dict[int, Any]) -> None:
     for sig, handler in previous.items():
         signal.signal(sig, handler)
+
+
+def linger(stop: threading.Event, seconds: float) -> None:
+    """After the work is done, keep serving /metrics for `seconds` (--linger) unless a stop signal came or comes."""
+    if seconds > 0 and not stop.is_set():
+        log.info("done; serving /metrics for %.0fs more (SIGTERM to stop now)", seconds)
+        stop.wait(seconds)

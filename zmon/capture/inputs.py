@@ -48,21 +48,32 @@ class GpuResolver:
         return self._cache[index]
 
 
+def computing_gpu(
+    history: SampleHistory, device: str, resolver: GpuResolver, since: float | None = None
+) -> list[tuple[float, GpuSample]]:
+    """NVML's readings of the card `device` computes on, oldest first ([] off GPU, or when it is not found)."""
+    samples = history.samples(NVML, since)
+    if not samples or not device.startswith("cuda"):
+        return []
+    index = resolver.nvml_index(device, samples[-1][1].gpus)
+    if index is None:
+        return []
+    out = []
+    for t, sample in samples:
+        gpu = next((g for g in sample.gpus if g.index == index), None)
+        if gpu is not None:
+            out.append((t, gpu))
+    return out
+
+
 def gpu_points(
     history: SampleHistory, device: str, resolver: GpuResolver, since: float | None = None
 ) -> tuple[list[GpuPoint], GpuSample | None]:
     """The computing card's utilization/memory reads, and its latest NVML reading (None off GPU)."""
-    samples = history.samples(NVML, since)
-    if not samples or not device.startswith("cuda"):
-        return [], None
-    index = resolver.nvml_index(device, samples[-1][1].gpus)
-    if index is None:
-        return [], None
     out: list[GpuPoint] = []
     latest: GpuSample | None = None
-    for t, sample in samples:
-        gpu = next((g for g in sample.gpus if g.index == index), None)
-        if gpu is not None and gpu.up:
+    for t, gpu in computing_gpu(history, device, resolver, since):
+        if gpu.up:
             out.append(
                 GpuPoint(
                     t,
@@ -84,16 +95,9 @@ def other_gpu_processes(
 
     Counted only in samples that list this process itself (`is_workload`): in a container NVML may report the
     host's pids, and then no process is known to be ours and none to be another's. (None, None) when unknown."""
-    samples = history.samples(NVML, since)
-    if not samples or not device.startswith("cuda"):
-        return None, None
-    index = resolver.nvml_index(device, samples[-1][1].gpus)
-    if index is None:
-        return None, None
     most: tuple[int, int] | None = None
-    for _t, sample in samples:
-        gpu = next((g for g in sample.gpus if g.index == index), None)
-        if gpu is None or not gpu.processes or not any(p.is_workload for p in gpu.processes):
+    for _t, gpu in computing_gpu(history, device, resolver, since):
+        if not gpu.processes or not any(p.is_workload for p in gpu.processes):
             continue
         others = [p for p in gpu.processes if not p.is_workload]
         seen = (len(others), sum(p.used_memory_bytes or 0 for p in others))

@@ -30,7 +30,7 @@ from zmon.analysis.scaling import Finished, Scaling, scaling
 from zmon.app.monitor import Monitor
 from zmon.app.parts import add_live_diagnosis
 from zmon.app.reload import ConfigSource, Plan, Reloader, hold_sighup, monitor_reloader
-from zmon.app.signals import install_stop_handlers, restore_handlers
+from zmon.app.signals import install_stop_handlers, linger, restore_handlers
 from zmon.app.sources import install_sources
 from zmon.app.workers.protocol import Allocator, Busy, Command, Placement, Ready, Record, Stats
 from zmon.app.workers.supervisor import DevicePlanError, Supervisor, SupervisorResult, plan_devices
@@ -507,9 +507,7 @@ def run_workers_main(cfg: Config, *, linger_seconds: float = 0.0, source: Config
         for label, state in result.outcomes.items():
             restarts = sum(result.restarts.get(label, {}).values())
             log.info("worker %s: %s%s", label, state, f" after {restarts} restart(s)" if restarts else "")
-        if linger_seconds > 0 and not stop.is_set():
-            log.info("done; serving /metrics for %.0fs more (SIGTERM to stop now)", linger_seconds)
-            stop.wait(linger_seconds)
+        linger(stop, linger_seconds)
         return result.exit_code
     except KeyboardInterrupt:
         log.info("interrupted")
