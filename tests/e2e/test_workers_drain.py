@@ -6,6 +6,7 @@ exist here are a usage error (exit 2)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -51,6 +52,7 @@ def test_sigterm_drains_every_worker_and_exits_0(tiny_cache_dir: Path, tmp_path:
             [sys.executable, "-m", "zmon", "run", "-c", str(cfg), "--listen", f"127.0.0.1:{port}"],
             stdout=out,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: the SIGHUP below goes to the parent and the workers
         )
         try:
             wait_http(f"http://127.0.0.1:{port}/readyz", timeout=60, proc=proc)
@@ -68,7 +70,7 @@ def test_sigterm_drains_every_worker_and_exits_0(tiny_cache_dir: Path, tmp_path:
             good["sampling"]["host"] = {"interval_seconds": 0.5}  # the parent's source: live
             good["policy"] = {"dry_run": True}  # the workers' policy: after a restart
             cfg.write_text(yaml.safe_dump(good))
-            proc.send_signal(signal.SIGHUP)
+            os.killpg(proc.pid, signal.SIGHUP)  # to the whole group, as a closed terminal would: workers ignore it
             wait_log(log, "configuration reloaded", proc)
             metrics = scrape(port)
             assert "zmon_config_last_reload_successful 1.0" in metrics
@@ -82,6 +84,7 @@ def test_sigterm_drains_every_worker_and_exits_0(tiny_cache_dir: Path, tmp_path:
             metrics = scrape(port)
             assert "zmon_config_last_reload_successful 0.0" in metrics
             assert 'zmon_worker_up{device="cpu:0"} 1.0' in metrics and 'zmon_worker_up{device="cpu:1"} 1.0' in metrics
+            assert "ended (" not in log.read_text()  # no worker died of the group's SIGHUP
             signalled_at = time.time()
             proc.send_signal(signal.SIGTERM)
             rc = proc.wait(60)

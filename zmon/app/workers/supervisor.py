@@ -23,9 +23,10 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any, Literal, Protocol
@@ -371,6 +372,10 @@ class Supervisor:
     # -- processes ---------------------------------------------------------------------------------------
 
     def _spawn(self, w: _Worker) -> None:
+        with sighup_blocked():  # the worker and multiprocessing's resource tracker start immune to SIGHUP
+            self._start(w)
+
+    def _start(self, w: _Worker) -> None:
         parent, child = self._ctx.Pipe(duplex=True)
         beat = self._ctx.Value("d", self._clock(), lock=False)
         spec = WorkerSpec(
@@ -419,3 +424,16 @@ def _worker_entry(spec: WorkerSpec, conn: Connection, beat: Any) -> None:
     from zmon.app.workers.worker import worker_main
 
     worker_main(spec, conn, beat)
+
+
+@contextlib.contextmanager
+def sighup_blocked() -> Iterator[None]:
+    """SIGHUP blocked on this thread while processes are started: a spawned process inherits the mask through
+    exec, so a worker (and the resource tracker multiprocessing starts beside the first one, which unblocks only
+    SIGINT and SIGTERM) never dies of a SIGHUP sent to the whole process group — a closed terminal, `kill -HUP
+    -PGID`. A SIGHUP meant for this process meanwhile stays pending and is delivered (a reload) right after."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
